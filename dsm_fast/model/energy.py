@@ -1,0 +1,69 @@
+"""Energy models U_θ(y, t) — one scalar per sample — and the quantities derived from them.
+
+    space score  −∇_y U,   time score  ∂_t U,   denoiser (Tweedie)  D(y, t) = y − t ∇_y U.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .unet import EnergyUNet, UNetPreset
+
+
+def sum_per_sample(x: torch.Tensor) -> torch.Tensor:
+    """Σ over every dimension but the first: (B, ...) → (B,)."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+class UNetEnergy(nn.Module):
+    """U(y, t) = ½ ⟨y, f_θ(y, t)⟩, the inner product over C, H, W (no offset, no learned constant)."""
+
+    def __init__(self, channels: int = 3, preset: UNetPreset | str = "paper"):
+        super().__init__()
+        self.unet = EnergyUNet(channels, preset)
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        f = self.unet(y, t)
+        return 0.5 * sum_per_sample(y * f.to(y.dtype))
+
+
+class RadialEnergy(nn.Module):
+    """A small radial energy for vectors y ∈ R^d, the family of a Gaussian scale mixture:
+
+        U(y, t) = −logsumexp_k [ d·a_k(t) − ½ ‖y‖² · exp(b_k(t)) ],
+
+    with (a_k, b_k) = MLP(log t). The exact −log p_t of a K-component scale mixture is of this form,
+    so the model can be normalized exactly; only the training objective decides whether it is.
+    """
+
+    def __init__(self, dim: int, components: int = 2, hidden: int = 64):
+        super().__init__()
+        self.dim, self.components = dim, components
+        self.mlp = nn.Sequential(
+            nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2 * components)
+        )
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, b = self.mlp(torch.log(t)[:, None] / 10.0).chunk(2, dim=1)
+        half_sq_norm = 0.5 * sum_per_sample(y.square())[:, None]
+        return -torch.logsumexp(self.dim * a - half_sq_norm * torch.exp(b), dim=1)
+
+
+def energy_and_scores(
+    model: nn.Module, y: torch.Tensor, t: torch.Tensor, create_graph: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, ∇_y U, ∂_t U) by autograd; with ``create_graph`` they stay differentiable in θ."""
+    with torch.enable_grad():
+        y = y.detach().requires_grad_(True)
+        t = t.detach().requires_grad_(True)
+        energy = model(y, t)
+        grad_y, grad_t = torch.autograd.grad(energy.sum(), (y, t), create_graph=create_graph)
+    if not create_graph:
+        energy = energy.detach()
+    return energy, grad_y, grad_t
+
+
+def denoise(model: nn.Module, y: torch.Tensor, t: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """Tweedie's denoiser D(y, t) = y − t ∇_y U(y, t); t has shape (B,)."""
+    _, grad_y, _ = energy_and_scores(model, y, t, create_graph=create_graph)
+    return y - t.view(-1, *([1] * (y.dim() - 1))) * grad_y

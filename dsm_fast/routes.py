@@ -1,0 +1,92 @@
+"""Training routes: ways of computing the per-sample objective terms, all differentiable in θ.
+
+- ``reference``: eager autograd; ∇_y U and ∂_t U by ``autograd.grad(create_graph=True)`` and the loss's
+  backward is a double backward through the network (the paper's way, the yardstick of every test).
+- ``compiled``: the inner gradient by ``torch.func.grad`` inside ``torch.compile``, which turns the step
+  into a first-order graph that Inductor compiles (torch.compile refuses a create_graph double backward).
+- ``score``: the plain denoising-score-matching step of the same UNet used as a score network
+  (D = y − t f(y, t), no double backward) — what a diffusion trainer pays; for benchmarks.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .losses import expand_like, objective_terms, space_term
+from .model.energy import energy_and_scores
+
+Terms = dict[str, torch.Tensor]
+ROUTES = ("reference", "compiled")
+
+
+def noisy(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """y = x + √t ε."""
+    return x + torch.sqrt(expand_like(t, x)) * eps
+
+
+class ReferenceRoute:
+    """Eager double backward: the terms' graph contains autograd.grad(create_graph=True)."""
+
+    name = "reference"
+
+    def __init__(self, model: nn.Module, objective: str = "dual", time_weight: float = 1.0):
+        self.model, self.objective, self.time_weight = model, objective, time_weight
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
+        _, grad_y, grad_t = energy_and_scores(self.model, noisy(x, t, eps), t, create_graph=True)
+        return objective_terms(self.objective, grad_y, grad_t, eps, t, self.time_weight)
+
+
+class CompiledRoute(ReferenceRoute):
+    """torch.compile over a torch.func inner gradient; falls back to the reference route with one warning
+    if compilation fails (``compile=False`` runs the same torch.func graph eagerly)."""
+
+    name = "compiled"
+
+    def __init__(self, model: nn.Module, objective: str = "dual", time_weight: float = 1.0, compile: bool = True):
+        super().__init__(model, objective, time_weight)
+        self._step: Callable[..., Terms] = torch.compile(self._functional_terms) if compile else self._functional_terms
+        self.fell_back = False
+
+    def _functional_terms(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
+        def total_energy(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model(y, t).sum()
+
+        grad_y, grad_t = torch.func.grad(total_energy, argnums=(0, 1))(noisy(x, t, eps), t)
+        return objective_terms(self.objective, grad_y, grad_t, eps, t, self.time_weight)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
+        if not self.fell_back:
+            try:
+                return self._step(x, t, eps)
+            except Exception as error:  # Inductor/Dynamo failures surface as many exception types
+                self.fell_back = True
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                warnings.warn(f"compiled route failed ({first_line[:200]}); falling back to the reference route",
+                              RuntimeWarning, stacklevel=2)
+        return super().__call__(x, t, eps)
+
+
+class ScoreRoute:
+    """Plain DSM of the UNet as a score network: loss = ‖√t f(y, t) − ε‖²/d, a single backward."""
+
+    name = "score"
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
+        space = space_term(self.unet(noisy(x, t, eps), t), eps, t)
+        return {"loss": space, "space": space}
+
+
+def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0):
+    """The route called ``name`` for ``model`` (an energy module U(y, t))."""
+    if name == "reference":
+        return ReferenceRoute(model, objective, time_weight)
+    if name == "compiled":
+        return CompiledRoute(model, objective, time_weight)
+    raise ValueError(f"unknown route {name!r}; choose from {', '.join(ROUTES)}")

@@ -1,0 +1,21 @@
+"""Test set-up: Triton's CPU interpreter when there is no GPU, and fresh-but-replayable random seeds."""
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit, hence module level
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test (DSM_FAST_TEST_SEED replays one); printed in the report when the test fails."""
+    value = int(os.environ.get("DSM_FAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    print(f"seed = {value}")
+    return value
