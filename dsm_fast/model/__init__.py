@@ -3,6 +3,17 @@ from .energy import RadialEnergy, UNetEnergy, denoise, energy_and_scores, sum_pe
 from .unet import PRESETS, EnergyUNet, UNetPreset
 
 __all__ = [
-    "PRESETS", "EnergyUNet", "RadialEnergy", "UNetEnergy", "UNetPreset", "denoise", "energy_and_scores",
+    "PRESETS", "EnergyUNet", "build_model", "RadialEnergy", "UNetEnergy", "UNetPreset", "denoise", "energy_and_scores",
     "sum_per_sample",
 ]
+
+
+def build_model(name: str, channels: int = 3, dim: int = 1000):
+    """An energy model by name: a UNet preset (``paper``, ``small``, ``tiny``) or ``radial`` (vectors of ``dim``)."""
+    if name == "radial":
+        model = RadialEnergy(dim)
+    elif name in PRESETS:
+        model = UNetEnergy(channels, name)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join([*PRESETS, 'radial'])}")
+    return model

@@ -1,0 +1,127 @@
+"""Run configuration: one frozen dataclass, resolved once from defaults ← config file ← command line,
+and written next to the run as ``config.json``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: reported as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model
+    model: str = "paper"  # UNet preset (paper, small, tiny) or 'radial' for the analytic data set
+    # data
+    data: str = "demo"  # 'demo' (embedded photographs), 'gsm' (Gaussian scale mixture), a folder or .npy path
+    image_size: int = 64
+    channels: int = 3
+    gsm_dim: int = 1000
+    gsm_sigmas: tuple[float, ...] = (1.0, 4.0)
+    # objective and noise levels
+    objective: str = "dual"  # dual | single
+    time_weight: float = 1.0  # λ in space + λ·time
+    t_min: float = 1e-9
+    t_max: float = 1e3
+    route: str = "reference"  # reference | compiled (| fused)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA) | fp64
+    # optimisation
+    batch_size: int = 128
+    steps: int = 1000
+    lr: float = 5e-4
+    lr_halve_every: int = 100_000
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.0  # 0 disables the EMA copy
+    optimizer: str = "auto"  # auto (apex FusedAdam if installed on CUDA, else torch Adam) | torch | apex
+    # run
+    seed: int = 0
+    out: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 25
+    checkpoint_every: int = 500
+    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    eval_images: int = 256  # held-out images for the NLL printed when training ends; 0 skips it
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        from .losses import OBJECTIVES
+
+        checks = [
+            (self.batch_size > 0, "batch_size must be positive"),
+            (self.steps >= 0, "steps must be ≥ 0"),
+            (0 < self.t_min < self.t_max, "need 0 < t_min < t_max"),
+            (self.lr > 0, "lr must be positive"),
+            (self.lr_halve_every > 0, "lr_halve_every must be positive"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+            (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
+            (self.precision in ("fp32", "bf16", "fp64"), "precision must be fp32, bf16 or fp64"),
+            (self.optimizer in ("auto", "torch", "apex"), "optimizer must be auto, torch or apex"),
+            (self.channels in (1, 3), "channels must be 1 or 3"),
+            (self.max_bad_steps > 0, "max_bad_steps must be positive"),
+            (self.log_every > 0 and self.checkpoint_every > 0, "log_every and checkpoint_every must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file of TrainConfig keys (a JSON file is valid YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return values
+
+
+def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
+    """Convert a file or command-line value to the field's type, or raise a one-line ConfigError."""
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if kind.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(float(v) for v in items)
+        return {"int": int, "float": float, "str": str}[kind](value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{origin}: {field.name} expects {kind}, got {value!r}") from None
+
+
+def resolve_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """defaults ← config file ← overrides (None values in overrides are ignored)."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for origin, source in ((str(file), read_config_file(file) if file else {}), ("command line", overrides or {})):
+        for key, value in source.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"{origin}: unknown config key {key!r}")
+            if value is not None:
+                values[key] = coerce(known[key], value, origin)
+    return TrainConfig(**values).validate()
