@@ -1,0 +1,295 @@
+"""The ``dsm-fast`` console script (also ``python -m dsm_fast``).
+
+Argument definitions here are light (no torch import) so ``--help`` is instant; each subcommand's
+``run_*`` imports what it needs. A user mistake ends in one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def write_json(path: str | None, payload) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
+
+
+# --- train -----------------------------------------------------------------------------------------
+FIELD_HELP = {
+    "model": "UNet preset (paper, small, tiny) or 'radial' for --data gsm",
+    "data": "'demo' (photographs shipped with scikit-image), 'gsm' (Gaussian scale mixture), a folder or a .npy",
+    "gsm_sigmas": "comma-separated standard deviations of the mixture components",
+    "route": "reference (eager double backward) or compiled (torch.compile + torch.func)",
+    "precision": "fp32, bf16 (autocast, CUDA only) or fp64",
+    "time_weight": "λ in loss = space + λ·time",
+    "lr_halve_every": "halve the learning rate every this many steps",
+    "ema_decay": "EMA of the weights (0 disables)",
+    "grad_clip": "max global gradient norm (0 disables)",
+    "max_bad_steps": "stop (with a checkpoint) after this many non-finite losses in a row",
+    "eval_images": "held-out images whose NLL is printed when training ends (0 skips)",
+    "optimizer": "auto (apex FusedAdam if installed, else torch Adam, fused on CUDA), torch or apex",
+}
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an energy model by dual (or single) score matching",
+                       formatter_class=Formatter, epilog=examples(
+                           "dsm-fast train --model small --steps 300 --batch-size 16 --out runs/demo",
+                           "dsm-fast train --config run.yaml --lr 2e-4",
+                           "dsm-fast train --out runs/demo --steps 600 --resume",
+                           "dsm-fast train --data gsm --model radial --t-min 1e-2 --t-max 1e2 --out runs/gsm"),
+                       description="Train U(y, t) on images (or the analytic GSM data). Options come from the "
+                                   "defaults, then --config FILE (YAML or TOML), then the command line.")
+    p.add_argument("--config", help="YAML or TOML file of the options below (keys with underscores)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, dest=f.name, default=None, metavar=f.type.upper() if f.type in ("int", "float") else None,
+                       help=f"{FIELD_HELP.get(f.name, '')} (default: {f.default})".strip())
+
+
+def run_train(args) -> int:
+    from .config import resolve_config
+    from .data import make_test_data
+    from .evaluate import evaluate_nll
+    from .train import Trainer
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    cfg = resolve_config(args.config, overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    print(f"training {cfg.model} on {cfg.data} ({cfg.objective} score matching, route {cfg.route}, "
+          f"{trainer.optimizer_name}, {trainer.device}) → {trainer.run_dir}", flush=True)
+    summary = trainer.run()
+    print(f"done: step {summary['step']}, loss {summary.get('loss', float('nan')):.4f}, "
+          f"{summary['skipped_steps']} skipped steps", flush=True)
+    if cfg.eval_images > 0:
+        x, quantized = make_test_data(cfg, cfg.eval_images)
+        result = evaluate_nll(trainer.model, x, quantized, cfg.t_max, seed=cfg.seed)
+        low, high = result["ci95"]
+        print(f"held-out NLL: {result['nll_bits_per_dim']:.4f} bits/dim (95% CI {low:.4f}–{high:.4f}, "
+              f"{result['n']} samples)")
+    return 0
+
+
+# --- eval ------------------------------------------------------------------------------------------
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="normalized log p and NLL (bits/dim) of a trained run; denoising PSNR",
+                       formatter_class=Formatter, epilog=examples(
+                           "dsm-fast eval runs/demo",
+                           "dsm-fast eval runs/demo --dequantize --per-image logp.csv --json nll.json",
+                           "dsm-fast eval runs/demo/checkpoints/step_00000300 --ema --denoise"),
+                       description="C = (d/2) log(2πe t_max) − mean U(x + √t_max ε, t_max); log p(x) = −(U(x, 0) + C); "
+                                   "NLL = 8 + (mean U(x, 0) + C)/(d ln 2) bits/dim for 8-bit images. By default the "
+                                   "continuous density is evaluated at the 8-bit images (the paper's protocol).")
+    p.add_argument("run", help="a run folder (its newest checkpoint) or one checkpoint folder")
+    p.add_argument("--data", help="evaluate on this data instead of the run's held-out split (folder or .npy)")
+    p.add_argument("--images", type=int, default=1000, help="how many held-out samples")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--dequantize", action="store_true", help="uniform dequantization x → (k + u)/256")
+    p.add_argument("--variance-correction", action="store_true",
+                   help="use N(0, (t_max + var(x)) I) instead of N(0, t_max I) for p at t_max")
+    p.add_argument("--denoise", action="store_true", help="also print the denoising PSNR table")
+    p.add_argument("--per-image", metavar="PATH", help="write per-image log p(x) (nats) to a .npy or .csv file")
+    p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_eval(args) -> int:
+    import numpy as np
+    import torch
+
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .data import GaussianScaleMixture, make_test_data
+    from .evaluate import denoising_psnr, evaluate_nll
+    from .model import build_model
+    from .train import compute_dtype, config_from_run, resolve_device
+
+    if args.images <= 0:
+        raise ConfigError("--images must be positive")
+    if args.per_image and Path(args.per_image).suffix not in (".npy", ".csv"):
+        raise ConfigError("--per-image must end in .npy or .csv")
+    checkpoint = resolve_checkpoint(args.run)
+    run_dir = checkpoint.parent.parent
+    cfg = config_from_run(run_dir, device=args.device, **({"data": args.data} if args.data else {}))
+    device = resolve_device(cfg.device)
+    weights, state, ema = load_checkpoint(checkpoint, map_location=device)
+    if args.ema and ema is None:
+        raise ConfigError(f"{checkpoint} has no EMA weights (train with --ema-decay)")
+    x, quantized = make_test_data(cfg, args.images, seed=args.seed)
+    model = build_model(cfg.model, channels=x.shape[1], dim=x[0].numel()).to(device, compute_dtype(cfg))
+    model.load_state_dict(ema if args.ema else weights)
+    exact = None
+    variance = float(x.double().var(dim=0).mean()) if args.variance_correction else 0.0
+    if cfg.data == "gsm":
+        exact = GaussianScaleMixture(cfg.gsm_dim, cfg.gsm_sigmas).log_prob(x)
+    result = evaluate_nll(model, x, quantized, cfg.t_max, args.dequantize, variance, args.seed, args.batch_size, exact)
+    low, high = result["ci95"]
+    print(f"checkpoint {checkpoint} (step {state['step']}{', EMA' if args.ema else ''})")
+    print(f"NLL {result['nll_bits_per_dim']:.4f} bits/dim, 95% CI [{low:.4f}, {high:.4f}], {result['n']} samples, "
+          f"{'dequantized' if args.dequantize else 'continuous density at the data points'}")
+    if exact is not None:
+        print(f"exact NLL of the same samples: {result['exact_nll_bits_per_dim']:.4f} bits/dim")
+    log_p = result.pop("log_p")
+    if args.per_image:
+        if args.per_image.endswith(".npy"):
+            np.save(args.per_image, log_p)
+        else:
+            np.savetxt(args.per_image, np.stack([np.arange(len(log_p)), log_p], 1), delimiter=",",
+                       header="index,log_p_nats", comments="", fmt=["%d", "%.6f"])
+    if args.denoise:
+        result["denoising"] = denoising_psnr(model, x, torch.Generator().manual_seed(args.seed),
+                                             batch_size=args.batch_size)
+        print(f"{'input PSNR (dB)':>16}{'t':>12}{'output PSNR (dB)':>18}")
+        for row in result["denoising"]:
+            print(f"{row['input_psnr']:>16.0f}{row['t']:>12.3g}{row['output_psnr']:>18.2f}")
+    write_json(args.json, {"checkpoint": str(checkpoint), **result})
+    return 0
+
+
+# --- bench -----------------------------------------------------------------------------------------
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time the training routes side by side on this device",
+                       formatter_class=Formatter, epilog=examples(
+                           "dsm-fast bench --preset paper --batch-size 128",
+                           "dsm-fast bench --preset tiny --batch-size 8 --image-size 32 --device cpu --json b.json"),
+                       description="Median ms/step of the plain score-network DSM step ('score'), and of the dual "
+                                   "score matching routes, with img/s, peak memory and ratios, all in one run.")
+    p.add_argument("--preset", default="paper", help="UNet preset")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--routes", default=None, help="comma-separated routes (default: score and every dual route)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per route")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp64"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", metavar="PATH", help="write the table as JSON")
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from .bench import bench_routes, format_table
+    from .model import PRESETS
+    from .routes import ROUTES
+    from .train import resolve_device
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    routes = args.routes.split(",") if args.routes else ["score", *ROUTES]
+    unknown = [r for r in routes if r not in ("score", *ROUTES)]
+    if unknown:
+        raise ConfigError(f"unknown route(s) {', '.join(unknown)}; choose from score, {', '.join(ROUTES)}")
+    if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
+        raise ConfigError("--batch-size and --steps must be positive, --warmup ≥ 0")
+    down = 2 ** (len(PRESETS[args.preset].widths) - 1)
+    if args.image_size % down:
+        raise ConfigError(f"--image-size must be a multiple of {down} for preset {args.preset}")
+    device = resolve_device(args.device)
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    print(f"bench: preset {args.preset}, batch {args.batch_size}, {args.channels}×{args.image_size}², "
+          f"{args.precision}, {versions['device']}, torch {versions['torch']}", flush=True)
+    rows = bench_routes(routes, args.preset, args.batch_size, args.image_size, args.channels, args.steps,
+                        args.warmup, device, args.precision, progress=True)
+    print(format_table(rows))
+    write_json(args.json, {"config": vars(args) | {"routes": routes}, "versions": versions, "rows": rows})
+    return 0
+
+
+# --- normalization ---------------------------------------------------------------------------------
+def add_normalization(sub) -> None:
+    p = sub.add_parser("normalization", help="proof of normalization on the Gaussian scale mixture (plot)",
+                       formatter_class=Formatter, epilog=examples(
+                           "dsm-fast normalization --plot gsm.png",
+                           "dsm-fast normalization --steps 3000 --objectives dual,single --json gsm.json"),
+                       description="Train a radial energy on ½N(0, I) + ½N(0, 16 I) in d = 1000 with each "
+                                   "objective, then compare log p_t(y) = −U(y, t) − C with the exact closed form "
+                                   "at t = 0.01 … 100 (error in nats per dimension).")
+    p.add_argument("--objectives", default="dual,single", help="comma-separated objectives")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default="normalization.png", help="PNG of learned vs exact log p_t against ‖y‖/√d")
+    p.add_argument("--json", metavar="PATH", help="write the errors as JSON")
+
+
+def run_normalization(args) -> int:
+    from .losses import OBJECTIVES
+    from .normalization import plot_comparison, run_comparison
+
+    objectives = args.objectives.split(",")
+    unknown = [o for o in objectives if o not in OBJECTIVES]
+    if unknown:
+        raise ConfigError(f"unknown objective(s) {', '.join(unknown)}; choose from {', '.join(OBJECTIVES)}")
+    if args.steps <= 0:
+        raise ConfigError("--steps must be positive")
+    results = run_comparison(objectives, args.steps, args.seed)
+    print(f"{'objective':<10}" + "".join(f"{'t=' + format(r['t'], 'g'):>11}" for r in results[objectives[0]]["rows"]))
+    for objective, result in results.items():
+        print(f"{objective:<10}" + "".join(f"{r['error_nats_per_dim']:>11.4f}" for r in result["rows"]))
+    print("(mean |learned − exact| log p_t(y), nats per dimension)")
+    plot_comparison(results, args.plot)
+    print(f"plot written to {args.plot}")
+    write_json(args.json, {o: [{"t": r["t"], "error_nats_per_dim": r["error_nats_per_dim"]} for r in res["rows"]]
+                            for o, res in results.items()})
+    return 0
+
+
+COMMANDS = {
+    "train": (add_train, run_train),
+    "eval": (add_eval, run_eval),
+    "bench": (add_bench, run_bench),
+    "normalization": (add_normalization, run_normalization),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsm-fast", formatter_class=Formatter,
+                                     description="Train and evaluate normalized energy models of images by dual "
+                                                 "score matching.", epilog=examples(
+                                                     "dsm-fast train --model small --steps 300 --batch-size 16",
+                                                     "dsm-fast eval runs/default", "dsm-fast bench --preset paper"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data.images import DataError
+
+    try:
+        return COMMANDS[args.command][1](args)
+    except (ConfigError, DataError, CheckpointError) as error:
+        parser.exit(2, f"dsm-fast {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"dsm-fast {args.command}: interrupted\n")
+    except Exception as error:
+        from .train import TrainingStopped
+
+        if isinstance(error, TrainingStopped):
+            parser.exit(1, f"dsm-fast {args.command}: stopped: {error}\n")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
