@@ -54,6 +54,13 @@ class Trainer:
         self.data = make_training_data(cfg)
         sample_shape = self.data.sample_shape
         self.model = build_model(cfg.model, channels=sample_shape[0], dim=sample_shape[-1])
+        down = getattr(getattr(self.model, "unet", None), "downsampling", 1)
+        if len(sample_shape) == 3 and sample_shape[-1] % down:
+            raise ConfigError(f"image size {sample_shape[-1]} is not a multiple of {down}, which model {cfg.model} "
+                              f"needs; set --image-size")
+        if (cfg.model == "radial") != (len(sample_shape) == 1):
+            raise ConfigError(f"model {cfg.model} does not fit data {cfg.data}: use --model radial with --data gsm "
+                              f"and a UNet preset with images")
         self.model.to(device=self.device, dtype=self.dtype)
         self.route = make_route(cfg.route, self.model, cfg.objective, cfg.time_weight)
         self.optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer,

@@ -1,0 +1,90 @@
+"""Dual score matching terms and the equality of the training routes' parameter gradients."""
+import math
+import warnings
+
+import torch
+
+from dsm_fast import routes
+from dsm_fast.losses import objective_terms, sample_noise_levels
+from dsm_fast.model import UNetEnergy, energy_and_scores
+from dsm_fast.routes import CompiledRoute, ReferenceRoute, noisy
+from dsm_fast.testing import assert_rel_close
+
+T_SPAN = torch.tensor([1e-9, 1e-5, 1e-2, 1.0, 30.0, 1e3], dtype=torch.float64)
+
+
+def parameter_gradients(model, route, x, t, eps):
+    model.zero_grad(set_to_none=True)
+    route(x, t, eps)["loss"].mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def batch(n=6, channels=3, size=16, dtype=torch.float64):
+    x = torch.rand(n, channels, size, size, dtype=dtype)
+    return x, T_SPAN[:n].to(dtype), torch.randn(x.shape, dtype=dtype)
+
+
+def test_terms_equal_the_method_definitions(seed):
+    """space = ‖D − x‖²/(d t),  time = (t/d)² (∂_t U − d/(2t) + ‖y − x‖²/(2t²))²."""
+    model = UNetEnergy(3, "tiny").double()
+    x, t, eps = batch()
+    y = noisy(x, t, eps)
+    _, grad_y, grad_t = energy_and_scores(model, y, t)
+    terms = objective_terms("dual", grad_y, grad_t, eps, t)
+    d = x[0].numel()
+    tt = t[:, None, None, None]
+    space = ((y - tt * grad_y - x) ** 2).sum(dim=(1, 2, 3)) / (d * t)
+    time = (t / d) ** 2 * (grad_t - d / (2 * t) + ((y - x) ** 2).sum(dim=(1, 2, 3)) / (2 * t**2)) ** 2
+    assert_rel_close(terms["space"], space, 1e-9, "space term", seed)
+    assert_rel_close(terms["time"], time, 1e-6, "time term", seed)
+    assert_rel_close(terms["loss"], space + time, 1e-6, "dual loss", seed)
+    single = objective_terms("single", grad_y, grad_t, eps, t)
+    assert set(single) == {"loss", "space"} and torch.equal(single["loss"], terms["space"])
+
+
+def test_noise_levels_are_log_uniform_on_the_range(seed):
+    t = sample_noise_levels(20000, 1e-9, 1e3, dtype=torch.float64)
+    assert t.min() >= 1e-9 and t.max() <= 1e3
+    log_t = torch.log10(t)
+    assert abs(log_t.mean().item() - (-3.0)) < 0.1  # uniform on [−9, 3] has mean −3, std 12/√12
+    assert abs(log_t.std().item() - 12 / math.sqrt(12)) < 0.1
+
+
+def test_functional_route_matches_reference_in_float64(seed):
+    model = UNetEnergy(3, "tiny").double()
+    x, t, eps = batch()
+    expected = parameter_gradients(model, ReferenceRoute(model), x, t, eps)
+    actual = parameter_gradients(model, CompiledRoute(model, compile=False), x, t, eps)
+    assert_rel_close(actual, expected, 1e-6, "torch.func route gradients", seed)
+
+
+def test_compiled_route_matches_reference_in_float64(seed):
+    """torch.compile over torch.func.grad: the step is a first-order graph; gradients equal eager's."""
+    model = UNetEnergy(1, "tiny").double()
+    x, t, eps = batch(4, channels=1)
+    route = CompiledRoute(model, objective="dual")
+    for _ in range(2):  # fresh inputs on the second call go through the same compiled graph
+        expected = parameter_gradients(model, ReferenceRoute(model), x, t, eps)
+        actual = parameter_gradients(model, route, x, t, eps)
+        assert not route.fell_back, "compilation failed on this machine"
+        assert_rel_close(actual, expected, 1e-6, "compiled route gradients", seed)
+        x, eps = torch.rand_like(x), torch.randn_like(eps)
+
+
+def test_compiled_route_falls_back_with_one_warning(monkeypatch, seed):
+    def broken_compile(fn):
+        def run(*args):
+            raise RuntimeError("Inductor could not compile\nlong details")
+        return run
+
+    monkeypatch.setattr(routes.torch, "compile", broken_compile)
+    model = UNetEnergy(3, "tiny").double()
+    x, t, eps = batch(3)
+    route = CompiledRoute(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = parameter_gradients(model, route, x, t, eps)
+        parameter_gradients(model, route, x, t, eps)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "Inductor could not compile" in messages[0] and "long details" not in messages[0]
+    assert_rel_close(first, parameter_gradients(model, ReferenceRoute(model), x, t, eps), 1e-12, "fallback", seed)
