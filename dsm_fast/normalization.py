@@ -50,13 +50,15 @@ def compare_with_exact(model, mixture: GaussianScaleMixture, t_max: float, teste
     return {"log_normalizer": constant, "rows": rows}
 
 
-def run_comparison(objectives=("dual", "single"), steps: int = 1500, seed: int = 0, **changes) -> dict:
-    """Train one radial model per objective and compare each with the exact log p_t."""
+def run_comparison(objectives=("dual", "single"), steps: int = 1500, seed: int = 0, out: str | None = None,
+                   **changes) -> dict:
+    """Train one radial model per objective (runs in OUT/<objective>, or temporary folders) and compare each
+    with the exact log p_t."""
     from .train import Trainer
 
     results = {}
     for objective in objectives:
-        cfg = gsm_config(objective, steps, seed, **changes)
+        cfg = gsm_config(objective, steps, seed, str(Path(out) / objective) if out else None, **changes)
         trainer = Trainer(cfg)
         trainer.run()
         mixture = GaussianScaleMixture(cfg.gsm_dim, cfg.gsm_sigmas)

@@ -1,0 +1,92 @@
+"""Trainer: bit-exact resume, non-finite steps, atomic checkpoints."""
+import dataclasses
+
+import pytest
+import torch
+
+from dsm_fast.checkpoint import list_checkpoints, load_checkpoint
+from dsm_fast.config import ConfigError, TrainConfig
+from dsm_fast.train import Trainer, TrainingStopped
+
+
+def tiny_config(out, **changes) -> TrainConfig:
+    base = TrainConfig(model="tiny", image_size=16, batch_size=4, steps=6, out=str(out), progress=False,
+                       log_every=2, checkpoint_every=100, ema_decay=0.9, eval_images=0, device="cpu")
+    return dataclasses.replace(base, **changes).validate()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = Trainer(tiny_config(tmp_path / "a"))
+    straight.run()
+    Trainer(tiny_config(tmp_path / "b", steps=3)).run()
+    resumed = Trainer(tiny_config(tmp_path / "b"), resume=True)
+    assert resumed.step == 3
+    resumed.run()
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    for name, value in straight.ema.params.items():
+        assert torch.equal(value, resumed.ema.params[name]), name
+    assert straight.data.state_dict() == resumed.data.state_dict()
+
+
+def test_crash_mid_step_resumes_exactly(tmp_path, monkeypatch):
+    straight = Trainer(tiny_config(tmp_path / "a", steps=4))
+    straight.run()
+    crashing = Trainer(tiny_config(tmp_path / "b", steps=4))
+    real_call, calls = crashing.route.__class__.__call__, {"n": 0}
+
+    def crash_on_third(self, x, t, eps):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real_call(self, x, t, eps)
+
+    monkeypatch.setattr(crashing.route.__class__, "__call__", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.run()
+    monkeypatch.undo()
+    assert int(load_checkpoint(tmp_path / "b")[1]["step"]) == 2
+    resumed = Trainer(tiny_config(tmp_path / "b", steps=4), resume=True)
+    resumed.run()
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path / "nan", steps=50, max_bad_steps=3))
+    real_call = trainer.route.__class__.__call__
+    poisoned = {"steps": {2, 5, 6, 7}}
+
+    def sometimes_nan(self, x, t, eps):
+        terms = real_call(self, x, t, eps)
+        if trainer.step in poisoned["steps"]:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer.route.__class__, "__call__", sometimes_nan)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
+        trainer.run()
+    assert trainer.bad_total == 4 and trainer.step == 8
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    weights, state, _ = load_checkpoint(tmp_path / "nan")
+    assert state["step"] == 8 and state["bad_total"] == 4
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_checkpoints_are_complete_and_pruned(tmp_path):
+    Trainer(tiny_config(tmp_path / "r", steps=10, checkpoint_every=2)).run()
+    folders = list_checkpoints(tmp_path / "r")
+    assert [f.name for f in folders] == ["step_00000006", "step_00000008", "step_00000010"]
+    assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert {p.name for p in folders[-1].iterdir()} == {"model.safetensors", "ema.safetensors", "state.pt"}
+    assert (tmp_path / "r" / "config.json").is_file() and (tmp_path / "r" / "stats.jsonl").read_text().count("\n") == 5
+
+
+def test_existing_run_needs_resume_and_bad_sizes_are_refused(tmp_path):
+    Trainer(tiny_config(tmp_path / "r", steps=1)).run()
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(tiny_config(tmp_path / "r", steps=1))
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        Trainer(tiny_config(tmp_path / "s", image_size=20))
