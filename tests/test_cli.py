@@ -1,0 +1,77 @@
+"""The console script: help, one-line errors with exit code 2, and an end-to-end train → eval → bench."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dsm_fast.cli import COMMANDS, main
+
+TINY = ["--model", "tiny", "--image-size", "16", "--batch-size", "4", "--device", "cpu"]
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "dsm_fast", *args], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--config", "missing.yaml"], "config file not found"),
+    (["train", "--steps", "many"], "steps expects int"),
+    (["train", "--data", "nowhere.npy"], "data not found"),
+    (["eval", "no_such_run"], "no checkpoint found"),
+    (["bench", "--preset", "huge"], "unknown preset"),
+])
+def test_user_mistakes_end_in_one_line_with_exit_code_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_config_file_rejects_unknown_keys_and_wrong_shapes(tmp_path):
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n")
+    proc = run_cli("train", "--config", str(tmp_path / "bad.yaml"), check=False)
+    assert proc.returncode == 2 and "unknown config key 'stepz'" in proc.stderr
+    np.save(tmp_path / "gray.npy", np.zeros((4, 1, 16, 16), dtype=np.uint8))
+    proc = run_cli("train", *TINY, "--data", str(tmp_path / "gray.npy"), "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and "the run expects (3, 16, 16)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_eval_resume_end_to_end(tmp_path):
+    (tmp_path / "run.toml").write_text('objective = "dual"\nsteps = 4\nlog_every = 2\n')
+    out = str(tmp_path / "run")
+    proc = run_cli("train", "--config", str(tmp_path / "run.toml"), *TINY, "--out", out, "--eval-images", "16",
+                   "--ema-decay", "0.5")
+    assert "held-out NLL:" in proc.stdout
+    run_cli("train", "--config", str(tmp_path / "run.toml"), *TINY, "--out", out, "--steps", "6", "--resume",
+            "--eval-images", "0", "--ema-decay", "0.5")
+    proc = run_cli("eval", out, "--images", "12", "--ema", "--denoise", "--per-image", str(tmp_path / "logp.csv"),
+                   "--json", str(tmp_path / "nll.json"), "--device", "cpu")
+    result = json.loads((tmp_path / "nll.json").read_text())
+    assert result["checkpoint"].endswith("step_00000006") and result["n"] == 12
+    assert np.isfinite(result["nll_bits_per_dim"]) and len(result["denoising"]) == 9
+    assert f"{result['nll_bits_per_dim']:.4f}" in proc.stdout
+    per_image = np.loadtxt(tmp_path / "logp.csv", delimiter=",", skiprows=1)
+    assert per_image.shape == (12, 2)
+
+
+def test_bench_times_every_route_side_by_side(tmp_path):
+    proc = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--image-size", "16", "--steps", "2",
+                   "--warmup", "1", "--routes", "score,reference", "--device", "cpu", "--json", str(tmp_path / "b.json"))
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["route"] for r in rows] == ["score", "reference"]
+    assert all(r["ms_per_step"] > 0 and np.isfinite(r["final_loss"]) for r in rows)
+    assert rows[1]["speedup_vs_reference"] == 1.0 and "× ref" in proc.stdout
