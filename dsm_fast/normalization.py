@@ -73,19 +73,26 @@ def plot_comparison(results: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 8), squeeze=False, sharex=True,
+                             sharey="row")
     colours = plt.cm.viridis(np.linspace(0, 0.9, len(TESTED_T)))
-    for ax, (objective, result) in zip(axes[0], results.items()):
+    for column, (objective, result) in enumerate(results.items()):
+        top, bottom = axes[0][column], axes[1][column]
         for colour, row in zip(colours, result["rows"]):
             order = np.argsort(row["radius"])
-            ax.plot(row["radius"][order], row["exact"][order], color=colour, lw=1)
-            ax.scatter(row["radius"], row["learned"], color=colour, s=3, alpha=0.4,
-                       label=f"t={row['t']:g}: err {row['error_nats_per_dim']:.4f}")
-        ax.set_xscale("log")
-        ax.set_title(f"{objective} score matching (dots learned, lines exact)")
-        ax.set_xlabel("‖y‖ / √d")
-        ax.legend(fontsize=7, markerscale=3)
+            top.plot(row["radius"][order], row["exact"][order], color=colour, lw=1)
+            top.scatter(row["radius"], row["learned"], color=colour, s=3, alpha=0.4,
+                        label=f"t={row['t']:g}: err {row['error_nats_per_dim']:.4f}")
+            bottom.scatter(row["radius"], row["learned"] - row["exact"], color=colour, s=3, alpha=0.4)
+        top.set_title(f"{objective} score matching (dots learned, lines exact)")
+        top.legend(fontsize=7, markerscale=3)
+        bottom.axhspan(-0.01, 0.01, color="0.85", zorder=0, label="±0.01 nats/dim")
+        bottom.axhline(0.0, color="k", lw=0.5)
+        bottom.set_xscale("log")
+        bottom.set_xlabel("‖y‖ / √d")
+        bottom.legend(fontsize=7)
     axes[0][0].set_ylabel("log p_t(y) / d  (nats)")
+    axes[1][0].set_ylabel("learned − exact, nats per dimension")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
