@@ -52,7 +52,7 @@ class TrainConfig:
     eval_images: int = 256  # held-out images for the NLL printed when training ends; 0 skips it
     progress: bool = True
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         from .losses import OBJECTIVES
 
         checks = [

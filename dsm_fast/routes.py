@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class CompiledRoute(ReferenceRoute):
         if not self.fell_back:
             try:
                 return self._step(x, t, eps)
-            except Exception as error:  # Inductor/Dynamo failures surface as many exception types
+            except Exception as error:  # noqa: BLE001 — Inductor/Dynamo failures surface as many types
                 self.fell_back = True
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 warnings.warn(f"compiled route failed ({first_line[:200]}); falling back to the reference route",

@@ -8,8 +8,14 @@ import torch
 from .gsm import GaussianScaleMixture, MixtureBatches
 from .images import DataError, ImageBatches, holdout_split, load_images
 
-__all__ = ["DataError", "GaussianScaleMixture", "ImageBatches", "MixtureBatches", "make_training_data",
-           "make_test_data"]
+__all__ = [
+    "DataError",
+    "GaussianScaleMixture",
+    "ImageBatches",
+    "MixtureBatches",
+    "make_test_data",
+    "make_training_data",
+]
 
 
 def _image_splits(cfg) -> tuple[np.ndarray, np.ndarray]:

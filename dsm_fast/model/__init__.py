@@ -3,7 +3,14 @@ from .energy import RadialEnergy, UNetEnergy, denoise, energy_and_scores, sum_pe
 from .unet import PRESETS, EnergyUNet, UNetPreset
 
 __all__ = [
-    "PRESETS", "EnergyUNet", "build_model", "RadialEnergy", "UNetEnergy", "UNetPreset", "denoise", "energy_and_scores",
+    "PRESETS",
+    "EnergyUNet",
+    "RadialEnergy",
+    "UNetEnergy",
+    "UNetPreset",
+    "build_model",
+    "denoise",
+    "energy_and_scores",
     "sum_per_sample",
 ]
 
