@@ -65,7 +65,7 @@ def add_train(sub) -> None:
 def run_train(args) -> int:
     from .config import resolve_config
     from .data import make_test_data
-    from .evaluate import evaluate_nll
+    from .evaluate import clean_noise_level, evaluate_nll
     from .train import Trainer
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -78,7 +78,7 @@ def run_train(args) -> int:
           f"{summary['skipped_steps']} skipped steps", flush=True)
     if cfg.eval_images > 0:
         x, quantized = make_test_data(cfg, cfg.eval_images)
-        result = evaluate_nll(trainer.model, x, quantized, cfg.t_max, seed=cfg.seed)
+        result = evaluate_nll(trainer.model, x, quantized, cfg.t_max, seed=cfg.seed, t_eval=clean_noise_level(cfg))
         low, high = result["ci95"]
         print(f"held-out NLL: {result['nll_bits_per_dim']:.4f} bits/dim (95% CI {low:.4f}–{high:.4f}, "
               f"{result['n']} samples)")
@@ -116,7 +116,7 @@ def run_eval(args) -> int:
 
     from .checkpoint import load_checkpoint, resolve_checkpoint
     from .data import GaussianScaleMixture, make_test_data
-    from .evaluate import denoising_psnr, evaluate_nll
+    from .evaluate import clean_noise_level, denoising_psnr, evaluate_nll
     from .model import build_model
     from .train import compute_dtype, config_from_run, resolve_device
 
@@ -136,15 +136,18 @@ def run_eval(args) -> int:
     model.load_state_dict(ema if args.ema else weights)
     exact = None
     variance = float(x.double().var(dim=0).mean()) if args.variance_correction else 0.0
+    t_eval = clean_noise_level(cfg)
     if cfg.data == "gsm":
-        exact = GaussianScaleMixture(cfg.gsm_dim, cfg.gsm_sigmas).log_prob(x)
-    result = evaluate_nll(model, x, quantized, cfg.t_max, args.dequantize, variance, args.seed, args.batch_size, exact)
+        exact = GaussianScaleMixture(cfg.gsm_dim, cfg.gsm_sigmas).log_prob(x, t_eval)
+    result = evaluate_nll(model, x, quantized, cfg.t_max, args.dequantize, variance, args.seed, args.batch_size,
+                          exact, t_eval)
     low, high = result["ci95"]
     print(f"checkpoint {checkpoint} (step {state['step']}{', EMA' if args.ema else ''})")
     print(f"NLL {result['nll_bits_per_dim']:.4f} bits/dim, 95% CI [{low:.4f}, {high:.4f}], {result['n']} samples, "
           f"{'dequantized' if args.dequantize else 'continuous density at the data points'}")
     if exact is not None:
-        print(f"exact NLL of the same samples: {result['exact_nll_bits_per_dim']:.4f} bits/dim")
+        print(f"exact NLL of the same samples: {result['exact_nll_bits_per_dim']:.4f} bits/dim "
+              f"(both of p_t at t = t_min = {t_eval:g})")
     log_p = result.pop("log_p")
     if args.per_image:
         if args.per_image.endswith(".npy"):

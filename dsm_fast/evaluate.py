@@ -18,6 +18,12 @@ from .model.energy import denoise
 INPUT_PSNRS = tuple(range(90, -31, -15))  # dB; input PSNR p ↔ noise variance t = 10^(−p/10) for peak 1
 
 
+def clean_noise_level(cfg) -> float:
+    """The t at which a run's 'clean' log p is read: 0 for images; t_min for the analytic data, whose radial
+    model takes log t (p_{t_min} is known exactly there)."""
+    return cfg.t_min if cfg.data == "gsm" else 0.0
+
+
 def batched(n: int, batch_size: int):
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
@@ -79,10 +85,11 @@ def denoising_psnr(model: nn.Module, x: torch.Tensor, generator: torch.Generator
 
 def evaluate_nll(model: nn.Module, x: torch.Tensor, quantized: bool, t_max: float, dequantize: bool = False,
                  data_variance: float = 0.0, seed: int = 0, batch_size: int = 64,
-                 exact_log_p: torch.Tensor | None = None) -> dict:
+                 exact_log_p: torch.Tensor | None = None, t_eval: float = 0.0) -> dict:
     """NLL in bits/dim by the protocol above, with its bootstrap 95% interval and per-sample log p(x).
 
-    ``exact_log_p`` (analytic data) adds the exact NLL of the same samples beside the model's.
+    ``t_eval`` > 0 evaluates log p_t(x) = −(U(x, t) + C) instead of log p(x) (for models trained on
+    t ≥ t_min > 0 only); ``exact_log_p`` (analytic data) adds the exact NLL of the same samples beside the model's.
     """
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -90,11 +97,11 @@ def evaluate_nll(model: nn.Module, x: torch.Tensor, quantized: bool, t_max: floa
     if dequantize:
         x = uniform_dequantize(x.double(), generator)
     constant = normalizing_constant(model, x, t_max, generator, data_variance, batch_size)
-    log_p = -(energies(model, x, 0.0, batch_size) + constant)
+    log_p = -(energies(model, x, t_eval, batch_size) + constant)
     per_sample = nll_bits_per_dim(log_p, d, quantized).numpy()
     low, high = bootstrap_interval(per_sample, seed=seed)
     result = {"nll_bits_per_dim": float(per_sample.mean()), "ci95": [low, high], "n": len(x), "dim": d,
-              "log_normalizer": constant, "t_max": t_max, "dequantized": dequantize, "quantized_data": quantized,
+              "log_normalizer": constant, "t_max": t_max, "t_eval": t_eval, "dequantized": dequantize, "quantized_data": quantized,
               "log_p": log_p.numpy()}
     if exact_log_p is not None:
         result["exact_nll_bits_per_dim"] = float(nll_bits_per_dim(exact_log_p.double(), d, quantized).mean())

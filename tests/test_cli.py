@@ -76,3 +76,13 @@ def test_bench_times_every_route_side_by_side(tmp_path):
     assert [r["route"] for r in rows] == ["score", "reference"]
     assert all(r["ms_per_step"] > 0 and np.isfinite(r["final_loss"]) for r in rows)
     assert rows[1]["speedup_vs_reference"] == 1.0 and "× ref" in proc.stdout
+
+
+def test_eval_on_the_analytic_data_prints_the_exact_nll(tmp_path):
+    out = str(tmp_path / "gsm")
+    run_cli("train", "--data", "gsm", "--model", "radial", "--gsm-dim", "50", "--gsm-sigmas", "1,4", "--t-min", "1e-2",
+            "--t-max", "1e2", "--steps", "3", "--batch-size", "8", "--eval-images", "0", "--out", out)
+    proc = run_cli("eval", out, "--images", "64", "--variance-correction", "--json", str(tmp_path / "e.json"))
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert "exact NLL of the same samples" in proc.stdout and result["dim"] == 50
+    assert 0 < result["exact_nll_bits_per_dim"] < 5 and np.isfinite(result["nll_bits_per_dim"])
