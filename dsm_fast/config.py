@@ -21,7 +21,8 @@ class TrainConfig:
     # model
     model: str = "paper"  # UNet preset (paper, small, tiny) or 'radial' for the analytic data set
     # data
-    data: str = "demo"  # 'demo' (embedded photographs), 'gsm' (Gaussian scale mixture), a folder or .npy path
+    data: str = "demo"  # 'demo' (embedded photographs), 'gsm' (Gaussian scale mixture), folder, .npy, prepared ImageNet64
+    loader: str = "auto"  # auto (DALI when installed, CUDA and a prepared dataset; else cpu) | cpu | dali
     image_size: int = 64
     channels: int = 3
     gsm_dim: int = 1000
@@ -51,6 +52,14 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     eval_images: int = 256  # held-out images for the NLL printed when training ends; 0 skips it
     progress: bool = True
+    # distributed (see dsm_fast/engine.py); batch_size is the global batch: each optimizer step sees
+    # batch_size images, split over world size × grad_accum micro-batches
+    engine: str = "single"  # single | ddp | deepspeed
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0–3
+    offload: bool = False  # DeepSpeed: optimizer state in CPU memory
+    deepspeed_config: str = ""  # DeepSpeed: a JSON file used instead of the generated config
+    dist_timeout: float = 600.0  # seconds a rendezvous or collective may wait before every rank stops
 
     def validate(self) -> TrainConfig:
         from .losses import OBJECTIVES
@@ -66,8 +75,16 @@ class TrainConfig:
             (self.precision in ("fp32", "bf16", "fp64"), "precision must be fp32, bf16 or fp64"),
             (self.optimizer in ("auto", "torch", "apex"), "optimizer must be auto, torch or apex"),
             (self.channels in (1, 3), "channels must be 1 or 3"),
+            (self.loader in ("auto", "cpu", "dali"), "loader must be auto, cpu or dali"),
             (self.max_bad_steps > 0, "max_bad_steps must be positive"),
             (self.log_every > 0 and self.checkpoint_every > 0, "log_every and checkpoint_every must be positive"),
+            (self.engine in ("single", "ddp", "deepspeed"), "engine must be single, ddp or deepspeed"),
+            (self.grad_accum > 0 and self.batch_size % self.grad_accum == 0,
+             "grad_accum must be positive and divide batch_size (the global batch)"),
+            (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
+            (self.engine == "deepspeed" or not (self.offload or self.deepspeed_config),
+             "offload and deepspeed_config need --engine deepspeed"),
+            (self.dist_timeout > 0, "dist_timeout must be positive"),
         ]
         for ok, message in checks:
             if not ok:

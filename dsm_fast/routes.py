@@ -4,6 +4,8 @@
   backward is a double backward through the network (the paper's way, the yardstick of every test).
 - ``compiled``: the inner gradient by ``torch.func.grad`` inside ``torch.compile``, which turns the step
   into a first-order graph that Inductor compiles (torch.compile refuses a create_graph double backward).
+- ``functional``: the same torch.func graph run eagerly (no compile time, no fallback): the first-order
+  route that stays correct under DeepSpeed, where ``reference`` is refused (see dsm_fast/engine.py).
 - ``score``: the plain denoising-score-matching step of the same UNet used as a score network
   (D = y − t f(y, t), no double backward) — what a diffusion trainer pays; for benchmarks.
 """
@@ -19,7 +21,7 @@ from .losses import expand_like, objective_terms, space_term
 from .model.energy import energy_and_scores
 
 Terms = dict[str, torch.Tensor]
-ROUTES = ("reference", "compiled")
+ROUTES = ("reference", "compiled", "functional")
 
 
 def noisy(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -42,14 +44,16 @@ class ReferenceRoute:
 
 class CompiledRoute(ReferenceRoute):
     """torch.compile over a torch.func inner gradient; falls back to the reference route with one warning
-    if compilation fails (``compile=False`` runs the same torch.func graph eagerly)."""
+    if compilation fails, or raises when ``fallback`` is off (an engine that refuses the reference route).
+    ``compile=False`` runs the same torch.func graph eagerly."""
 
     name = "compiled"
 
-    def __init__(self, model: nn.Module, objective: str = "dual", time_weight: float = 1.0, compile: bool = True):
+    def __init__(self, model: nn.Module, objective: str = "dual", time_weight: float = 1.0, compile: bool = True,
+                 fallback: bool = True):
         super().__init__(model, objective, time_weight)
         self._step: Callable[..., Terms] = torch.compile(self._functional_terms) if compile else self._functional_terms
-        self.fell_back = False
+        self.fell_back, self.fallback = False, fallback
 
     def _functional_terms(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
         def total_energy(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -65,9 +69,24 @@ class CompiledRoute(ReferenceRoute):
             except Exception as error:  # noqa: BLE001 — Inductor/Dynamo failures surface as many types
                 self.fell_back = True
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                if not self.fallback:
+                    raise RuntimeError(f"compiled route failed ({first_line[:200]}) and this engine refuses the "
+                                       f"reference route it would fall back to; use --route functional") from error
                 warnings.warn(f"compiled route failed ({first_line[:200]}); falling back to the reference route",
                               RuntimeWarning, stacklevel=2)
         return super().__call__(x, t, eps)
+
+
+class FunctionalRoute(CompiledRoute):
+    """The torch.func inner gradient run eagerly: a first-order graph, no compilation, no fallback."""
+
+    name = "functional"
+
+    def __init__(self, model: nn.Module, objective: str = "dual", time_weight: float = 1.0):
+        super().__init__(model, objective, time_weight, compile=False)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
+        return self._functional_terms(x, t, eps)
 
 
 class ScoreRoute:
@@ -83,10 +102,14 @@ class ScoreRoute:
         return {"loss": space, "space": space}
 
 
-def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0):
-    """The route called ``name`` for ``model`` (an energy module U(y, t))."""
+def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0,
+               fallback: bool = True):
+    """The route called ``name`` for ``model`` (an energy module U(y, t)); ``fallback``: whether the compiled
+    route may fall back to the reference route."""
     if name == "reference":
         return ReferenceRoute(model, objective, time_weight)
     if name == "compiled":
-        return CompiledRoute(model, objective, time_weight)
+        return CompiledRoute(model, objective, time_weight, fallback=fallback)
+    if name == "functional":
+        return FunctionalRoute(model, objective, time_weight)
     raise ValueError(f"unknown route {name!r}; choose from {', '.join(ROUTES)}")

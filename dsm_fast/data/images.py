@@ -85,8 +85,9 @@ def holdout_split(n: int, fraction: float = 0.05, seed: int = 1234) -> tuple[np.
 class ImageBatches:
     """Batches of x ∈ [0, 1]^(C×H×W) drawn without replacement, reshuffled every epoch, flipped at random.
 
-    Epoch e visits ``randperm(N, seed ⊕ e)[rank::world]``; the flips of a batch depend only on
-    (seed, epoch, offset). The state is therefore just (epoch, offset).
+    Epoch e visits ``randperm(N, seed ⊕ e)[rank::world]`` and flips each position of that epoch by a coin
+    drawn per epoch position (sliced the same way), so the shards of ``world`` ranks together see exactly
+    the images and flips one unsharded stream would. The state is therefore just (epoch, offset).
     """
 
     quantized = True  # 8-bit images: NLL in bits/dim on the 0–255 scale adds 8
@@ -96,7 +97,7 @@ class ImageBatches:
         self.images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
         self.seed, self.flip, self.rank, self.world = seed, flip, rank, world
         self.epoch, self.offset = 0, 0
-        self._order = self._epoch_order(0)
+        self._order, self._flips = self._epoch_order(0), self._epoch_flips(0)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -106,21 +107,24 @@ class ImageBatches:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.images.shape[0], generator=g)[self.rank::self.world]
 
+    def _epoch_flips(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033)
+        return (torch.rand(self.images.shape[0], generator=g) < 0.5)[self.rank::self.world]
+
     def next_batch(self, batch_size: int, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        flip_gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + self.offset)
-        indices = []
+        indices, flips = [], []
         while len(indices) < batch_size:
             if self.offset >= len(self._order):
                 self.epoch, self.offset = self.epoch + 1, 0
-                self._order = self._epoch_order(self.epoch)
-            take = self._order[self.offset:self.offset + batch_size - len(indices)]
-            indices.extend(take.tolist())
-            self.offset += len(take)
+                self._order, self._flips = self._epoch_order(self.epoch), self._epoch_flips(self.epoch)
+            end = self.offset + batch_size - len(indices)
+            indices.extend(self._order[self.offset:end].tolist())
+            flips.extend(self._flips[self.offset:end].tolist())
+            self.offset = min(end, len(self._order))
         batch = self.images[torch.tensor(indices)]
         if self.flip:
-            flips = torch.rand(batch_size, generator=flip_gen) < 0.5
-            batch = torch.where(flips[:, None, None, None], batch.flip(-1), batch)
+            batch = torch.where(torch.tensor(flips)[:, None, None, None], batch.flip(-1), batch)
         return batch.to(device=device).to(dtype) / 255.0
 
     def state_dict(self) -> dict[str, int]:
@@ -128,4 +132,4 @@ class ImageBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._order = self._epoch_order(self.epoch)
+        self._order, self._flips = self._epoch_order(self.epoch), self._epoch_flips(self.epoch)

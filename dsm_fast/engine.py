@@ -1,0 +1,265 @@
+"""Engines: one interface over a single process, torch DDP and DeepSpeed ZeRO 0–3 (the only module that
+imports DeepSpeed). The trainer calls, per optimizer step::
+
+    engine.zero_grad()
+    for k in range(grad_accum):
+        with engine.micro_step(last=k == grad_accum - 1):
+            loss = route(x_k, t_k, eps_k)["loss"].mean()       # route calls engine.model
+            engine.backward(loss, last)                         # ∇ of loss / grad_accum, averaged over ranks
+    grad_norm = engine.step(lr, grad_clip)                      # None: non-finite gradients, step skipped
+
+so the update is that of the mean loss over the global batch on every engine.
+
+Routes under DeepSpeed (method.md §7). ``engine.backward`` has no ``create_graph``; since DeepSpeed 0.18.3
+the engine hooks the model's outputs and divides every gradient flowing out of them by grad_accum — an
+inner ``autograd.grad`` included, which silently rescales ∇_y U and ∂_t U (the hook stands aside only
+while a torch.func transform runs); and ZeRO-3 releases gathered weights after the first backward through
+a forward, so the reference route's second backward fails. The ``functional`` / ``compiled`` routes take
+the inner gradient with torch.func, so the loss is an ordinary first-order graph and one engine.backward
+is the whole double backward: they are correct under every stage, and the reference route is refused.
+tests/test_engines_deepspeed.py shows each of the three failures and the first-order route's equality.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+from .distributed import World
+
+DEEPSPEED_SUBDIR = "deepspeed"  # RUN/deepspeed/step_XXXXXXXX: DeepSpeed's own checkpoint of each step
+
+
+def deepspeed_available() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def micro_batch(cfg: TrainConfig, world: World) -> int:
+    """Images per rank per micro-step: batch_size (the global batch) / (world size × grad_accum)."""
+    parts = world.size * cfg.grad_accum
+    if cfg.batch_size % parts:
+        raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by world size "
+                          f"{world.size} × grad_accum {cfg.grad_accum}")
+    return cfg.batch_size // parts
+
+
+def check_engine(cfg: TrainConfig, world: World) -> None:
+    """Refuse, in one line, a combination that would fail or train the wrong loss."""
+    micro_batch(cfg, world)
+    if cfg.engine != "deepspeed":
+        return
+    if not deepspeed_available():
+        raise ConfigError("--engine deepspeed needs DeepSpeed: DS_BUILD_OPS=0 pip install 'dsm_fast[deepspeed]'")
+    if cfg.route == "reference":
+        raise ConfigError("route reference is refused under DeepSpeed (its inner autograd.grad is rescaled by "
+                          "1/grad_accum and ZeRO-3 cannot backward twice through one forward); use --route "
+                          "functional or compiled, which are first-order and exact")
+    if cfg.precision == "fp64":
+        raise ConfigError("precision fp64 is not supported by DeepSpeed's ZeRO optimizers; use fp32 or bf16")
+    if cfg.ema_decay > 0 and deepspeed_stage(cfg) == 3:
+        raise ConfigError("ema_decay needs full weights on every rank, which ZeRO-3 does not keep; use "
+                          "--zero-stage 2 or --ema-decay 0")
+
+
+class SingleEngine:
+    """One process: plain autograd, gradients averaged over micro-batches by scaling each loss."""
+
+    name = "single"
+    skips_non_finite = True  # a step with a non-finite loss or gradient is dropped and the run goes on
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int):
+        self.module, self.optimizer, self.grad_accum = module, optimizer, grad_accum
+        self.model: nn.Module = module  # what the route calls
+
+    def micro_step(self, last: bool):
+        return contextlib.nullcontext()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
+
+    def step(self, lr: float, grad_clip: float) -> torch.Tensor | None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        if not torch.isfinite(grad_norm):
+            return None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return grad_norm
+
+    # --- checkpoints: weights and optimizer go into the trainer's own checkpoint --------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def checkpoint_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def save_native(self, run_dir: Path, step: int, keep: list[str]) -> None:
+        """Engines with a checkpoint format of their own write it here (all ranks call)."""
+
+    def load(self, run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict) -> None:
+        self.module.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DDPEngine(SingleEngine):
+    """torch DistributedDataParallel: gradients all-reduced (averaged) during the last micro-step's backward;
+    earlier micro-steps run under ``no_sync``. Every rank holds the full weights and optimizer state."""
+
+    name = "ddp"
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int, device: torch.device):
+        super().__init__(module, optimizer, grad_accum)
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers are constants here; syncing them in forward would be an in-place copy, which torch.func refuses.
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+        self.model = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                             **no_buffer_sync)
+
+    def micro_step(self, last: bool):
+        return contextlib.nullcontext() if last else self.model.no_sync()
+
+
+def deepspeed_stage(cfg: TrainConfig) -> int:
+    if cfg.deepspeed_config:
+        return int(read_deepspeed_json(cfg.deepspeed_config).get("zero_optimization", {}).get("stage", 0))
+    return cfg.zero_stage
+
+
+def read_deepspeed_json(path: str) -> dict:
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config
+
+
+def deepspeed_config(cfg: TrainConfig, world: World) -> dict:
+    """The DeepSpeed config, derived from ours — the one place that does it. A user JSON (``deepspeed_config``)
+    is taken as given, except that its batch keys must agree with ours (missing ones are filled in)."""
+    batch = {"train_batch_size": cfg.batch_size, "train_micro_batch_size_per_gpu": micro_batch(cfg, world),
+             "gradient_accumulation_steps": cfg.grad_accum}
+    if cfg.deepspeed_config:
+        config = read_deepspeed_json(cfg.deepspeed_config)
+        for key, value in batch.items():
+            if config.get(key, "auto") not in ("auto", value):
+                raise ConfigError(f"{cfg.deepspeed_config}: {key} = {config[key]} disagrees with dsm_fast's {value} "
+                                  f"(batch_size is the global batch, grad_accum the micro-steps per rank)")
+        return {**config, **batch}
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.device != "cpu"}
+    return {
+        **batch,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        # bf16 as autocast with fp32 master weights (not DeepSpeed's bf16 weights): t spans 1e-9 … 1e3 and the
+        # time term cancels large numbers, so inputs and the loss stay in fp32, as on one device.
+        "torch_autocast": {"enabled": cfg.precision == "bf16", "dtype": "bfloat16"},
+        "zero_allow_untested_optimizer": True,  # our torch Adam, stepped on each rank's partition
+        "zero_force_ds_cpu_optimizer": False,  # offload with torch Adam: no compiled DeepSpeedCPUAdam needed
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+class DeepSpeedEngine(SingleEngine):
+    """DeepSpeed ZeRO 0–3 with our optimizer; gradient accumulation, averaging over ranks and clipping are
+    DeepSpeed's. Checkpoints: DeepSpeed's own format in RUN/deepspeed/step_N plus the trainer's state."""
+
+    name = "deepspeed"
+    skips_non_finite = False  # it cannot discard a partly accumulated, partitioned step: the run stops instead
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, world: World):
+        import deepspeed
+
+        from .distributed import first_line
+
+        super().__init__(module, optimizer, cfg.grad_accum)
+        self.config = deepspeed_config(cfg, world)
+        self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
+        try:
+            self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                                    config=self.config)
+        except (AssertionError, ValueError) as error:  # DeepSpeed validates its config with asserts
+            raise ConfigError(f"DeepSpeed refused the config: {first_line(error)}") from None
+
+    def micro_step(self, last: bool):
+        return contextlib.nullcontext()
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.model.backward(loss)  # divides by grad_accum itself
+        if not last:
+            self.model.step()  # a micro-step: DeepSpeed counts it and steps only at the boundary
+
+    def step(self, lr: float, grad_clip: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights (gathered from every rank under ZeRO-3: a collective, all ranks call)."""
+        if self.stage < 3:
+            return self.module.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def checkpoint_state(self) -> dict:
+        return {}
+
+    def save_native(self, run_dir: Path, step: int, keep: list[str]) -> None:
+        folder = Path(run_dir) / DEEPSPEED_SUBDIR
+        self.model.save_checkpoint(str(folder), tag=tag(step), save_latest=False)
+        if self.model.global_rank == 0:
+            for old in folder.iterdir():
+                if old.name not in keep and old.name != tag(step):
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict) -> None:
+        folder = Path(run_dir) / DEEPSPEED_SUBDIR
+        if not (folder / tag(step)).is_dir():
+            raise ConfigError(f"{run_dir}: no DeepSpeed checkpoint for step {step}; resume with the engine that "
+                              f"wrote the run")
+        path, _ = self.model.load_checkpoint(str(folder), tag=tag(step))
+        if path is None:
+            raise ConfigError(f"{folder / tag(step)}: DeepSpeed could not load this checkpoint")
+
+
+def tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def make_engine(cfg: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer, world: World,
+                device: torch.device) -> SingleEngine:
+    check_engine(cfg, world)
+    if cfg.engine == "ddp":
+        return DDPEngine(module, optimizer, cfg.grad_accum, device)
+    if cfg.engine == "deepspeed":
+        return DeepSpeedEngine(module, optimizer, cfg, world)
+    return SingleEngine(module, optimizer, cfg.grad_accum)
