@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from .gsm import GaussianScaleMixture, MixtureBatches
-from .images import DataError, ImageBatches, holdout_split, load_images
+from .imagenet64 import is_prepared, load_split, prepared_batches
+from .images import DataError, ImageBatches, check_images, holdout_split, load_images
 
 __all__ = [
     "DataError",
@@ -23,15 +24,22 @@ def _image_splits(cfg) -> tuple[np.ndarray, np.ndarray]:
         from .demo import demo_patches
 
         return demo_patches(cfg.channels, cfg.image_size, "train"), demo_patches(cfg.channels, cfg.image_size, "test")
+    if is_prepared(cfg.data):  # memory-mapped: train split for training, val split for evaluation
+        return tuple(check_images(load_split(cfg.data, split)[0], f"{cfg.data} ({split})", cfg.channels, cfg.image_size)
+                     for split in ("train", "val"))
     images = load_images(cfg.data, cfg.channels, cfg.image_size)
     train, test = holdout_split(len(images))
     return images[train], images[test]
 
 
 def make_training_data(cfg, rank: int = 0, world: int = 1):
-    """The training stream named by ``cfg.data`` ('demo', 'gsm', or a folder / .npy path)."""
+    """The training stream named by ``cfg.data`` ('demo', 'gsm', a folder / .npy path, a prepared dataset)."""
     if cfg.data == "gsm":
         return MixtureBatches(GaussianScaleMixture(cfg.gsm_dim, cfg.gsm_sigmas), seed=cfg.seed * 1_000_003 + rank)
+    if is_prepared(cfg.data):
+        return prepared_batches(cfg, _image_splits(cfg)[0], rank, world)
+    if cfg.loader == "dali":
+        raise DataError(f"--loader dali reads prepared datasets only (dsm-fast data prepare), not {cfg.data}")
     return ImageBatches(_image_splits(cfg)[0], seed=cfg.seed, rank=rank, world=world)
 
 
