@@ -49,4 +49,4 @@ def make_test_data(cfg, n: int, seed: int = 12345) -> tuple[torch.Tensor, bool]:
         mixture = GaussianScaleMixture(cfg.gsm_dim, cfg.gsm_sigmas)
         return mixture.sample(n, torch.Generator().manual_seed(seed)), False
     test = _image_splits(cfg)[1]
-    return torch.as_tensor(np.asarray(test[:n])).float() / 255.0, True
+    return torch.from_numpy(np.array(test[:n])).float() / 255.0, True  # a copy: test may be a read-only map

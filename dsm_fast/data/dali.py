@@ -8,9 +8,12 @@ never touches float images. Outputs reach torch through DLPack without a copy; D
 ``prefetch`` batches ahead. With ``device_id=None`` the same pipeline runs CPU-only.
 
 Semantic differences from the CPU loader (:class:`~dsm_fast.data.imagenet64.MemmapBatches`):
-- The order is the same (per seed, epoch, rank and world size, across epoch boundaries, and after a resume).
-- Flips (and the noise draws) come from DALI's generator, seeded by (seed, rank, position at build): a run is
-  reproducible, and a resumed run is too, but its flips differ from those of the uninterrupted run.
+- Order and flips are the same (per seed, epoch, rank and world size, across epoch boundaries and after a
+  resume): the host computes the B flip bits of each batch, the GPU applies them. x is bit-identical in the
+  CPU-only mode (tested); on the GPU the division by 255 may differ in the last bit.
+- The optional noise (``next_noisy_batch``) comes from DALI's generator, seeded by (seed, rank, position at
+  build): reproducible, but not the trainer's per-global-position noise, which keeps a run independent of the
+  world size; the trainer therefore draws its own t and ε (on the GPU) and uses ``next_batch``.
 - The input is fed from this process (no worker processes), so starting DALI before or after CUDA makes no
   difference here (the method.md §7 constraint is about forked workers); the pipeline is built on first use.
 """
@@ -58,16 +61,18 @@ def unavailable_reason(device_id: int | None) -> str | None:
 
 def build_pipeline(source, batch_size: int, device_id: int | None, seed: int, flip: bool,
                    noise: tuple[float, float] | None, prefetch: int):
-    """uint8 (B, 3, H, W) batches from ``source()`` → x float [0, 1] (flipped), and (t (B, 1), ε like x) with noise."""
+    """``source()`` → (uint8 (B, 3, H, W), int32 (B,) flip bits) → x float [0, 1], and (t (B, 1), ε like x) with
+    noise."""
 
     @pipeline_def(batch_size=batch_size, num_threads=2, device_id=device_id, seed=seed,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)
     def pipeline():
-        rows = fn.external_source(source=source, batch=True, layout="CHW", dtype=types.UINT8)
+        rows, flips = fn.external_source(source=source, num_outputs=2, batch=True, layout=["CHW", ""],
+                                         dtype=[types.UINT8, types.INT32])
         if device_id is not None:
             rows = rows.gpu()  # uint8 over PCIe: a quarter of the float bytes
         if flip:
-            rows = fn.flip(rows, horizontal=fn.random.coin_flip(probability=0.5))
+            rows = fn.flip(rows, horizontal=flips)  # per-sample argument: 1 mirrors the width axis
         x = fn.cast(rows, dtype=types.FLOAT) / 255.0
         if noise is None:
             return x
@@ -92,7 +97,7 @@ class DaliBatches:
         if reason is not None:
             raise RuntimeError(reason)
         self.rows = SortedGather(images)
-        self.orders = MemmapBatches(images, seed=seed, flip=False, rank=rank, world=world)  # the shared epoch order
+        self.orders = MemmapBatches(images, seed=seed, rank=rank, world=world)  # the CPU loader's orders and flips
         self.seed, self.rank, self.device_id = seed, rank, device_id
         self.flip, self.noise, self.prefetch = flip, noise, prefetch
         self.pipe, self.batch_size = None, 0
@@ -102,18 +107,20 @@ class DaliBatches:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.rows.shape[1:])
 
-    def _feed(self) -> np.ndarray:
-        """The next uint8 batch in the CPU loader's order; remembers the position after it."""
-        parts, taken = [], 0
+    def _feed(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next uint8 batch and its flip bits, as the CPU loader walks them; remembers the position after it."""
+        parts, flips, taken = [], [], 0
         while taken < self.batch_size:
             if self._offset >= len(self._order):
                 self._epoch, self._offset = self._epoch + 1, 0
-                self._order = self.orders._epoch_order(self._epoch)
-            parts.append(self._order[self._offset:self._offset + self.batch_size - taken])
+                self._order, self._flips = self.orders._epoch_order(self._epoch), self.orders._epoch_flips(self._epoch)
+            end = self._offset + self.batch_size - taken
+            parts.append(self._order[self._offset:end])
+            flips.append(self._flips[self._offset:end])
             taken += len(parts[-1])
             self._offset += len(parts[-1])
         self._fed.append((self._epoch, self._offset))
-        return self.rows[torch.cat(parts)].numpy()
+        return self.rows[torch.cat(parts)].numpy(), torch.cat(flips).to(torch.int32).numpy()
 
     def _outputs(self, batch_size: int) -> list[torch.Tensor]:
         if self.pipe is None or batch_size != self.batch_size:
@@ -136,7 +143,8 @@ class DaliBatches:
     def _restart(self, state: dict[str, int], batch_size: int) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._epoch, self._offset = self.epoch, self.offset
-        self._order, self._fed = self.orders._epoch_order(self.epoch), deque()
+        self._order, self._flips = self.orders._epoch_order(self.epoch), self.orders._epoch_flips(self.epoch)
+        self._fed = deque()
         self.batch_size, self.pipe = batch_size, None
         if batch_size:
             seed = (self.seed * 1_000_003 + self.rank * 7_919 + self.epoch * 104_729 + self.offset) % 2**31
