@@ -4,11 +4,13 @@ imports DeepSpeed). The trainer calls, per optimizer step::
     engine.zero_grad()
     for k in range(grad_accum):
         with engine.micro_step(last=k == grad_accum - 1):
-            loss = route(x_k, t_k, eps_k)["loss"].mean()       # route calls engine.model
+            loss = engine.terms(x_k, t_k, eps_k)["loss"].mean()
             engine.backward(loss, last)                         # ∇ of loss / grad_accum, averaged over ranks
     grad_norm = engine.step(lr, grad_clip)                      # None: non-finite gradients, step skipped
 
-so the update is that of the mean loss over the global batch on every engine.
+so the update is that of the mean loss over the global batch on every engine. DDP and DeepSpeed wrap the
+route as a module (RouteModule): one wrapped forward per micro-step whose outputs are the loss terms, so
+their hooks run outside the route's inner torch.func transform.
 
 Routes under DeepSpeed (method.md §7). ``engine.backward`` has no ``create_graph``; since DeepSpeed 0.18.3
 the engine hooks the model's outputs and divides every gradient flowing out of them by grad_accum — an
@@ -26,6 +28,7 @@ import inspect
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,15 +75,27 @@ def check_engine(cfg: TrainConfig, world: World) -> None:
                           "--zero-stage 2 or --ema-decay 0")
 
 
+class RouteModule(nn.Module):
+    """A route as a module: forward(x, t, eps) → per-sample terms; ``energy`` holds the parameters."""
+
+    def __init__(self, energy: nn.Module, route: Callable[..., dict[str, torch.Tensor]]):
+        super().__init__()
+        self.energy, self.route = energy, route
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.route(x, t, eps)
+
+
 class SingleEngine:
     """One process: plain autograd, gradients averaged over micro-batches by scaling each loss."""
 
     name = "single"
     skips_non_finite = True  # a step with a non-finite loss or gradient is dropped and the run goes on
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int,
+                 route: Callable[..., dict[str, torch.Tensor]]):
         self.module, self.optimizer, self.grad_accum = module, optimizer, grad_accum
-        self.model: nn.Module = module  # what the route calls
+        self.terms = route  # (x, t, eps) → per-sample terms
 
     def micro_step(self, last: bool):
         return contextlib.nullcontext()
@@ -121,19 +136,20 @@ class DDPEngine(SingleEngine):
 
     name = "ddp"
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int, device: torch.device):
-        super().__init__(module, optimizer, grad_accum)
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int, route,
+                 device: torch.device):
+        super().__init__(module, optimizer, grad_accum, route)
         from torch.nn.parallel import DistributedDataParallel
 
-        # Buffers are constants here; syncing them in forward would be an in-place copy, which torch.func refuses.
+        # The energy's buffers are constants: no broadcast before each forward.
         no_buffer_sync = ({"forward_sync_buffers": False}
                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                           else {"broadcast_buffers": False})
-        self.model = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                             **no_buffer_sync)
+        self.terms = DistributedDataParallel(RouteModule(module, route),
+                                             device_ids=[device] if device.type == "cuda" else None, **no_buffer_sync)
 
     def micro_step(self, last: bool):
-        return contextlib.nullcontext() if last else self.model.no_sync()
+        return contextlib.nullcontext() if last else self.terms.no_sync()
 
 
 def deepspeed_stage(cfg: TrainConfig) -> int:
@@ -189,17 +205,18 @@ class DeepSpeedEngine(SingleEngine):
     name = "deepspeed"
     skips_non_finite = False  # it cannot discard a partly accumulated, partitioned step: the run stops instead
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, world: World):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, world: World, route):
         import deepspeed
 
         from .distributed import first_line
 
-        super().__init__(module, optimizer, cfg.grad_accum)
+        super().__init__(module, optimizer, cfg.grad_accum, route)
         self.config = deepspeed_config(cfg, world)
         self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
         try:
-            self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                                    config=self.config)
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(model=RouteModule(module, route),
+                                                                    optimizer=optimizer, config=self.config)
+            self.terms = self.ds  # DeepSpeed's engine: forward, backward, step, checkpoints
         except (AssertionError, ValueError) as error:  # DeepSpeed validates its config with asserts
             raise ConfigError(f"DeepSpeed refused the config: {first_line(error)}") from None
 
@@ -207,18 +224,18 @@ class DeepSpeedEngine(SingleEngine):
         return contextlib.nullcontext()
 
     def zero_grad(self) -> None:
-        self.model.zero_grad()
+        self.ds.zero_grad()
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        self.model.backward(loss)  # divides by grad_accum itself
+        self.ds.backward(loss)  # divides by grad_accum itself
         if not last:
-            self.model.step()  # a micro-step: DeepSpeed counts it and steps only at the boundary
+            self.ds.step()  # a micro-step: DeepSpeed counts it and steps only at the boundary
 
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.step()
-        norm = self.model.get_global_grad_norm()
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else float(norm))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -235,8 +252,8 @@ class DeepSpeedEngine(SingleEngine):
 
     def save_native(self, run_dir: Path, step: int, keep: list[str]) -> None:
         folder = Path(run_dir) / DEEPSPEED_SUBDIR
-        self.model.save_checkpoint(str(folder), tag=tag(step), save_latest=False)
-        if self.model.global_rank == 0:
+        self.ds.save_checkpoint(str(folder), tag=tag(step), save_latest=False)
+        if self.ds.global_rank == 0:
             for old in folder.iterdir():
                 if old.name not in keep and old.name != tag(step):
                     shutil.rmtree(old, ignore_errors=True)
@@ -246,7 +263,7 @@ class DeepSpeedEngine(SingleEngine):
         if not (folder / tag(step)).is_dir():
             raise ConfigError(f"{run_dir}: no DeepSpeed checkpoint for step {step}; resume with the engine that "
                               f"wrote the run")
-        path, _ = self.model.load_checkpoint(str(folder), tag=tag(step))
+        path, _ = self.ds.load_checkpoint(str(folder), tag=tag(step))
         if path is None:
             raise ConfigError(f"{folder / tag(step)}: DeepSpeed could not load this checkpoint")
 
@@ -256,10 +273,11 @@ def tag(step: int) -> str:
 
 
 def make_engine(cfg: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer, world: World,
-                device: torch.device) -> SingleEngine:
+                device: torch.device, route) -> SingleEngine:
+    """The engine for ``cfg.engine``; ``route`` computes the terms from ``module`` (the bare energy)."""
     check_engine(cfg, world)
     if cfg.engine == "ddp":
-        return DDPEngine(module, optimizer, cfg.grad_accum, device)
+        return DDPEngine(module, optimizer, cfg.grad_accum, route, device)
     if cfg.engine == "deepspeed":
-        return DeepSpeedEngine(module, optimizer, cfg, world)
-    return SingleEngine(module, optimizer, cfg.grad_accum)
+        return DeepSpeedEngine(module, optimizer, cfg, world, route)
+    return SingleEngine(module, optimizer, cfg.grad_accum, route)

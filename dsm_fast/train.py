@@ -75,9 +75,9 @@ class Trainer:
         self.model.to(device=self.device, dtype=self.dtype)
         optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer, self.device)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.engine = make_engine(cfg, self.model, optimizer, self.world, self.device)
-        self.route = make_route(cfg.route, self.engine.model, cfg.objective, cfg.time_weight,
+        self.route = make_route(cfg.route, self.model, cfg.objective, cfg.time_weight,
                                 fallback=cfg.engine != "deepspeed")
+        self.engine = make_engine(cfg, self.model, optimizer, self.world, self.device, self.route)
         distributed.seed_rank(cfg.seed, self.world)
         self.noise_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)  # the same on every rank
         self.step, self.bad_in_row, self.bad_total = 0, 0, 0
@@ -148,7 +148,7 @@ class Trainer:
             x = self.data.next_batch(micro, self.device, self.dtype)
             with self.engine.micro_step(last):
                 with self.autocast():
-                    terms = self.route(x, t_all[mine], eps_all[mine])
+                    terms = self.engine.terms(x, t_all[mine], eps_all[mine])
                 loss = terms["loss"].mean()
                 finite = distributed.all_true(bool(torch.isfinite(loss)), self.device)
                 if not finite:
