@@ -42,6 +42,7 @@ FIELD_HELP = {
     "grad_clip": "max global gradient norm (0 disables)",
     "max_bad_steps": "stop (with a checkpoint) after this many non-finite losses in a row",
     "eval_images": "held-out images whose NLL is printed when training ends (0 skips)",
+    "loader": "prepared ImageNet64 only: auto (DALI if installed and on CUDA, else cpu), cpu, or dali",
     "optimizer": "auto (apex FusedAdam if installed, else torch Adam, fused on CUDA), torch or apex",
 }
 
@@ -171,7 +172,8 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time the training routes side by side on this device",
                        formatter_class=Formatter, epilog=examples(
                            "dsm-fast bench --preset paper --batch-size 128",
-                           "dsm-fast bench --preset tiny --batch-size 8 --image-size 32 --device cpu --json b.json"),
+                           "dsm-fast bench --preset tiny --batch-size 8 --image-size 32 --device cpu --json b.json",
+                           "dsm-fast bench --data data/imagenet64 --loader cpu --batch-size 128 --steps 200"),
                        description="Median ms/step of the plain score-network DSM step ('score'), and of the dual "
                                    "score matching routes, with img/s, peak memory and ratios, all in one run.")
     p.add_argument("--preset", default="paper", help="UNet preset")
@@ -184,10 +186,25 @@ def add_bench(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp64"))
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="PATH", help="write the table as JSON")
+    p.add_argument("--data", metavar="PATH", help="time the data loader (images/s) of this prepared ImageNet64 "
+                                                  "folder instead of the routes; --steps batches of --batch-size")
+    p.add_argument("--loader", default="auto", choices=("auto", "cpu", "dali"), help="the loader timed with --data")
 
 
 def run_bench(args) -> int:
     import torch
+
+    if args.data:
+        from .data.imagenet64 import time_loader
+
+        if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
+            raise ConfigError("--batch-size and --steps must be positive, --warmup ≥ 0")
+        row = time_loader(args.data, args.loader, args.batch_size, args.steps, args.warmup, args.device)
+        print(f"loader {row['loader']} ({args.loader}), batch {row['batch_size']}, device {args.device}, "
+              f"torch {torch.__version__}: {row['img_per_s']:.0f} img/s (median {row['ms_per_batch']:.2f} ms/batch, "
+              f"mean {row['img_per_s_mean']:.0f} img/s over {row['batches']} batches)")
+        write_json(args.json, {"config": vars(args), "versions": {"torch": torch.__version__}, "rows": [row]})
+        return 0
 
     from .bench import bench_routes, format_table
     from .model import PRESETS

@@ -304,3 +304,31 @@ def prepared_batches(cfg, images: np.ndarray, rank: int = 0, world: int = 1):
         if cfg.loader == "dali":
             raise DataError(f"--loader dali: {reason}")
     return MemmapBatches(images, seed=cfg.seed, rank=rank, world=world)
+
+
+def time_loader(folder: str | Path, loader: str = "cpu", batch_size: int = 128, batches: int = 100,
+                warmup: int = 5, device: str = "cpu", seed: int = 0) -> dict:
+    """Images/s of one loader over a prepared train split (``dsm-fast bench --data``): batches as the trainer
+    takes them (float on ``device``), CUDA synchronized before the clock is read."""
+    import dataclasses
+    import statistics
+    import time
+
+    from ..config import TrainConfig
+
+    cfg = dataclasses.replace(TrainConfig(), data=str(folder), loader=loader, device=device, seed=seed)
+    stream = prepared_batches(cfg, load_split(folder, "train")[0])
+    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    times = []
+    for i in range(warmup + batches):
+        begin = time.perf_counter()
+        stream.next_batch(batch_size, target)
+        if target.type == "cuda":
+            torch.cuda.synchronize(target)
+        if i >= warmup:
+            times.append(time.perf_counter() - begin)
+    median = statistics.median(times)
+    return {"loader": type(stream).__name__, "batch_size": batch_size, "batches": batches,
+            "ms_per_batch": 1e3 * median, "img_per_s": batch_size / median,
+            "img_per_s_mean": batch_size * len(times) / sum(times)}
