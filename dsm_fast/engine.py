@@ -18,8 +18,10 @@ inner ``autograd.grad`` included, which silently rescales ∇_y U and ∂_t U (t
 while a torch.func transform runs); and ZeRO-3 releases gathered weights after the first backward through
 a forward, so the reference route's second backward fails. The ``functional`` / ``compiled`` routes take
 the inner gradient with torch.func, so the loss is an ordinary first-order graph and one engine.backward
-is the whole double backward: they are correct under every stage, and the reference route is refused.
-tests/test_engines_deepspeed.py shows each of the three failures and the first-order route's equality.
+is the whole double backward: they are exact under ZeRO 0–2, and the reference route is refused. ZeRO-3 is
+refused too: besides the reference route's failure, its partitioned weights crash inside the torch.func
+transform (DeepSpeed 0.19.8: a segmentation fault in the first Linear). tests/test_engines_deepspeed.py
+shows these failures and the first-order route's equality with one process.
 """
 from __future__ import annotations
 
@@ -70,9 +72,10 @@ def check_engine(cfg: TrainConfig, world: World) -> None:
                           "functional or compiled, which are first-order and exact")
     if cfg.precision == "fp64":
         raise ConfigError("precision fp64 is not supported by DeepSpeed's ZeRO optimizers; use fp32 or bf16")
-    if cfg.ema_decay > 0 and deepspeed_stage(cfg) == 3:
-        raise ConfigError("ema_decay needs full weights on every rank, which ZeRO-3 does not keep; use "
-                          "--zero-stage 2 or --ema-decay 0")
+    if deepspeed_stage(cfg) == 3:
+        raise ConfigError("ZeRO-3 is refused: the reference route's second backward fails once ZeRO-3 has released "
+                          "the gathered weights, and its partitioned weights crash inside the torch.func transform "
+                          "of the first-order routes; use --zero-stage 2 (optimizer state and gradients partitioned)")
 
 
 class RouteModule(nn.Module):
@@ -212,7 +215,6 @@ class DeepSpeedEngine(SingleEngine):
 
         super().__init__(module, optimizer, cfg.grad_accum, route)
         self.config = deepspeed_config(cfg, world)
-        self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
         try:
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=RouteModule(module, route),
                                                                     optimizer=optimizer, config=self.config)
@@ -237,15 +239,6 @@ class DeepSpeedEngine(SingleEngine):
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else float(norm))
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full weights (gathered from every rank under ZeRO-3: a collective, all ranks call)."""
-        if self.stage < 3:
-            return self.module.state_dict()
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     def checkpoint_state(self) -> dict:
         return {}

@@ -45,7 +45,7 @@ def free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, jobs: list[dict], folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     for job in jobs:
         name = job["name"]
