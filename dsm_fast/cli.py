@@ -44,6 +44,13 @@ FIELD_HELP = {
     "eval_images": "held-out images whose NLL is printed when training ends (0 skips)",
     "loader": "prepared ImageNet64 only: auto (DALI if installed and on CUDA, else cpu), cpu, or dali",
     "optimizer": "auto (apex FusedAdam if installed, else torch Adam, fused on CUDA), torch or apex",
+    "batch_size": "the global batch: images per optimizer step over all ranks and micro-steps",
+    "engine": "single, ddp or deepspeed (launch ddp/deepspeed with torchrun or the deepspeed launcher)",
+    "grad_accum": "micro-batches per optimizer step on each rank",
+    "zero_stage": "DeepSpeed ZeRO stage (0-2; 3 is refused, see README)",
+    "offload": "DeepSpeed: keep optimizer state in CPU memory",
+    "deepspeed_config": "DeepSpeed JSON used instead of the generated one (batch keys must agree)",
+    "dist_timeout": "seconds a rendezvous or collective may wait before every rank stops",
 }
 
 
@@ -53,11 +60,16 @@ def add_train(sub) -> None:
                            "dsm-fast train --model small --steps 300 --batch-size 16 --out runs/demo",
                            "dsm-fast train --config run.yaml --lr 2e-4",
                            "dsm-fast train --out runs/demo --steps 600 --resume",
-                           "dsm-fast train --data gsm --model radial --t-min 1e-2 --t-max 1e2 --out runs/gsm"),
+                           "dsm-fast train --data gsm --model radial --t-min 1e-2 --t-max 1e2 --out runs/gsm",
+                           "torchrun --nproc-per-node 8 -m dsm_fast train --engine ddp --route functional",
+                           "deepspeed --num_gpus 8 -m dsm_fast train --engine deepspeed --zero-stage 2 "
+                           "--route functional"),
                        description="Train U(y, t) on images (or the analytic GSM data). Options come from the "
                                    "defaults, then --config FILE (YAML or TOML), then the command line.")
     p.add_argument("--config", help="YAML or TOML file of the options below (keys with underscores)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                   help="passed by the deepspeed launcher; LOCAL_RANK in the environment takes precedence")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, dest=f.name, default=None, metavar=f.type.upper() if f.type in ("int", "float") else None,
@@ -67,15 +79,23 @@ def add_train(sub) -> None:
 def run_train(args) -> int:
     from .config import resolve_config
     from .data import make_test_data
+    from .distributed import stop
     from .evaluate import clean_noise_level, evaluate_nll
     from .train import Trainer
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = resolve_config(args.config, overrides)
-    trainer = Trainer(cfg, resume=args.resume)
-    print(f"training {cfg.model} on {cfg.data} ({cfg.objective} score matching, route {cfg.route}, "
-          f"{trainer.optimizer_name}, {trainer.device}) → {trainer.run_dir}", flush=True)
-    summary = trainer.run()
+    try:
+        trainer = Trainer(cfg, resume=args.resume, local_rank=args.local_rank)
+        if trainer.world.is_main:
+            print(f"training {cfg.model} on {cfg.data} ({cfg.objective} score matching, route {cfg.route}, "
+                  f"{trainer.optimizer_name}, engine {cfg.engine} × {trainer.world.size}, {trainer.device}) → "
+                  f"{trainer.run_dir}", flush=True)
+        summary = trainer.run()
+    finally:
+        stop()
+    if not trainer.world.is_main:  # rank 0 reports and evaluates
+        return 0
     print(f"done: step {summary['step']}, loss {summary.get('loss', float('nan')):.4f}, "
           f"{summary['skipped_steps']} skipped steps", flush=True)
     if cfg.eval_images > 0:
@@ -346,9 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         parser.exit(130, f"dsm-fast {args.command}: interrupted\n")
     except Exception as error:
+        from .distributed import DistributedError
         from .train import TrainingStopped
 
-        if isinstance(error, TrainingStopped):
+        if isinstance(error, (TrainingStopped, DistributedError)):
             parser.exit(1, f"dsm-fast {args.command}: stopped: {error}\n")
         raise
 
