@@ -12,16 +12,16 @@ so the update is that of the mean loss over the global batch on every engine. DD
 route as a module (RouteModule): one wrapped forward per micro-step whose outputs are the loss terms, so
 their hooks run outside the route's inner torch.func transform.
 
-Routes under DeepSpeed (method.md §7). ``engine.backward`` has no ``create_graph``; since DeepSpeed 0.18.3
-the engine hooks the model's outputs and divides every gradient flowing out of them by grad_accum — an
-inner ``autograd.grad`` included, which silently rescales ∇_y U and ∂_t U (the hook stands aside only
-while a torch.func transform runs); and ZeRO-3 releases gathered weights after the first backward through
-a forward, so the reference route's second backward fails. The ``functional`` / ``compiled`` routes take
-the inner gradient with torch.func, so the loss is an ordinary first-order graph and one engine.backward
-is the whole double backward: they are exact under ZeRO 0–2, and the reference route is refused. ZeRO-3 is
-refused too: besides the reference route's failure, its partitioned weights crash inside the torch.func
-transform (DeepSpeed 0.19.8: a segmentation fault in the first Linear). tests/test_engines_deepspeed.py
-shows these failures and the first-order route's equality with one process.
+Routes under DeepSpeed (method.md §7). ``engine.backward`` has no ``create_graph``, so a double backward
+must be built inside the forward. Since DeepSpeed 0.18.3 the engine hooks its forward's outputs and divides
+every gradient flowing out of them by grad_accum — an inner ``autograd.grad`` included: wrapping the energy
+U itself would silently rescale ∇_y U and ∂_t U. dsm_fast therefore wraps the whole route (RouteModule):
+the engine's outputs are the loss terms, the inner gradient never leaves the forward, and every route —
+the reference double backward and the first-order ``functional`` / ``compiled`` ones — is exact under
+ZeRO 0–2 (tests/test_engines_deepspeed.py shows the rescaling and the equalities). ZeRO-3 is refused: it
+releases gathered weights after the first backward through a forward, so the reference route's second
+backward fails, and its partitioned weights crash inside the torch.func transform of the first-order routes
+(DeepSpeed 0.19.8 on CPU: a segmentation fault in the first Linear).
 """
 from __future__ import annotations
 
@@ -66,10 +66,6 @@ def check_engine(cfg: TrainConfig, world: World) -> None:
         return
     if not deepspeed_available():
         raise ConfigError("--engine deepspeed needs DeepSpeed: DS_BUILD_OPS=0 pip install 'dsm_fast[deepspeed]'")
-    if cfg.route == "reference":
-        raise ConfigError("route reference is refused under DeepSpeed (its inner autograd.grad is rescaled by "
-                          "1/grad_accum and ZeRO-3 cannot backward twice through one forward); use --route "
-                          "functional or compiled, which are first-order and exact")
     if cfg.precision == "fp64":
         raise ConfigError("precision fp64 is not supported by DeepSpeed's ZeRO optimizers; use fp32 or bf16")
     if deepspeed_stage(cfg) == 3:
@@ -247,7 +243,7 @@ class DeepSpeedEngine(SingleEngine):
         folder = Path(run_dir) / DEEPSPEED_SUBDIR
         self.ds.save_checkpoint(str(folder), tag=tag(step), save_latest=False)
         if self.ds.global_rank == 0:
-            for old in folder.iterdir():
+            for old in folder.glob("step_*"):  # beside them DeepSpeed writes its zero_to_fp32.py converter
                 if old.name not in keep and old.name != tag(step):
                     shutil.rmtree(old, ignore_errors=True)
 

@@ -4,8 +4,8 @@
   backward is a double backward through the network (the paper's way, the yardstick of every test).
 - ``compiled``: the inner gradient by ``torch.func.grad`` inside ``torch.compile``, which turns the step
   into a first-order graph that Inductor compiles (torch.compile refuses a create_graph double backward).
-- ``functional``: the same torch.func graph run eagerly (no compile time, no fallback): the first-order
-  route that stays correct under DeepSpeed, where ``reference`` is refused (see dsm_fast/engine.py).
+- ``functional``: the same torch.func graph run eagerly (no compile time, no fallback): a first-order
+  graph, so one plain backward through any engine is the whole double backward (see dsm_fast/engine.py).
 - ``score``: the plain denoising-score-matching step of the same UNet used as a score network
   (D = y − t f(y, t), no double backward) — what a diffusion trainer pays; for benchmarks.
 """
@@ -44,16 +44,14 @@ class ReferenceRoute:
 
 class CompiledRoute(ReferenceRoute):
     """torch.compile over a torch.func inner gradient; falls back to the reference route with one warning
-    if compilation fails, or raises when ``fallback`` is off (an engine that refuses the reference route).
-    ``compile=False`` runs the same torch.func graph eagerly."""
+    if compilation fails (``compile=False`` runs the same torch.func graph eagerly)."""
 
     name = "compiled"
 
-    def __init__(self, model: nn.Module, objective: str = "dual", time_weight: float = 1.0, compile: bool = True,
-                 fallback: bool = True):
+    def __init__(self, model: nn.Module, objective: str = "dual", time_weight: float = 1.0, compile: bool = True):
         super().__init__(model, objective, time_weight)
         self._step: Callable[..., Terms] = torch.compile(self._functional_terms) if compile else self._functional_terms
-        self.fell_back, self.fallback = False, fallback
+        self.fell_back = False
 
     def _functional_terms(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
         def total_energy(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -69,9 +67,6 @@ class CompiledRoute(ReferenceRoute):
             except Exception as error:  # noqa: BLE001 — Inductor/Dynamo failures surface as many types
                 self.fell_back = True
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                if not self.fallback:
-                    raise RuntimeError(f"compiled route failed ({first_line[:200]}) and this engine refuses the "
-                                       f"reference route it would fall back to; use --route functional") from error
                 warnings.warn(f"compiled route failed ({first_line[:200]}); falling back to the reference route",
                               RuntimeWarning, stacklevel=2)
         return super().__call__(x, t, eps)
@@ -102,14 +97,12 @@ class ScoreRoute:
         return {"loss": space, "space": space}
 
 
-def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0,
-               fallback: bool = True):
-    """The route called ``name`` for ``model`` (an energy module U(y, t)); ``fallback``: whether the compiled
-    route may fall back to the reference route."""
+def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0):
+    """The route called ``name`` for ``model`` (an energy module U(y, t))."""
     if name == "reference":
         return ReferenceRoute(model, objective, time_weight)
     if name == "compiled":
-        return CompiledRoute(model, objective, time_weight, fallback=fallback)
+        return CompiledRoute(model, objective, time_weight)
     if name == "functional":
         return FunctionalRoute(model, objective, time_weight)
     raise ValueError(f"unknown route {name!r}; choose from {', '.join(ROUTES)}")

@@ -75,8 +75,7 @@ class Trainer:
         self.model.to(device=self.device, dtype=self.dtype)
         optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer, self.device)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.route = make_route(cfg.route, self.model, cfg.objective, cfg.time_weight,
-                                fallback=cfg.engine != "deepspeed")
+        self.route = make_route(cfg.route, self.model, cfg.objective, cfg.time_weight)
         self.engine = make_engine(cfg, self.model, optimizer, self.world, self.device, self.route)
         distributed.seed_rank(cfg.seed, self.world)
         self.noise_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)  # the same on every rank
