@@ -68,7 +68,7 @@ def add_train(sub) -> None:
                                    "defaults, then --config FILE (YAML or TOML), then the command line.")
     p.add_argument("--config", help="YAML or TOML file of the options below (keys with underscores)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+    p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
                    help="passed by the deepspeed launcher; LOCAL_RANK in the environment takes precedence")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "score matching.", epilog=examples(
                                                      "dsm-fast train --model small --steps 300 --batch-size 16",
                                                      "dsm-fast eval runs/default", "dsm-fast bench --preset paper"))
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # the deepspeed launcher puts it before the subcommand
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():
         add(sub)
