@@ -6,11 +6,16 @@
   into a first-order graph that Inductor compiles (torch.compile refuses a create_graph double backward).
 - ``functional``: the same torch.func graph run eagerly (no compile time, no fallback): a first-order
   graph, so one plain backward through any engine is the whole double backward (see dsm_fast/engine.py).
+- ``fused``: the explicit adjoint of dsm_fast/model/adjoint.py: U, ∇_y U and ∂_t U from one ordinary forward
+  graph (every layer's transposed Jacobian written out), so the loss's backward is a single first-order backward;
+  NormAct and the loss terms optionally by the Triton kernels of dsm_fast.kernels.
 - ``score``: the plain denoising-score-matching step of the same UNet used as a score network
   (D = y − t f(y, t), no double backward) — what a diffusion trainer pays; for benchmarks.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 from collections.abc import Callable
 
@@ -18,10 +23,11 @@ import torch
 from torch import nn
 
 from .losses import expand_like, objective_terms, space_term
+from .model import adjoint
 from .model.energy import energy_and_scores
 
 Terms = dict[str, torch.Tensor]
-ROUTES = ("reference", "compiled", "functional")
+ROUTES = ("reference", "compiled", "functional", "fused")
 
 
 def noisy(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -84,6 +90,49 @@ class FunctionalRoute(CompiledRoute):
         return self._functional_terms(x, t, eps)
 
 
+class FusedRoute(ReferenceRoute):
+    """The explicit-adjoint graph (first-order in θ, no create_graph). ``kernels``: 'torch' (plain PyTorch),
+    'triton' (NormAct forward/adjoint and the loss terms by the Triton kernels; interpreted on the CPU, which
+    needs TRITON_INTERPRET=1) or 'auto' (Triton when the model is on CUDA and Triton is installed, else torch)."""
+
+    name = "fused"
+
+    def __init__(self, model: nn.Module, objective: str = "dual", time_weight: float = 1.0, kernels: str = "auto"):
+        super().__init__(model, objective, time_weight)
+        self.kernels = resolve_kernels(kernels, next(model.parameters()).device)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
+        _, grad_y, grad_t = adjoint.energy_and_scores(self.model, noisy(x, t, eps), t, self.kernels)
+        if self.kernels == "torch":
+            return objective_terms(self.objective, grad_y, grad_t, eps, t, self.time_weight)
+        from .kernels.dual_score_loss import dual_score_loss
+
+        space, time = dual_score_loss(grad_y, grad_t, eps, t)
+        if self.objective == "single":
+            return {"loss": space, "space": space}
+        if self.objective == "dual":
+            return {"loss": space + self.time_weight * time, "space": space, "time": time}
+        raise ValueError(f"unknown objective {self.objective!r}")
+
+
+def resolve_kernels(kernels: str, device: torch.device) -> str:
+    """'auto' → 'triton' on CUDA with Triton installed, else 'torch'; an explicit 'triton' fails loudly if it
+    cannot run here."""
+    has_triton = importlib.util.find_spec("triton") is not None
+    if kernels == "auto":
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if kernels == "triton":
+        if not has_triton:
+            raise RuntimeError("kernels='triton' but Triton is not installed (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"kernels='triton' on {device.type} needs TRITON_INTERPRET=1 (set before Triton is "
+                               "imported) to run the kernels interpreted")
+        return kernels
+    if kernels == "torch":
+        return kernels
+    raise ValueError(f"unknown kernels {kernels!r}; choose from auto, torch, triton")
+
+
 class ScoreRoute:
     """Plain DSM of the UNet as a score network: loss = ‖√t f(y, t) − ε‖²/d, a single backward."""
 
@@ -105,4 +154,6 @@ def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight
         return CompiledRoute(model, objective, time_weight)
     if name == "functional":
         return FunctionalRoute(model, objective, time_weight)
+    if name == "fused":
+        return FusedRoute(model, objective, time_weight)
     raise ValueError(f"unknown route {name!r}; choose from {', '.join(ROUTES)}")

@@ -1,0 +1,211 @@
+"""Explicit-adjoint formulation of :class:`UNetEnergy`: U, ∇_y U and ∂_t U from one ordinary forward graph.
+
+With f = f_θ(y, t) and U = ½ ⟨y, f⟩:
+
+    ∇_y U = ½ f + ½ J_fᵀ y,        ∂_t U = ½ ⟨y, ∂_t f⟩ = ½ (∂_t emb)ᵀ J_embᵀ y.
+
+Every layer has a forward and an explicit adjoint (its input-Jacobian transpose times an incoming gradient ḡ),
+both written with plain differentiable ops on the SAME parameters as the eager network. The adjoint pass runs
+backward through the layers with ḡ = y at the output; the modulation branch of every NormAct hands its share to
+the noise embedding's adjoint, which ends in ∂_t U. Because nothing here calls autograd, a loss built on these
+scores is a first-order graph in θ: its single ordinary backward is the reference route's double backward.
+
+Layer adjoints (W the layer's weights):
+    3×3 'same' conv      y = conv(h, W, pad 1)         h̄ = conv_transpose(ḡ, W, pad 1)
+    2×2 'down' conv      y = conv(h, W, stride 2)      h̄ = conv_transpose(ḡ, W, stride 2)
+    2×2 'up' transposed  y = conv_transpose(h, W, s 2) h̄ = conv(ḡ, W, stride 2)
+    concat [h, skip]     split ḡ by channels; the skip's share adds to the encoder output's adjoint
+    NormAct              see :func:`norm_act_adjoint`;  k = g·(1 + m),  m = Linear(emb)  ⇒  m̄ = g·k̄,  ēmb += m̄ W
+    noise embedding      see :func:`embedding_adjoint`
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .energy import UNetEnergy, sum_per_sample
+from .layers import NORM_EPS, ConvNormAct, NoiseEmbedding
+
+KERNELS = ("torch", "triton")
+
+
+def conv_forward(layer: ConvNormAct, h: torch.Tensor) -> torch.Tensor:
+    """The layer's bias-free convolution: 3×3 'same', 2×2 stride-2 'down' or 2×2 stride-2 transposed 'up'."""
+    w = layer.conv.weight
+    if layer.kind == "same":
+        return F.conv2d(h, w, padding=1)
+    if layer.kind == "down":
+        return F.conv2d(h, w, stride=2)
+    return F.conv_transpose2d(h, w, stride=2)
+
+
+def conv_adjoint(layer: ConvNormAct, g: torch.Tensor) -> torch.Tensor:
+    """Jᵀ ḡ of the (linear) convolution: the transposed convolution with the same weights, and vice versa."""
+    w = layer.conv.weight
+    if layer.kind == "same":
+        return F.conv_transpose2d(g, w, padding=1)
+    if layer.kind == "down":
+        return F.conv_transpose2d(g, w, stride=2)
+    return F.conv2d(g, w, stride=2)
+
+
+def gelu_derivative(a: torch.Tensor) -> torch.Tensor:
+    """GELU'(a) = Φ(a) + a φ(a) for the exact (erf) GELU."""
+    return 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0)))) + a * torch.exp(-0.5 * a.square()) / math.sqrt(
+        2.0 * math.pi)
+
+
+def silu_derivative(z: torch.Tensor) -> torch.Tensor:
+    """SiLU'(z) = σ(z) (1 + z (1 − σ(z)))."""
+    s = torch.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+def statistics_dtype(h: torch.Tensor) -> torch.dtype:
+    """Statistics in float32 at least (float64 stays float64)."""
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+def norm_act_forward(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """z = GELU(a),  a_c = (h_c − μ_c) r_c s k_c,  r_c = (v_c + eps)^−½,  s = (mean_c' v_c' + eps)^½.
+
+    h: (B, C, H, W) conv output; k = g (1 + m): (B, C). Returns z in h's dtype and what the adjoint needs.
+    """
+    h32 = h.to(statistics_dtype(h))
+    xhat = h32 - h32.mean(dim=(2, 3), keepdim=True)
+    var = xhat.square().mean(dim=(2, 3), keepdim=True)
+    r = torch.rsqrt(var + NORM_EPS)
+    s = torch.sqrt(var.mean(dim=1, keepdim=True) + NORM_EPS)
+    kk = k.to(h32.dtype)[:, :, None, None]
+    scale = r * s * kk
+    a = xhat * scale
+    return F.gelu(a).to(h.dtype), (xhat, r, s, kk, scale, a)
+
+
+def norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h̄, k̄) = Jᵀ ḡ of :func:`norm_act_forward`, per image b and channel c over the n positions:
+
+        ā = ḡ GELU'(a),   Q_c = Σ ā x̂_c,   k̄_c = s r_c Q_c,   s̄ = Σ_c k_c r_c Q_c,
+        h̄_c = s r_c k_c (ā − mean ā) + (−r_c³ s k_c Q_c / n + s̄ / (s C n)) x̂_c.
+    """
+    xhat, r, s, kk, scale, a = saved
+    n, channels = xhat.shape[2] * xhat.shape[3], xhat.shape[1]
+    abar = g.to(a.dtype) * gelu_derivative(a)
+    q = (abar * xhat).sum(dim=(2, 3), keepdim=True)
+    grad_k = s * r * q
+    grad_s = (kk * r * q).sum(dim=1, keepdim=True)
+    coef_x = -r.square() * scale * q / n + grad_s / (s * channels * n)
+    grad_h = scale * (abar - abar.mean(dim=(2, 3), keepdim=True)) + coef_x * xhat
+    return grad_h.to(g.dtype), grad_k[:, :, 0, 0]
+
+
+def triton_norm_act_forward(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """:func:`norm_act_forward` by the Triton kernels (kernels/norm_act.py)."""
+    from ..kernels.norm_act import norm_act
+
+    return norm_act(h, k), (h, k)
+
+
+def triton_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`norm_act_adjoint` by the Triton kernels (kernels/norm_act.py)."""
+    from ..kernels.norm_act import norm_act_adjoint as adjoint
+
+    h, k = saved
+    return adjoint(h, k, g)
+
+
+NORM_ACT_OPS = {"torch": (norm_act_forward, norm_act_adjoint),
+                "triton": (triton_norm_act_forward, triton_norm_act_adjoint)}
+
+
+def embedding_forward(emb: NoiseEmbedding, t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """e = SiLU(z₂), z₂ = W₂ SiLU(z₁) + b₂, z₁ = W₁ [cos(t f), sin(t f)] + b₁ (as NoiseEmbedding.forward)."""
+    freqs = emb.freqs.to(t.dtype)
+    phase = t[:, None] * freqs
+    z1 = emb.fc1(torch.cat([torch.cos(phase), torch.sin(phase)], dim=1))
+    z2 = emb.fc2(F.silu(z1))
+    return F.silu(z2), (freqs, phase, z1, z2)
+
+
+def embedding_adjoint(emb: NoiseEmbedding, saved: tuple, e_bar: torch.Tensor) -> torch.Tensor:
+    """t̄ = (de/dt)ᵀ ē:  z̄₂ = ē SiLU'(z₂),  z̄₁ = (z̄₂ W₂) SiLU'(z₁),  [c̄, s̄] = z̄₁ W₁,
+    t̄ = Σ_k f_k (−c̄_k sin(t f_k) + s̄_k cos(t f_k))."""
+    freqs, phase, z1, z2 = saved
+    z2_bar = e_bar.to(z2.dtype) * silu_derivative(z2)
+    z1_bar = (z2_bar @ emb.fc2.weight.to(z2_bar.dtype)) * silu_derivative(z1)
+    cos_bar, sin_bar = (z1_bar @ emb.fc1.weight.to(z1_bar.dtype)).chunk(2, dim=1)
+    return (freqs * (-cos_bar * torch.sin(phase) + sin_bar * torch.cos(phase))).sum(dim=1)
+
+
+def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kernels: str = "torch"
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, ∇_y U, ∂_t U) of ``model`` at (y, t), all differentiable in θ through one first-order graph.
+
+    U = ½ ⟨y, f⟩, ∇_y U = ½ (f + J_fᵀ y), ∂_t U = ½ t̄ with t̄ the embedding adjoint of the modulations' share.
+    ``kernels``: 'torch' (the explicit adjoint in plain PyTorch) or 'triton' (NormAct by kernels/norm_act.py).
+    """
+    if not isinstance(model, UNetEnergy):
+        raise TypeError(f"the explicit adjoint needs a UNetEnergy, got {type(model).__name__}")
+    if kernels not in NORM_ACT_OPS:
+        raise ValueError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNELS)}")
+    forward, adjoint = NORM_ACT_OPS[kernels]
+    unet = model.unet
+    emb, emb_saved = embedding_forward(unet.embedding, t)
+    tape: list[tuple[ConvNormAct, tuple | None]] = []
+
+    def layer_forward(layer: ConvNormAct, h: torch.Tensor) -> torch.Tensor:
+        h = conv_forward(layer, h)
+        saved = None
+        if layer.norm_act is not None:
+            k = layer.norm_act.gain * (1.0 + layer.norm_act.modulation(emb))  # k = g (1 + m): (B, C)
+            h, saved = forward(h, k)
+        tape.append((layer, saved))
+        return h
+
+    e_bar = torch.zeros_like(emb)
+
+    def layer_adjoint(g: torch.Tensor) -> torch.Tensor:
+        nonlocal e_bar
+        layer, saved = tape.pop()
+        if saved is not None:
+            g, k_bar = adjoint(saved, g)
+            m_bar = layer.norm_act.gain * k_bar  # m̄ = g k̄, then ēmb += m̄ W (Linear's input adjoint)
+            e_bar = e_bar + m_bar.to(emb.dtype) @ layer.norm_act.modulation.weight.to(emb.dtype)
+        return conv_adjoint(layer, g)
+
+    # forward: encoder (skips saved), middle, decoder (skip concatenated before each scale)
+    h, skips, split = y, [], []
+    for block in unet.encoder:
+        for layer in block:
+            h = layer_forward(layer, h)
+        skips.append(h)
+    for layer in unet.middle:
+        h = layer_forward(layer, h)
+    for block in unet.decoder:
+        skip = skips.pop()
+        split.append((h.shape[1], skip.shape[1]))
+        h = torch.cat([h, skip], dim=1)
+        for layer in block:
+            h = layer_forward(layer, h)
+    f = h.to(y.dtype)
+
+    # adjoint: ḡ = y at the output, back through decoder (skip shares kept), middle, encoder (skip shares added)
+    g, skip_bars = y, []
+    for block in reversed(unet.decoder):
+        for _ in block:
+            g = layer_adjoint(g)
+        g, skip_bar = g.split(split.pop(), dim=1)
+        skip_bars.append(skip_bar)
+    for _ in unet.middle:
+        g = layer_adjoint(g)
+    for block in reversed(unet.encoder):
+        g = g + skip_bars.pop()
+        for _ in block:
+            g = layer_adjoint(g)
+
+    energy = 0.5 * sum_per_sample(y * f)
+    grad_y = 0.5 * (f + g.to(y.dtype))
+    grad_t = 0.5 * embedding_adjoint(unet.embedding, emb_saved, e_bar).to(t.dtype)
+    return energy, grad_y, grad_t
