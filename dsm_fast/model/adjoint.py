@@ -15,7 +15,7 @@ Layer adjoints (W the layer's weights):
     2×2 'down' conv      y = conv(h, W, stride 2)      h̄ = conv_transpose(ḡ, W, stride 2)
     2×2 'up' transposed  y = conv_transpose(h, W, s 2) h̄ = conv(ḡ, W, stride 2)
     concat [h, skip]     split ḡ by channels; the skip's share adds to the encoder output's adjoint
-    NormAct              see :func:`norm_act_adjoint`;  k = g·(1 + m),  m = Linear(emb)  ⇒  m̄ = g·k̄,  ēmb += m̄ W
+    NormAct              see :func:`norm_act_adjoint`;  m = Linear(emb)  ⇒  ēmb += m̄ W
     noise embedding      see :func:`embedding_adjoint`
 """
 from __future__ import annotations
@@ -68,29 +68,31 @@ def statistics_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
-def norm_act_forward(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """z = GELU(a),  a_c = (h_c − μ_c) r_c s k_c,  r_c = (v_c + eps)^−½,  s = (mean_c' v_c' + eps)^½.
+def norm_act_forward(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """z = GELU(a),  a_c = (h_c − μ_c) r_c s k_c,  r_c = (v_c + eps)^−½,  s = (mean_c' v_c' + eps)^½,  k = g (1 + m).
 
-    h: (B, C, H, W) conv output; k = g (1 + m): (B, C). Returns z in h's dtype and what the adjoint needs.
+    h: (B, C, H, W) conv output; gain g: (C,); modulation m: (B, C). Returns z in h's dtype and what the adjoint
+    needs.
     """
     h32 = h.to(statistics_dtype(h))
+    k = gain.to(h32.dtype) * (1.0 + modulation.to(h32.dtype))
     xhat = h32 - h32.mean(dim=(2, 3), keepdim=True)
     var = xhat.square().mean(dim=(2, 3), keepdim=True)
     r = torch.rsqrt(var + NORM_EPS)
     s = torch.sqrt(var.mean(dim=1, keepdim=True) + NORM_EPS)
-    kk = k.to(h32.dtype)[:, :, None, None]
+    kk = k[:, :, None, None]
     scale = r * s * kk
     a = xhat * scale
-    return F.gelu(a).to(h.dtype), (xhat, r, s, kk, scale, a)
+    return F.gelu(a).to(h.dtype), (xhat, r, s, kk, scale, a, gain)
 
 
 def norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̄, k̄) = Jᵀ ḡ of :func:`norm_act_forward`, per image b and channel c over the n positions:
+    """(h̄, m̄) = Jᵀ ḡ of :func:`norm_act_forward`, per image b and channel c over the n positions:
 
-        ā = ḡ GELU'(a),   Q_c = Σ ā x̂_c,   k̄_c = s r_c Q_c,   s̄ = Σ_c k_c r_c Q_c,
+        ā = ḡ GELU'(a),   Q_c = Σ ā x̂_c,   k̄_c = s r_c Q_c,   m̄_c = g_c k̄_c,   s̄ = Σ_c k_c r_c Q_c,
         h̄_c = s r_c k_c (ā − mean ā) + (−r_c³ s k_c Q_c / n + s̄ / (s C n)) x̂_c.
     """
-    xhat, r, s, kk, scale, a = saved
+    xhat, r, s, kk, scale, a, gain = saved
     n, channels = xhat.shape[2] * xhat.shape[3], xhat.shape[1]
     abar = g.to(a.dtype) * gelu_derivative(a)
     q = (abar * xhat).sum(dim=(2, 3), keepdim=True)
@@ -98,22 +100,22 @@ def norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch
     grad_s = (kk * r * q).sum(dim=1, keepdim=True)
     coef_x = -r.square() * scale * q / n + grad_s / (s * channels * n)
     grad_h = scale * (abar - abar.mean(dim=(2, 3), keepdim=True)) + coef_x * xhat
-    return grad_h.to(g.dtype), grad_k[:, :, 0, 0]
+    return grad_h.to(g.dtype), gain.to(grad_k.dtype) * grad_k[:, :, 0, 0]
 
 
-def triton_norm_act_forward(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+def triton_norm_act_forward(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor
+                            ) -> tuple[torch.Tensor, tuple]:
     """:func:`norm_act_forward` by the Triton kernels (kernels/norm_act.py)."""
     from ..kernels.norm_act import norm_act
 
-    return norm_act(h, k), (h, k)
+    return norm_act(h, gain, modulation), (h, gain, modulation)
 
 
 def triton_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`norm_act_adjoint` by the Triton kernels (kernels/norm_act.py)."""
     from ..kernels.norm_act import norm_act_adjoint as adjoint
 
-    h, k = saved
-    return adjoint(h, k, g)
+    return adjoint(*saved, g)
 
 
 NORM_ACT_OPS = {"torch": (norm_act_forward, norm_act_adjoint),
@@ -159,8 +161,7 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
         h = conv_forward(layer, h)
         saved = None
         if layer.norm_act is not None:
-            k = layer.norm_act.gain * (1.0 + layer.norm_act.modulation(emb))  # k = g (1 + m): (B, C)
-            h, saved = forward(h, k)
+            h, saved = forward(h, layer.norm_act.gain, layer.norm_act.modulation(emb))
         tape.append((layer, saved))
         return h
 
@@ -169,9 +170,8 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
     def layer_adjoint(g: torch.Tensor) -> torch.Tensor:
         nonlocal e_bar
         layer, saved = tape.pop()
-        if saved is not None:
-            g, k_bar = adjoint(saved, g)
-            m_bar = layer.norm_act.gain * k_bar  # m̄ = g k̄, then ēmb += m̄ W (Linear's input adjoint)
+        if saved is not None:  # m = W emb + b  ⇒  ēmb += m̄ W
+            g, m_bar = adjoint(saved, g)
             e_bar = e_bar + m_bar.to(emb.dtype) @ layer.norm_act.modulation.weight.to(emb.dtype)
         return conv_adjoint(layer, g)
 
