@@ -1,0 +1,108 @@
+"""kernels/norm_act.py against its plain-PyTorch reference: outputs, first- and second-order gradients.
+
+Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py), so sizes are small but awkward (odd, non powers of
+two, rows longer than one block). Every kernel output is allocated NaN-filled, so an element a kernel fails to
+write cannot pass.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from dsm_fast.kernels import norm_act as op
+
+from dsm_fast.model.layers import normalize_ref
+from dsm_fast.testing import TOLERANCES, assert_rel_close, relative_error
+
+SHAPES = [(2, 3, 5, 7), (3, 5, 9, 6), (1, 2, 37, 29)]  # the last: rows of 1,073 > one 1,024 block
+DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """torch.empty / empty_like hand out NaN-filled floating tensors during the test."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(x):
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def draw(shape, dtype, requires_grad=False):
+    """h with a per-channel offset and spread, gain around 1, modulation around 0, an incoming gradient."""
+    b, c = shape[:2]
+    h = (torch.randn(shape, dtype=torch.float64) * torch.rand(1, c, 1, 1, dtype=torch.float64) * 3
+         + torch.randn(1, c, 1, 1, dtype=torch.float64)).to(dtype)
+    gain = (1 + 0.3 * torch.randn(c, dtype=torch.float64)).to(dtype)
+    modulation = (0.3 * torch.randn(b, c, dtype=torch.float64)).to(dtype)
+    grad_out = torch.randn(shape, dtype=torch.float64).to(dtype)
+    return [x.requires_grad_(requires_grad) for x in (h, gain, modulation, grad_out)]
+
+
+def test_reference_is_the_models_normact(seed):
+    h, gain, modulation, _ = draw(SHAPES[0], torch.float64)
+    assert_rel_close(op.norm_act_ref(h, gain, modulation), F.gelu(normalize_ref(h, gain, modulation)), 1e-14,
+                     "norm_act_ref vs layers.normalize_ref", seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_adjoint(shape, dtype, seed):
+    h, gain, modulation, grad_out = draw(shape, dtype)
+    tol = TOLERANCES[dtype]
+    assert_rel_close(op.norm_act(h, gain, modulation), op.norm_act_ref(h, gain, modulation), tol, "forward", seed)
+    assert_rel_close(list(op.norm_act_adjoint(h, gain, modulation, grad_out)),
+                     list(op.norm_act_adjoint_ref(h, gain, modulation, grad_out)), tol, "adjoint (h̄, m̄)", seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=str)
+def test_first_and_second_order_gradients(shape, dtype, seed):
+    """d/d(h, g, m) of ⟨w, z⟩ (first order: the forward's backward is the adjoint kernel), and d/d(h, g, m, ḡ) of
+    ⟨w_h, h̄⟩ + ⟨w_m, m̄⟩ (the adjoint's backward: second derivatives of the forward), against autograd of the ref."""
+    inputs = draw(shape, dtype, requires_grad=True)
+    h, gain, modulation, _ = inputs
+    tol = TOLERANCES[dtype]
+    w = torch.randn_like(h)
+    first = torch.autograd.grad(op.norm_act(h, gain, modulation), (h, gain, modulation), w)
+    expected = torch.autograd.grad(op.norm_act_ref(h, gain, modulation), (h, gain, modulation), w)
+    assert_rel_close(list(first), list(expected), tol, "first-order gradients", seed)
+    w_h, w_m = torch.randn_like(h), torch.randn_like(modulation)
+    second = torch.autograd.grad(op.norm_act_adjoint(*inputs), inputs, (w_h, w_m))
+    expected = torch.autograd.grad(op.norm_act_adjoint_ref(*inputs), inputs, (w_h, w_m))
+    assert_rel_close(list(second), list(expected), tol, "second-order gradients", seed)
+
+
+def test_double_backward_through_the_forward_and_third_order_refusal(seed):
+    """create_graph through the forward Function reaches the adjoint's backward; one more order raises."""
+    h, gain, modulation, _ = draw((2, 3, 4, 5), torch.float64, requires_grad=True)
+    w = torch.randn_like(h)
+
+    def hessian_vector(fn):
+        (grad_h,) = torch.autograd.grad(fn(h, gain, modulation), h, w, create_graph=True)
+        return torch.autograd.grad(grad_h.square().sum(), (h, gain, modulation), create_graph=fn is op.norm_act_ref)
+
+    assert_rel_close(list(hessian_vector(op.norm_act)), list(hessian_vector(op.norm_act_ref)), 1e-10,
+                     "double backward", seed)
+    (grad_h,) = torch.autograd.grad(op.norm_act(h, gain, modulation), h, w, create_graph=True)
+    (grad2,) = torch.autograd.grad(grad_h.square().sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad2.sum().backward()
+
+
+def test_gradcheck_float64(seed):
+    inputs = draw((2, 3, 3, 2), torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(op.norm_act, inputs[:3], fast_mode=True)
+    assert torch.autograd.gradcheck(op.norm_act_adjoint, inputs, fast_mode=True)
+
+
+def test_bfloat16_storage_no_worse_than_the_reference(seed):
+    """bf16 in and out, float32 statistics: error to the float64 result at most twice the bf16 reference's."""
+    h, gain, modulation, grad_out = draw(SHAPES[2], torch.float64)
+    exact = [op.norm_act_ref(h, gain, modulation), *op.norm_act_adjoint_ref(h, gain, modulation, grad_out)]
+    low = (h.bfloat16(), gain.float(), modulation.float())
+    kernel = [op.norm_act(*low), *op.norm_act_adjoint(*low, grad_out.bfloat16())]
+    reference = [op.norm_act_ref(*low), *op.norm_act_adjoint_ref(*low, grad_out.bfloat16())]
+    assert kernel[0].dtype == torch.bfloat16 and kernel[1].dtype == torch.bfloat16
+    for name, k, r, e in zip(("z", "h̄", "m̄"), kernel, reference, exact):
+        assert relative_error(k, e) <= 2 * relative_error(r, e) + 1e-6, name
