@@ -76,8 +76,10 @@ def test_explicit_backward_formulas_equal_autograd(seed):
 
 
 def test_gradcheck_and_third_order_refusal(seed):
-    inputs = draw((2, 1, 3, 2), torch.float64, requires_grad=True)
-    inputs[3] = torch.tensor([0.5, 3.0], dtype=torch.float64, requires_grad=True)  # finite differences need t ≫ 1e-6
+    shape = (2, 1, 3, 2)  # moderate t: finite differences of step 1e-6 need t ≫ 1e-6
+    inputs = [torch.randn(shape, dtype=torch.float64), 3 * torch.randn(2, dtype=torch.float64),
+              torch.randn(shape, dtype=torch.float64), torch.tensor([0.5, 3.0], dtype=torch.float64)]
+    inputs = [x.requires_grad_() for x in inputs]
     assert torch.autograd.gradcheck(op.dual_score_loss, inputs, fast_mode=True)
     (grad_y_bar,) = torch.autograd.grad(op.dual_score_loss(*inputs)[0].sum(), inputs[0], create_graph=True)
     (second,) = torch.autograd.grad(grad_y_bar.square().sum(), inputs[0], create_graph=True)
