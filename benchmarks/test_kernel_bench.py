@@ -19,7 +19,7 @@ from dsm_fast.testing import TOLERANCES, assert_rel_close
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 USE_TRITON = DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 REGISTRY = implementations(DEVICE, USE_TRITON, cuda_ext.is_available())
-SIZES = {"b4-c16-20²": (4, 16, 20)} if DEVICE.type == "cpu" else {"b128-c64-64²": (128, 64, 64)}
+SIZES = {"b4-c16-20px": (4, 16, 20)} if DEVICE.type == "cpu" else {"b128-c64-64px": (128, 64, 64)}
 CASES = [(op, impl) for op, impls in REGISTRY.items() for impl in impls]
 
 

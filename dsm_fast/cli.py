@@ -33,8 +33,8 @@ FIELD_HELP = {
     "model": "UNet preset (paper, small, tiny) or 'radial' for --data gsm",
     "data": "'demo' (photographs shipped with scikit-image), 'gsm' (Gaussian scale mixture), a folder or a .npy",
     "gsm_sigmas": "comma-separated standard deviations of the mixture components",
-    "route": "reference (eager double backward), compiled (torch.compile + torch.func) or functional (torch.func, "
-             "eager; first-order, the route for DeepSpeed)",
+    "route": "reference (eager double backward), compiled (torch.compile + torch.func), functional (torch.func, "
+             "eager; first-order, the route for DeepSpeed) or fused (explicit adjoint, first-order; Triton on CUDA)",
     "precision": "fp32, bf16 (autocast, CUDA only) or fp64",
     "time_weight": "λ in loss = space + λ·time",
     "lr_halve_every": "halve the learning rate every this many steps",
