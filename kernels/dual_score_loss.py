@@ -54,16 +54,17 @@ def dual_score_loss_backward_ref(grad_y, grad_t, eps, t, space_bar, time_bar):
 
 # --- Triton kernels ---------------------------------------------------------------------------------------------
 @triton.jit
-def _dual_loss_sums_kernel(g_ptr, e_ptr, sqrt_t_ptr, sums_ptr, d, BLOCK: tl.constexpr):
-    """One program per image. g, ε: (B, d); √t: (B,) sum dtype; sums: (B, 3) ← (Σ res², Σ ε², Σ res·g)."""
+def _dual_loss_sums_kernel(g_ptr, e_ptr, sqrt_t_ptr, sums_ptr, d, BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
+    """One program per image. g, ε: (B, d); √t: (B,) sum dtype; sums: (B, 3) ← (Σ res², Σ ε², Σ res·g);
+    N_BLOCKS = ⌈d/BLOCK⌉ (a constexpr: a plain int in the interpreter of every Triton version)."""
     b = tl.program_id(0)
     acc_ty = sums_ptr.dtype.element_ty
     sqrt_t = tl.load(sqrt_t_ptr + b)
     s1 = tl.zeros([BLOCK], dtype=acc_ty)
     s2 = tl.zeros([BLOCK], dtype=acc_ty)
     s3 = tl.zeros([BLOCK], dtype=acc_ty)
-    for start in range(0, d, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    for i in range(N_BLOCKS):
+        offs = i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < d
         g = tl.load(g_ptr + b.to(tl.int64) * d + offs, mask=mask, other=0.0).to(acc_ty)
         e = tl.load(e_ptr + b.to(tl.int64) * d + offs, mask=mask, other=0.0).to(acc_ty)
@@ -102,8 +103,9 @@ def dual_loss_sums_launch(grad_y: torch.Tensor, eps: torch.Tensor, t: torch.Tens
     """(B, 3) sums (Σ res², Σ ε², Σ res·g) of contiguous grad_y, eps (B, …) in one pass."""
     b, d = eps.shape[0], eps[0].numel()
     sums = torch.empty(b, 3, device=eps.device, dtype=_sum_dtype(eps))
-    _dual_loss_sums_kernel[(b,)](grad_y, eps, torch.sqrt(t.to(sums.dtype)), sums, d,
-                                 BLOCK=min(MAX_BLOCK, triton.next_power_of_2(d)))
+    block = min(MAX_BLOCK, triton.next_power_of_2(d))
+    _dual_loss_sums_kernel[(b,)](grad_y, eps, torch.sqrt(t.to(sums.dtype)), sums, d, BLOCK=block,
+                                 N_BLOCKS=triton.cdiv(d, block))
     return sums
 
 

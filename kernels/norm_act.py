@@ -64,20 +64,20 @@ def scaled_norm_act_adjoint_ref(h: torch.Tensor, k: torch.Tensor, grad_out: torc
 
 # --- Triton kernels ---------------------------------------------------------------------------------------------
 @triton.jit
-def _row_stats_kernel(h_ptr, mean_ptr, var_ptr, n, BLOCK: tl.constexpr):
-    """One program per row (image b, channel c). h: (R, n) contiguous rows; mean, var: (R,) statistics dtype.
-    Two passes over the row: μ = mean h, then v = mean (h − μ)²."""
+def _row_stats_kernel(h_ptr, mean_ptr, var_ptr, n, BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
+    """One program per row (image b, channel c). h: (R, n) contiguous rows; mean, var: (R,) statistics dtype;
+    N_BLOCKS = ⌈n/BLOCK⌉. Two passes over the row: μ = mean h, then v = mean (h − μ)²."""
     row = tl.program_id(0)
     base = h_ptr + row.to(tl.int64) * n
     acc_ty = mean_ptr.dtype.element_ty
     total = tl.zeros([BLOCK], dtype=acc_ty)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    for i in range(N_BLOCKS):
+        offs = i * BLOCK + tl.arange(0, BLOCK)
         total += tl.load(base + offs, mask=offs < n, other=0.0).to(acc_ty)
     mean = tl.sum(total, axis=0) / n
     squares = tl.zeros([BLOCK], dtype=acc_ty)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    for i in range(N_BLOCKS):
+        offs = i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         centred = tl.where(mask, tl.load(base + offs, mask=mask, other=0.0).to(acc_ty) - mean, 0.0)
         squares += centred * centred
@@ -110,15 +110,16 @@ def _adjoint_abar(h_ptr, g_ptr, row, offs, mask, n, mean, scale, acc_ty: tl.cons
 
 
 @triton.jit
-def _norm_act_adj_reduce_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, sum_abar_ptr, q_ptr, n, BLOCK: tl.constexpr):
+def _norm_act_adj_reduce_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, sum_abar_ptr, q_ptr, n, BLOCK: tl.constexpr,
+                                N_BLOCKS: tl.constexpr):
     """One program per row. h, ḡ: (R, n); mean, scale: (R,). Writes Σ ā and Q = Σ ā x̂, each (R,)."""
     row = tl.program_id(0)
     acc_ty = mean_ptr.dtype.element_ty
     mean, scale = tl.load(mean_ptr + row), tl.load(scale_ptr + row)
     sum_abar = tl.zeros([BLOCK], dtype=acc_ty)
     q = tl.zeros([BLOCK], dtype=acc_ty)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    for i in range(N_BLOCKS):
+        offs = i * BLOCK + tl.arange(0, BLOCK)
         xhat, abar = _adjoint_abar(h_ptr, g_ptr, row, offs, offs < n, n, mean, scale, acc_ty)
         sum_abar += abar
         q += abar * xhat
@@ -143,6 +144,8 @@ def _norm_act_adj_apply_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, abar_mean_ptr,
 
 # --- launchers --------------------------------------------------------------------------------------------------
 def _block(n: int) -> int:
+    """Block size of a row of n; row loops run over ⌈n/BLOCK⌉ blocks, a constexpr (a plain int in the interpreter
+    of every Triton version)."""
     return min(MAX_BLOCK, triton.next_power_of_2(n))
 
 
@@ -151,7 +154,7 @@ def _statistics(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
     mean = torch.empty(b, c, device=h.device, dtype=k.dtype)
     var = torch.empty_like(mean)
-    _row_stats_kernel[(b * c,)](h, mean, var, n, BLOCK=_block(n))
+    _row_stats_kernel[(b * c,)](h, mean, var, n, BLOCK=_block(n), N_BLOCKS=triton.cdiv(n, _block(n)))
     r = torch.rsqrt(var + NORM_EPS)
     s = torch.sqrt(var.mean(dim=1, keepdim=True) + NORM_EPS)
     return mean, r, s, r * s * k
@@ -174,7 +177,8 @@ def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Te
     rows, block = h.shape[0] * channels, _block(n)
     mean, r, s, scale = _statistics(h, k)
     sum_abar, q = torch.empty_like(mean), torch.empty_like(mean)
-    _norm_act_adj_reduce_kernel[(rows,)](h, grad_out, mean, scale, sum_abar, q, n, BLOCK=block)
+    _norm_act_adj_reduce_kernel[(rows,)](h, grad_out, mean, scale, sum_abar, q, n, BLOCK=block,
+                                         N_BLOCKS=triton.cdiv(n, block))
     grad_k = s * r * q
     grad_s = (k * r * q).sum(dim=1, keepdim=True)
     coef_x = -r.square() * scale * q / n + grad_s / (s * channels * n)
