@@ -36,7 +36,11 @@ FIELD_HELP = {
     "route": "reference (eager double backward), compiled (torch.compile + torch.func), functional (torch.func, "
              "eager; first-order, the route for DeepSpeed) or fused (explicit adjoint, first-order; Triton on CUDA)",
     "precision": "fp32, bf16 (autocast, CUDA only) or fp64",
-    "time_weight": "λ in loss = space + λ·time",
+    "objective": "dual (space + time score), single (space only) or diffclf (space + noise-level classification; "
+                 "reference route only)",
+    "time_weight": "λ in loss = space + λ·time (diffclf: space + λ·classification)",
+    "diffclf_levels": "diffclf: N noise levels, log-spaced over [t_min, t_max], that the classifier tells apart",
+    "subset": "train on 'first:N' or 'last:N' of the training images (disjoint runs for dsm-fast generalization)",
     "lr_halve_every": "halve the learning rate every this many steps",
     "ema_decay": "EMA of the weights (0 disables)",
     "grad_clip": "max global gradient norm (0 disables)",
@@ -138,6 +142,7 @@ def run_eval(args) -> int:
 
     from .checkpoint import load_checkpoint, resolve_checkpoint
     from .data import GaussianScaleMixture, make_test_data
+    from .diffclf import with_free_energies
     from .evaluate import clean_noise_level, denoising_psnr, evaluate_nll
     from .model import build_model
     from .train import compute_dtype, config_from_run, resolve_device
@@ -154,7 +159,8 @@ def run_eval(args) -> int:
     if args.ema and ema is None:
         raise ConfigError(f"{checkpoint} has no EMA weights (train with --ema-decay)")
     x, quantized = make_test_data(cfg, args.images, seed=args.seed)
-    model = build_model(cfg.model, channels=x.shape[1], dim=x[0].numel()).to(device, compute_dtype(cfg))
+    model = with_free_energies(build_model(cfg.model, channels=x.shape[1], dim=x[0].numel()), cfg)
+    model.to(device, compute_dtype(cfg))
     model.load_state_dict(ema if args.ema else weights)
     exact = None
     variance = float(x.double().var(dim=0).mean()) if args.variance_correction else 0.0

@@ -27,9 +27,11 @@ class TrainConfig:
     channels: int = 3
     gsm_dim: int = 1000
     gsm_sigmas: tuple[float, ...] = (1.0, 4.0)
+    subset: str = ""  # train on 'first:N' or 'last:N' of the training images only (disjoint runs for generalization)
     # objective and noise levels
-    objective: str = "dual"  # dual | single
-    time_weight: float = 1.0  # λ in space + λ·time
+    objective: str = "dual"  # dual | single | diffclf
+    time_weight: float = 1.0  # λ in space + λ·time (or space + λ·classification for diffclf)
+    diffclf_levels: int = 8  # diffclf: N noise levels log-spaced over [t_min, t_max] for the classifier
     t_min: float = 1e-9
     t_max: float = 1e3
     route: str = "reference"  # reference | compiled (| fused)
@@ -72,6 +74,9 @@ class TrainConfig:
             (self.lr_halve_every > 0, "lr_halve_every must be positive"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
+            (self.diffclf_levels >= 2, "diffclf_levels must be at least 2"),
+            (self.objective != "diffclf" or self.route == "reference", "objective diffclf needs --route reference"),
+            (self.subset == "" or parse_subset(self.subset) is not None, "subset must be 'first:N' or 'last:N', N > 0"),
             (self.precision in ("fp32", "bf16", "fp64"), "precision must be fp32, bf16 or fp64"),
             (self.optimizer in ("auto", "torch", "apex"), "optimizer must be auto, torch or apex"),
             (self.channels in (1, 3), "channels must be 1 or 3"),
@@ -93,6 +98,14 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def parse_subset(subset: str) -> tuple[str, int] | None:
+    """'first:N' / 'last:N' → (end, N); None when malformed."""
+    end, _, count = subset.partition(":")
+    if end not in ("first", "last") or not count.isdigit() or int(count) <= 0:
+        return None
+    return end, int(count)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

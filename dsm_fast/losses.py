@@ -3,7 +3,8 @@
 With y = x + √t ε, d the number of dimensions of one sample, and the scores of U:
     space = ‖D(y, t) − x‖² / (d t)                      = ‖√t ∇_y U − ε‖² / d
     time  = (t ∂_t U / d − ½ + ‖y − x‖² / (2 d t))²       = (t ∂_t U / d − ½ + ‖ε‖² / (2 d))²
-    dual  = space + λ · time;   single = space.
+    dual  = space + λ · time;   single = space;
+    diffclf = space + λ · CE(ℓ(y_k), k),  ℓ_j = −U(y_k, t_j) + F_j over a grid of noise levels (dsm_fast/diffclf.py).
 The right-hand forms never divide by t, so they stay finite down to t = 1e-9 in float32.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .model.energy import sum_per_sample
 
-OBJECTIVES = ("dual", "single")
+OBJECTIVES = ("dual", "single", "diffclf")
 
 
 def expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -45,12 +46,24 @@ def time_term(grad_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch
     return residual.square()
 
 
+def classification_term(logits: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """−log softmax(ℓ)_k per sample: the cross-entropy of the noise-level logits (B, N) against the level k (B,)."""
+    return torch.nn.functional.cross_entropy(logits, level, reduction="none")
+
+
 def objective_terms(objective: str, grad_y: torch.Tensor, grad_t: torch.Tensor, eps: torch.Tensor,
-                    t: torch.Tensor, time_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """Per-sample terms of ``objective``; the key 'loss' is what training averages over the batch."""
+                    t: torch.Tensor, time_weight: float = 1.0, logits: torch.Tensor | None = None,
+                    level: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample terms of ``objective``; the key 'loss' is what training averages over the batch.
+    'diffclf' also needs the noise-level ``logits`` (B, N) and each sample's true ``level`` (B,)."""
     space = space_term(grad_y, eps, t)
     if objective == "single":
         return {"loss": space, "space": space}
+    if objective == "diffclf":
+        if logits is None or level is None:
+            raise ValueError("objective 'diffclf' needs the noise-level logits and levels")
+        classification = classification_term(logits, level)
+        return {"loss": space + time_weight * classification, "space": space, "classification": classification}
     if objective == "dual":
         time = time_term(grad_t, eps, t)
         return {"loss": space + time_weight * time, "space": space, "time": time}

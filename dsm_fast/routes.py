@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .losses import expand_like, objective_terms, space_term
 from .model import adjoint
 from .model.energy import energy_and_scores
@@ -36,7 +37,8 @@ def noisy(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceRoute:
-    """Eager double backward: the terms' graph contains autograd.grad(create_graph=True)."""
+    """Eager double backward: the terms' graph contains autograd.grad(create_graph=True). The only route of
+    'diffclf', whose classifier sees y_k = x + √t_k ε at the grid level t_k that t falls in (dsm_fast/diffclf.py)."""
 
     name = "reference"
 
@@ -45,7 +47,13 @@ class ReferenceRoute:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
         _, grad_y, grad_t = energy_and_scores(self.model, noisy(x, t, eps), t, create_graph=True)
-        return objective_terms(self.objective, grad_y, grad_t, eps, t, self.time_weight)
+        if self.objective != "diffclf":
+            return objective_terms(self.objective, grad_y, grad_t, eps, t, self.time_weight)
+        from .diffclf import grid_level
+
+        level = grid_level(t, self.model.levels)
+        logits = self.model.logits(noisy(x, self.model.levels[level].to(t.dtype), eps))
+        return objective_terms(self.objective, grad_y, grad_t, eps, t, self.time_weight, logits, level)
 
 
 class CompiledRoute(ReferenceRoute):
@@ -148,6 +156,8 @@ class ScoreRoute:
 
 def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0):
     """The route called ``name`` for ``model`` (an energy module U(y, t))."""
+    if objective == "diffclf" and name != "reference":
+        raise ConfigError(f"objective diffclf runs on the reference route only, not {name!r}")
     if name == "reference":
         return ReferenceRoute(model, objective, time_weight)
     if name == "compiled":

@@ -20,6 +20,7 @@ from . import distributed
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import make_training_data
+from .diffclf import with_free_energies
 from .distributed import DistributedError
 from .engine import make_engine, micro_batch
 from .losses import sample_noise_levels
@@ -72,6 +73,7 @@ class Trainer:
         if (cfg.model == "radial") != (len(sample_shape) == 1):
             raise ConfigError(f"model {cfg.model} does not fit data {cfg.data}: use --model radial with --data gsm "
                               f"and a UNet preset with images")
+        self.model = with_free_energies(self.model, cfg)  # DiffCLF: the model also owns the free energies F_j
         self.model.to(device=self.device, dtype=self.dtype)
         optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer, self.device)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None

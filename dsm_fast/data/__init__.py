@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..config import parse_subset
 from .gsm import GaussianScaleMixture, MixtureBatches
 from .imagenet64 import is_prepared, load_split, prepared_batches
 from .images import DataError, ImageBatches, check_images, holdout_split, load_images
@@ -32,15 +33,29 @@ def _image_splits(cfg) -> tuple[np.ndarray, np.ndarray]:
     return images[train], images[test]
 
 
+def training_subset(images: np.ndarray, subset: str) -> np.ndarray:
+    """The training images a run sees: all (''), the first N ('first:N') or the last N ('last:N')."""
+    if not subset:
+        return images
+    end, count = parse_subset(subset)
+    if count > len(images):
+        raise DataError(f"subset {subset} asks for more than the {len(images)} training images")
+    return images[:count] if end == "first" else images[len(images) - count:]
+
+
 def make_training_data(cfg, rank: int = 0, world: int = 1):
-    """The training stream named by ``cfg.data`` ('demo', 'gsm', a folder / .npy path, a prepared dataset)."""
+    """The training stream named by ``cfg.data`` ('demo', 'gsm', a folder / .npy path, a prepared dataset),
+    restricted to ``cfg.subset`` of the training images."""
     if cfg.data == "gsm":
+        if cfg.subset:
+            raise DataError("subset applies to image data, not to the endless GSM stream")
         return MixtureBatches(GaussianScaleMixture(cfg.gsm_dim, cfg.gsm_sigmas), seed=cfg.seed * 1_000_003 + rank)
+    train = training_subset(_image_splits(cfg)[0], cfg.subset)
     if is_prepared(cfg.data):
-        return prepared_batches(cfg, _image_splits(cfg)[0], rank, world)
+        return prepared_batches(cfg, train, rank, world)
     if cfg.loader == "dali":
         raise DataError(f"--loader dali reads prepared datasets only (dsm-fast data prepare), not {cfg.data}")
-    return ImageBatches(_image_splits(cfg)[0], seed=cfg.seed, rank=rank, world=world)
+    return ImageBatches(train, seed=cfg.seed, rank=rank, world=world)
 
 
 def make_test_data(cfg, n: int, seed: int = 12345) -> tuple[torch.Tensor, bool]:

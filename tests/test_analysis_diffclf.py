@@ -1,0 +1,56 @@
+"""DiffCLF: the noise-level grid, the classifier's logits, and a normalized energy on the GSM."""
+import math
+
+import pytest
+import torch
+from test_evaluate import ExactMixtureEnergy
+
+from dsm_fast.config import ConfigError
+from dsm_fast.data import GaussianScaleMixture
+from dsm_fast.diffclf import DiffCLFEnergy, grid_level, noise_grid
+from dsm_fast.losses import sample_noise_levels
+from dsm_fast.normalization import run_comparison
+from dsm_fast.routes import ReferenceRoute, make_route
+
+
+def test_log_uniform_t_falls_uniformly_into_the_grid_levels(seed):
+    levels = noise_grid(8, 1e-9, 1e3)
+    assert math.isclose(levels[0].item(), 1e-9) and math.isclose(levels[-1].item(), 1e3)
+    assert torch.allclose(torch.log(levels).diff(), torch.full((7,), 12 * math.log(10) / 7, dtype=torch.float64))
+    t = sample_noise_levels(80_000, 1e-9, 1e3, torch.Generator().manual_seed(seed))
+    counts = torch.bincount(grid_level(t, levels), minlength=8).double() / len(t)
+    assert (counts - 1 / 8).abs().max() < 0.01, counts
+    assert grid_level(levels, levels)[-1] == 7 and grid_level(levels, levels)[0] == 0
+
+
+def test_classification_term_is_the_exact_posterior_cross_entropy_for_the_exact_energy(seed):
+    """With U = −log p_t (F = 0), softmax_j(−U(y, t_j)) is the Bayes posterior of the level under a uniform prior."""
+    mixture = GaussianScaleMixture(dim=50, sigmas=(0.3, 1.0))
+    generator = torch.Generator().manual_seed(seed)
+    model = DiffCLFEnergy(ExactMixtureEnergy(mixture, 0.0), noise_grid(5, 1e-2, 1e1))
+    x = mixture.sample(64, generator, dtype=torch.float64)
+    t = sample_noise_levels(64, 1e-2, 1e1, generator, dtype=torch.float64)
+    eps = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    terms = ReferenceRoute(model, "diffclf")(x, t, eps)
+    level = grid_level(t, model.levels)
+    y = x + model.levels[level].sqrt()[:, None] * eps
+    log_joint = torch.stack([mixture.log_prob(y, tj) for tj in model.levels], dim=1)
+    expected = -(log_joint.gather(1, level[:, None]).squeeze(1) - torch.logsumexp(log_joint, dim=1))
+    assert torch.allclose(terms["classification"], expected, atol=1e-9)
+    assert torch.allclose(terms["loss"], terms["space"] + terms["classification"])
+
+
+def test_diffclf_needs_the_reference_route():
+    model = DiffCLFEnergy(torch.nn.Linear(2, 1), noise_grid(4, 1e-2, 1.0))
+    with pytest.raises(ConfigError, match="reference route only"):
+        make_route("functional", model, "diffclf")
+
+
+def test_diffclf_recovers_the_exact_log_p_and_trains_its_free_energies(tmp_path, seed):
+    results = run_comparison(("diffclf",), steps=150, seed=seed % 1000, out=str(tmp_path / "run"), batch_size=128)
+    errors = [row["error_nats_per_dim"] for row in results["diffclf"]["rows"]]
+    assert max(errors) < 0.01, f"diffclf errors per t (nats/dim): {errors}"
+    from safetensors.torch import load_file
+
+    weights = load_file(next((tmp_path / "run" / "diffclf" / "checkpoints").glob("step_*")) / "model.safetensors")
+    assert weights["free_energies"].shape == (8,) and weights["free_energies"].abs().max() > 0
