@@ -1,0 +1,69 @@
+"""Loading what an analysis reads: a trained run's energy (EMA or not, DiffCLF-wrapped if it was trained so) and
+the images or samples it is evaluated on."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+
+
+@dataclass
+class LoadedRun:
+    model: nn.Module
+    cfg: TrainConfig
+    checkpoint: Path
+    step: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def clean_t(self) -> float:
+        """The noise level of 'clean' log p: 0 for images, t_min for the analytic data (see evaluate.py)."""
+        from ..evaluate import clean_noise_level
+
+        return clean_noise_level(self.cfg)
+
+
+def load_run(path: str | Path, device: str = "auto", ema: bool = False) -> LoadedRun:
+    """The energy of a run folder (its newest checkpoint) or of one checkpoint folder, in eval mode."""
+    from ..checkpoint import load_checkpoint, resolve_checkpoint
+    from ..config import ConfigError
+    from ..diffclf import with_free_energies
+    from ..model import build_model
+    from ..train import compute_dtype, config_from_run, resolve_device
+
+    checkpoint = resolve_checkpoint(path)
+    cfg = config_from_run(checkpoint.parent.parent, device=device)
+    device = resolve_device(cfg.device)
+    weights, state, ema_weights = load_checkpoint(checkpoint, map_location=device)
+    if ema and ema_weights is None:
+        raise ConfigError(f"{checkpoint} has no EMA weights (train with --ema-decay)")
+    dim = cfg.gsm_dim if cfg.data == "gsm" else cfg.image_size
+    model = with_free_energies(build_model(cfg.model, channels=cfg.channels, dim=dim), cfg)
+    dtype = compute_dtype(cfg)
+    model.to(device, dtype)
+    model.load_state_dict(ema_weights if ema else weights)
+    model.eval()
+    return LoadedRun(model, cfg, checkpoint, int(state["step"]), device, dtype)
+
+
+def evaluation_images(cfg: TrainConfig, source: str | None, n: int, seed: int = 0) -> torch.Tensor:
+    """Up to n samples as float64: images in [0, 1] from a folder / .npy (``source``), else the run's held-out
+    split (demo test photographs, the ImageNet64 val split, or fresh GSM draws)."""
+    from ..config import ConfigError
+    from ..data import make_test_data
+    from ..data.images import load_images
+
+    if n <= 0:
+        raise ConfigError("the number of images must be positive")
+    if source is None:
+        return make_test_data(cfg, n, seed=seed)[0].double()
+    if cfg.data == "gsm":
+        raise ConfigError("a run on the GSM data is evaluated on fresh GSM draws, not on image files")
+    images = load_images(source, cfg.channels, cfg.image_size)[:n]
+    return torch.from_numpy(np.array(images)).double() / 255.0
