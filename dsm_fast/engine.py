@@ -17,11 +17,13 @@ must be built inside the forward. Since DeepSpeed 0.18.3 the engine hooks its fo
 every gradient flowing out of them by grad_accum — an inner ``autograd.grad`` included: wrapping the energy
 U itself would silently rescale ∇_y U and ∂_t U. dsm_fast therefore wraps the whole route (RouteModule):
 the engine's outputs are the loss terms, the inner gradient never leaves the forward, and every route —
-the reference double backward and the first-order ``functional`` / ``compiled`` ones — is exact under
-ZeRO 0–2 (tests/test_engines_deepspeed.py shows the rescaling and the equalities). ZeRO-3 is refused: it
-releases gathered weights after the first backward through a forward, so the reference route's second
-backward fails, and its partitioned weights crash inside the torch.func transform of the first-order routes
-(DeepSpeed 0.19.8 on CPU: a segmentation fault in the first Linear).
+the reference double backward and the first-order ``functional`` / ``compiled`` / ``fused`` ones — is exact
+under ZeRO 0–2. ZeRO-3 releases each module's gathered weights after its forward and gathers them again only
+for that module's first-order backward: the reference route's second backward then meets released weights and
+fails, and the torch.func transform of ``functional`` / ``compiled`` breaks on ZeRO-3's module hooks (DeepSpeed
+0.19.8 on CPU: functorch's internal assert, or a segmentation fault). The explicit adjoint (``fused``) is an
+ordinary first-order graph and is exact under ZeRO-3; the other routes are refused there
+(tests/test_engines_deepspeed.py shows the rescaling, the failing second backward and the equalities).
 """
 from __future__ import annotations
 
@@ -68,10 +70,12 @@ def check_engine(cfg: TrainConfig, world: World) -> None:
         raise ConfigError("--engine deepspeed needs DeepSpeed: DS_BUILD_OPS=0 pip install 'dsm_fast[deepspeed]'")
     if cfg.precision == "fp64":
         raise ConfigError("precision fp64 is not supported by DeepSpeed's ZeRO optimizers; use fp32 or bf16")
-    if deepspeed_stage(cfg) == 3:
-        raise ConfigError("ZeRO-3 is refused: the reference route's second backward fails once ZeRO-3 has released "
-                          "the gathered weights, and its partitioned weights crash inside the torch.func transform "
-                          "of the first-order routes; use --zero-stage 2 (optimizer state and gradients partitioned)")
+    if deepspeed_stage(cfg) == 3 and cfg.route != "fused":
+        raise ConfigError(f"route {cfg.route} is refused under ZeRO-3 (its double backward meets weights ZeRO-3 has "
+                          f"released, or torch.func breaks on ZeRO-3's hooks); use --route fused, or --zero-stage 2")
+    if deepspeed_stage(cfg) == 3 and cfg.ema_decay > 0:
+        raise ConfigError("--ema-decay needs the full weights on every rank after each step; ZeRO-3 partitions them "
+                          "(use --zero-stage 2, or --ema-decay 0)")
 
 
 class RouteModule(nn.Module):
@@ -90,6 +94,7 @@ class SingleEngine:
 
     name = "single"
     skips_non_finite = True  # a step with a non-finite loss or gradient is dropped and the run goes on
+    partitions_weights = False  # True under ZeRO-3: the module holds only this rank's shard of each weight
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int,
                  route: Callable[..., dict[str, torch.Tensor]]):
@@ -116,6 +121,7 @@ class SingleEngine:
 
     # --- checkpoints: weights and optimizer go into the trainer's own checkpoint --------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights (all ranks call: under ZeRO-3 they are gathered)."""
         return self.module.state_dict()
 
     def checkpoint_state(self) -> dict:
@@ -171,35 +177,38 @@ def read_deepspeed_json(path: str) -> dict:
 
 def deepspeed_config(cfg: TrainConfig, world: World) -> dict:
     """The DeepSpeed config, derived from ours — the one place that does it. A user JSON (``deepspeed_config``)
-    is taken as given, except that its batch keys must agree with ours (missing ones are filled in)."""
-    batch = {"train_batch_size": cfg.batch_size, "train_micro_batch_size_per_gpu": micro_batch(cfg, world),
-             "gradient_accumulation_steps": cfg.grad_accum}
+    is taken as given, except that its batch and clipping keys must agree with ours (missing ones are filled in:
+    DeepSpeed's own default would clip the gradient norm at 1.0 where dsm_fast's grad_clip 0 does not clip)."""
+    ours = {"train_batch_size": cfg.batch_size, "train_micro_batch_size_per_gpu": micro_batch(cfg, world),
+            "gradient_accumulation_steps": cfg.grad_accum, "gradient_clipping": cfg.grad_clip}
+    torch_optimizer = {"zero_allow_untested_optimizer": True,  # our torch Adam, stepped on each rank's partition
+                       "zero_force_ds_cpu_optimizer": False}  # offload with torch Adam: no compiled DeepSpeedCPUAdam
     if cfg.deepspeed_config:
         config = read_deepspeed_json(cfg.deepspeed_config)
-        for key, value in batch.items():
+        for key, value in ours.items():
             if config.get(key, "auto") not in ("auto", value):
                 raise ConfigError(f"{cfg.deepspeed_config}: {key} = {config[key]} disagrees with dsm_fast's {value} "
-                                  f"(batch_size is the global batch, grad_accum the micro-steps per rank)")
-        return {**config, **batch}
+                                  f"(batch_size is the global batch, grad_accum the micro-steps per rank, "
+                                  f"grad_clip the clipping norm, 0 for none)")
+        return {**torch_optimizer, **config, **ours}
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.device != "cpu"}
     return {
-        **batch,
-        "gradient_clipping": cfg.grad_clip,
+        **ours,
+        **torch_optimizer,
         "zero_optimization": zero,
         # bf16 as autocast with fp32 master weights (not DeepSpeed's bf16 weights): t spans 1e-9 … 1e3 and the
         # time term cancels large numbers, so inputs and the loss stay in fp32, as on one device.
         "torch_autocast": {"enabled": cfg.precision == "bf16", "dtype": "bfloat16"},
-        "zero_allow_untested_optimizer": True,  # our torch Adam, stepped on each rank's partition
-        "zero_force_ds_cpu_optimizer": False,  # offload with torch Adam: no compiled DeepSpeedCPUAdam needed
         "steps_per_print": 2**31 - 1,
     }
 
 
 class DeepSpeedEngine(SingleEngine):
     """DeepSpeed ZeRO 0–3 with our optimizer; gradient accumulation, averaging over ranks and clipping are
-    DeepSpeed's. Checkpoints: DeepSpeed's own format in RUN/deepspeed/step_N plus the trainer's state."""
+    DeepSpeed's. Checkpoints: DeepSpeed's own format in RUN/deepspeed/step_N plus the trainer's state (with
+    the full weights, gathered under ZeRO-3)."""
 
     name = "deepspeed"
     skips_non_finite = False  # it cannot discard a partly accumulated, partitioned step: the run stops instead
@@ -211,6 +220,7 @@ class DeepSpeedEngine(SingleEngine):
 
         super().__init__(module, optimizer, cfg.grad_accum, route)
         self.config = deepspeed_config(cfg, world)
+        self.partitions_weights = deepspeed_stage(cfg) == 3
         try:
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=RouteModule(module, route),
                                                                     optimizer=optimizer, config=self.config)
@@ -235,6 +245,14 @@ class DeepSpeedEngine(SingleEngine):
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.partitions_weights:
+            return self.module.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):  # all-gather, then re-partition
+            return {name: value.detach().clone() for name, value in self.module.state_dict().items()}
 
     def checkpoint_state(self) -> dict:
         return {}

@@ -219,6 +219,11 @@ class Trainer:
                 writer.close()
                 stats_file.close()
         self.save()
+        if self.engine.partitions_weights:  # ZeRO-3 left each rank a shard: keep a full copy for evaluation
+            weights = self.engine.full_state_dict()
+            shape = self.data.sample_shape
+            self.model = with_free_energies(build_model(cfg.model, channels=shape[0], dim=shape[-1]), cfg)
+            self.model.to(device=self.device, dtype=self.dtype).load_state_dict(weights)
         return {"step": self.step, "skipped_steps": self.bad_total, "optimizer": self.optimizer_name, **record}
 
     def _log(self, terms: dict[str, torch.Tensor], last: dict, writer, stats_file) -> dict:

@@ -1,15 +1,17 @@
-"""DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo): ZeRO 1 and 2 in two processes equal one process with the
-same global batch, gradient accumulation included, for the first-order and the reference routes; a killed
-run resumes from DeepSpeed's own checkpoint to the same weights; the pitfalls of method.md §7 are shown."""
+"""DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo): ZeRO 1, 2 and 3 in two processes equal one process with the
+same global batch, gradient accumulation included (ZeRO 1/2 with the first-order and the reference routes, ZeRO-3
+with the explicit adjoint and every weight partitioned); a killed run resumes from DeepSpeed's own checkpoint to
+the same weights; each pitfall of method.md §7 is shown, and the routes it breaks are refused in one line."""
 import dataclasses
 import inspect
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from test_engines import assert_same_weights, errors, initial_weights, launch, single_run, tiny_config
+from test_engines import assert_same_weights, errors, free_port, initial_weights, launch, single_run, tiny_config
 
 from dsm_fast.config import ConfigError
 from dsm_fast.distributed import World
@@ -18,21 +20,35 @@ from dsm_fast.engine import check_engine, deepspeed_available, deepspeed_config
 pytestmark = pytest.mark.skipif(not deepspeed_available(),
                                 reason="DeepSpeed not installed (DS_BUILD_OPS=0 pip install 'dsm_fast[deepspeed]')")
 
+# ZeRO-3 with every weight partitioned: DeepSpeed keeps weights under 1e5 elements whole by default, which would
+# leave the tiny preset unpartitioned and the ZeRO-3 case trivially equal to ZeRO-2.
+ZERO3_PARTITIONED = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
-def test_zero_1_and_2_equal_one_process_and_resume_after_a_kill(tmp_path):
+
+def test_zero_1_2_3_equal_one_process_and_resume_after_a_kill(tmp_path):
+    zero3_json = tmp_path / "zero3.json"
+    zero3_json.write_text(json.dumps(ZERO3_PARTITIONED))
     ds = {"engine": "deepspeed", "grad_accum": 2}
+    z3 = {**ds, "deepspeed_config": str(zero3_json), "route": "fused"}
     jobs = [
         {"name": "z1", "changes": {**ds, "zero_stage": 1}},
         {"name": "z2", "changes": {**ds, "zero_stage": 2}},
         {"name": "z2_accum1", "changes": {**ds, "zero_stage": 2, "grad_accum": 1}},
         {"name": "z2_reference", "changes": {**ds, "zero_stage": 2, "route": "reference"}},
+        {"name": "z3", "changes": z3},
         {"name": "killed", "changes": {**ds, "zero_stage": 2}, "die": (1, 3)},
     ]
-    codes = launch(2, jobs, tmp_path)
-    assert codes[1] == 3, codes
-    assert errors(tmp_path, "killed")[0].startswith("DistributedError: rank 0/2 stopped at step 3:")
-    assert [p.name for p in (tmp_path / "killed" / "deepspeed").glob("step_*")] == ["step_00000002"]
-    launch(2, [{"name": "killed+resumed", "changes": {**ds, "zero_stage": 2}, "resume": True}], tmp_path)
+    # a rank dies in the last job of each launch; the resumed runs go first in the next one
+    codes = [launch(2, jobs, tmp_path),
+             launch(2, [{"name": "killed+resumed", "changes": {**ds, "zero_stage": 2}, "resume": True},
+                        {"name": "killed3", "changes": z3, "die": (1, 3)}], tmp_path)]
+    launch(2, [{"name": "killed3+resumed", "changes": z3, "resume": True}], tmp_path)
+    for name, exit_codes in zip(("killed", "killed3"), codes):
+        assert exit_codes[1] == 3, exit_codes
+        assert errors(tmp_path, name)[0].startswith("DistributedError: rank 0/2 stopped at step 3:")
+        # DeepSpeed's own checkpoints: step 2 (before the kill) and step 4 (written by the resumed run)
+        assert sorted(p.name for p in (tmp_path / name / "deepspeed").glob("step_*")) == ["step_00000002",
+                                                                                       "step_00000004"]
 
     start = initial_weights(tmp_path / "init")
     want = single_run(tmp_path / "single")
@@ -41,24 +57,36 @@ def test_zero_1_and_2_equal_one_process_and_resume_after_a_kill(tmp_path):
         assert_same_weights(torch.load(tmp_path / f"{name}.pt"), want, start)
     assert_same_weights(torch.load(tmp_path / "z2_reference.pt"), single_run(tmp_path / "ref", route="reference"),
                         start)
+    want_fused = single_run(tmp_path / "fused", route="fused")
+    for name in ("z3", "killed3+resumed"):
+        assert not errors(tmp_path, name), errors(tmp_path, name)
+        assert_same_weights(torch.load(tmp_path / f"{name}.pt"), want_fused, start)
 
 
-def _pitfalls(folder: str) -> None:
-    """One process under a DeepSpeed engine with grad_accum 2; writes what it measured as JSON."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PITFALL_PORT"], RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+def _pitfalls(folder: str, port: int) -> None:
+    """One process under DeepSpeed engines with grad_accum 2; writes what it measured as JSON."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      DS_ACCELERATOR="cpu")
     import deepspeed
 
     from dsm_fast.distributed import start
+    from dsm_fast.engine import RouteModule
     from dsm_fast.model import build_model
+    from dsm_fast.routes import make_route
 
     start("deepspeed", 30.0, "cpu")
     torch.manual_seed(0)
-    energy = build_model("tiny", channels=3, dim=16)
-    y, t = torch.rand(2, 3, 16, 16), torch.tensor([0.5, 2.0])
+    x, t, eps = torch.rand(2, 3, 16, 16), torch.tensor([0.5, 2.0]), torch.randn(2, 3, 16, 16)
+    y = x + t.sqrt().view(-1, 1, 1, 1) * eps
     config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-              "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=energy, optimizer=torch.optim.Adam(energy.parameters()), config=config)
+              "zero_allow_untested_optimizer": True}
+
+    def engine_over(module, zero: dict):
+        return deepspeed.initialize(model=module, optimizer=torch.optim.Adam(module.parameters()),
+                                    config={**config, "zero_optimization": zero})[0]
+
+    energy = build_model("tiny", channels=3, dim=16)
+    engine = engine_over(energy, {"stage": 1})
 
     def inner_grad(model):
         y_ = y.clone().requires_grad_(True)
@@ -66,16 +94,19 @@ def _pitfalls(folder: str) -> None:
 
     out = {"inner_grad_ratio": float(inner_grad(engine).norm() / inner_grad(energy).norm()),
            "backward_has_create_graph": "create_graph" in inspect.signature(engine.backward).parameters}
+    for route in ("reference", "fused"):  # ZeRO-3, every weight partitioned: one forward, then engine.backward
+        energy = build_model("tiny", channels=3, dim=16)
+        engine = engine_over(RouteModule(energy, make_route(route, energy)), ZERO3_PARTITIONED["zero_optimization"])
+        try:
+            engine.backward(engine(x, t, eps)["loss"].mean())
+            out[route] = "ok"
+        except RuntimeError as error:
+            out[route] = str(error).splitlines()[0]
     (Path(folder) / "pitfalls.json").write_text(json.dumps(out))
 
 
-def test_deepspeed_pitfalls(tmp_path, monkeypatch):
-    from test_engines import free_port
-
-    monkeypatch.setenv("PITFALL_PORT", str(free_port()))
-    import multiprocessing
-
-    proc = multiprocessing.get_context("spawn").Process(target=_pitfalls, args=(str(tmp_path),))
+def test_deepspeed_pitfalls(tmp_path):
+    proc = multiprocessing.get_context("spawn").Process(target=_pitfalls, args=(str(tmp_path), free_port()))
     proc.start()
     proc.join(120)
     assert proc.exitcode == 0, proc.exitcode
@@ -85,19 +116,31 @@ def test_deepspeed_pitfalls(tmp_path, monkeypatch):
     # an inner autograd.grad through the engine's own output is divided by grad_accum (2): why dsm_fast wraps
     # the whole route, so the engine's outputs are the loss terms (the equality test above is the proof)
     assert found["inner_grad_ratio"] == pytest.approx(0.5, rel=1e-6)
+    # ZeRO-3: the reference route's second backward meets weights released after the first; the explicit
+    # adjoint's single first-order backward goes through (and equals one process: the ZeRO-3 case above)
+    assert found["reference"] != "ok", found
+    assert found["fused"] == "ok", found
 
 
-def test_zero_3_reference_and_bad_configs_are_refused_in_one_line(tmp_path):
+def test_routes_zero_3_cannot_run_and_bad_configs_are_refused_in_one_line(tmp_path):
     world = World(0, 2, 0)
-    with pytest.raises(ConfigError, match="ZeRO-3 is refused"):
-        check_engine(tiny_config(tmp_path, engine="deepspeed", zero_stage=3), world)
+    for route in ("reference", "functional", "compiled"):
+        with pytest.raises(ConfigError, match=f"route {route} is refused under ZeRO-3.*use --route fused"):
+            check_engine(tiny_config(tmp_path, engine="deepspeed", zero_stage=3, route=route), world)
+    check_engine(tiny_config(tmp_path, engine="deepspeed", zero_stage=3, route="fused"), world)
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    with pytest.raises(ConfigError, match="ZeRO-3 is refused"):
+    with pytest.raises(ConfigError, match="route functional is refused under ZeRO-3"):
         check_engine(tiny_config(tmp_path, engine="deepspeed", deepspeed_config=str(user)), world)
+    with pytest.raises(ConfigError, match="--ema-decay needs the full weights"):
+        check_engine(tiny_config(tmp_path, engine="deepspeed", deepspeed_config=str(user), route="fused",
+                                 ema_decay=0.99), world)
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu = 3 disagrees with dsm_fast's 2"):
         deepspeed_config(tiny_config(tmp_path, engine="deepspeed", deepspeed_config=str(user), grad_accum=2), world)
+    user.write_text(json.dumps({"gradient_clipping": 1.0}))
+    with pytest.raises(ConfigError, match="gradient_clipping = 1.0 disagrees with dsm_fast's 0.0"):
+        deepspeed_config(tiny_config(tmp_path, engine="deepspeed", deepspeed_config=str(user)), world)
     with pytest.raises(ConfigError, match="fp64 is not supported"):
         check_engine(tiny_config(tmp_path, engine="deepspeed", precision="fp64"), world)
     with pytest.raises(ConfigError, match="not divisible by world size 2 × grad_accum 8"):
@@ -114,5 +157,8 @@ def test_generated_config_comes_from_ours(tmp_path):
     assert config["gradient_clipping"] == 1.0 and config["torch_autocast"]["enabled"] is False
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": "auto"}))
-    merged = deepspeed_config(dataclasses.replace(cfg, deepspeed_config=str(user), offload=False), World(0, 2, 0))
+    merged = deepspeed_config(dataclasses.replace(cfg, deepspeed_config=str(user), offload=False, grad_clip=0.0),
+                              World(0, 2, 0))
     assert merged["zero_optimization"] == {"stage": 1} and merged["train_batch_size"] == 16
+    # DeepSpeed would clip at 1.0 by default: ours (no clipping) is written in
+    assert merged["gradient_clipping"] == 0.0 and merged["zero_allow_untested_optimizer"] is True
