@@ -67,3 +67,14 @@ def evaluation_images(cfg: TrainConfig, source: str | None, n: int, seed: int = 
         raise ConfigError("a run on the GSM data is evaluated on fresh GSM draws, not on image files")
     images = load_images(source, cfg.channels, cfg.image_size)[:n]
     return torch.from_numpy(np.array(images)).double() / 255.0
+
+
+def log_probabilities(run: LoadedRun, x: torch.Tensor, seed: int = 0, batch_size: int = 64) -> tuple[np.ndarray, float]:
+    """(log p(x) = −U(x, t) − C per sample in nats, C) with C by the t_max protocol of evaluate.py; t = run.clean_t.
+    For the analytic data p_{t_max} is taken as N(0, (t_max + v) I), v the samples' variance per dimension."""
+    from ..evaluate import evaluate_nll
+
+    variance = float(x.var(dim=0).mean()) if run.cfg.data == "gsm" else 0.0
+    result = evaluate_nll(run.model, x, False, run.cfg.t_max, data_variance=variance, seed=seed,
+                          batch_size=batch_size, t_eval=run.clean_t)
+    return result["log_p"], result["log_normalizer"]
