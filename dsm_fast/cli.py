@@ -51,7 +51,7 @@ FIELD_HELP = {
     "batch_size": "the global batch: images per optimizer step over all ranks and micro-steps",
     "engine": "single, ddp or deepspeed (launch ddp/deepspeed with torchrun or the deepspeed launcher)",
     "grad_accum": "micro-batches per optimizer step on each rank",
-    "zero_stage": "DeepSpeed ZeRO stage (0-2; 3 is refused, see README)",
+    "zero_stage": "DeepSpeed ZeRO stage 0-3 (3 only with --route fused, see README)",
     "offload": "DeepSpeed: keep optimizer state in CPU memory",
     "deepspeed_config": "DeepSpeed JSON used instead of the generated one (batch keys must agree)",
     "dist_timeout": "seconds a rendezvous or collective may wait before every rank stops",
