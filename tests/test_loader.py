@@ -99,3 +99,23 @@ def test_dali_noise_is_drawn_in_the_pipeline(prepared):
     assert bool(((t >= 1e-4) & (t <= 1e2)).all()) and t.log().std() > 1  # spread over decades
     assert abs(float(eps.mean())) < 0.01 and abs(float(eps.std()) - 1) < 0.01
     assert torch.equal(x, MemmapBatches(images, seed=1).next_batch(40))
+
+
+@pytest.mark.parametrize("loader", ["cpu", pytest.param("dali", marks=needs_dali)])
+def test_training_on_a_prepared_set_resumes_bit_exactly(prepared, loader, tmp_path):
+    """N steps + resume + N steps on the prepared files = 2N steps: weights and data position."""
+    from dsm_fast.train import Trainer
+
+    def run_config(out, steps):
+        return config(prepared, loader=loader, model="tiny", batch_size=4, steps=steps, out=str(out),
+                      progress=False, log_every=2, checkpoint_every=100, eval_images=0).validate()
+
+    straight = Trainer(run_config(tmp_path / "straight", 4))
+    straight.run()
+    Trainer(run_config(tmp_path / "split", 2)).run()
+    resumed = Trainer(run_config(tmp_path / "split", 4), resume=True)
+    assert resumed.step == 2 and resumed.data.state_dict() != straight.data.state_dict()
+    resumed.run()
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    assert straight.data.state_dict() == resumed.data.state_dict()
