@@ -27,6 +27,7 @@ class TrainConfig:
     channels: int = 3
     gsm_dim: int = 1000
     gsm_sigmas: tuple[float, ...] = (1.0, 4.0)
+    radial_offset: float = 0.0  # radial model: start mis-normalized by a·log t nats/dim (see RadialEnergy)
     subset: str = ""  # train on 'first:N' or 'last:N' of the training images only (disjoint runs for generalization)
     # objective and noise levels
     objective: str = "dual"  # dual | single | diffclf
@@ -90,6 +91,7 @@ class TrainConfig:
             (self.engine == "deepspeed" or not (self.offload or self.deepspeed_config),
              "offload and deepspeed_config need --engine deepspeed"),
             (self.dist_timeout > 0, "dist_timeout must be positive"),
+            (self.radial_offset == 0 or self.model == "radial", "radial_offset needs --model radial"),
         ]
         for ok, message in checks:
             if not ok:

@@ -6,9 +6,11 @@ the classifier sees y_k = x + √t_k ε and its logits are
 
     ℓ_j(y_k) = −U(y_k, t_j) + F_j,     j = 0 … N − 1,
 
-F_j learned free energies (the classifier's optimum makes −U(·, t_j) + F_j = log p_{t_j} + const, one constant
-shared by every level, which the t_max protocol of evaluate.py then fixes). The cross-entropy of ℓ against k is
-added to the space term (at the trainer's continuous t, so the score is learned at every t) with weight λ.
+F_j learned free energies. The classifier's optimum makes −U(·, t_j) + F_j = log p_{t_j} + c, one constant c
+shared by every level: U alone is normalized only up to a constant per level, which F_j absorbs. The normalized
+energy is therefore U(y, t) − (F(t) − F_{N−1}), F(t) linear in log t between grid levels (held outside the grid),
+and the t_max protocol of evaluate.py fixes c. The cross-entropy of ℓ against k is added to the space term (at
+the trainer's continuous t, so the score is learned at every t) with weight λ.
 
 F lives in the model (``DiffCLFEnergy``), so the optimizer, the EMA and the checkpoints handle it; the grid is a
 non-persistent buffer rebuilt from the run's config.
@@ -43,7 +45,19 @@ class DiffCLFEnergy(nn.Module):
         self.free_energies = nn.Parameter(torch.zeros(len(levels), dtype=levels.dtype))
 
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.energy(y, t)
+        """The normalized energy U(y, t) − (F(t) − F_{N−1}); the same ∇_y U as ``energy``."""
+        return self.energy(y, t) - self.relative_free_energy(t).to(y.dtype)
+
+    def relative_free_energy(self, t: torch.Tensor) -> torch.Tensor:
+        """F(t) − F_{N−1}: F_j interpolated linearly in log t, u = (N − 1) log(t / t_0) / log(t_{N−1} / t_0)
+        clamped to [0, N − 1] (t = 0 reads F_0)."""
+        log_levels = torch.log(self.levels)
+        u = (torch.log(t.double()) - log_levels[0]) / (log_levels[-1] - log_levels[0]) * (len(self.levels) - 1)
+        u = u.clamp(0, len(self.levels) - 1)
+        below = torch.floor(u).long().clamp(max=len(self.levels) - 2)
+        weight = (u - below).to(self.free_energies.dtype)
+        relative = self.free_energies - self.free_energies[-1]
+        return (1 - weight) * relative[below] + weight * relative[below + 1]
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """ℓ_j(y) = −U(y, t_j) + F_j for every sample and level: (B, …) → (B, N)."""

@@ -65,7 +65,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.data = make_training_data(cfg, self.world.rank, self.world.size)
         sample_shape = self.data.sample_shape
-        self.model = build_model(cfg.model, channels=sample_shape[0], dim=sample_shape[-1])
+        self.model = build_model(cfg.model, channels=sample_shape[0], dim=sample_shape[-1],
+                                 radial_offset=cfg.radial_offset)
         down = getattr(getattr(self.model, "unet", None), "downsampling", 1)
         if len(sample_shape) == 3 and sample_shape[-1] % down:
             raise ConfigError(f"image size {sample_shape[-1]} is not a multiple of {down}, which model {cfg.model} "

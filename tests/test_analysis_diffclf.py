@@ -9,7 +9,7 @@ from dsm_fast.config import ConfigError
 from dsm_fast.data import GaussianScaleMixture
 from dsm_fast.diffclf import DiffCLFEnergy, grid_level, noise_grid
 from dsm_fast.losses import sample_noise_levels
-from dsm_fast.normalization import run_comparison
+from dsm_fast.normalization import INITIAL_OFFSET, TESTED_T, run_comparison
 from dsm_fast.routes import ReferenceRoute, make_route
 
 
@@ -40,6 +40,26 @@ def test_classification_term_is_the_exact_posterior_cross_entropy_for_the_exact_
     assert torch.allclose(terms["loss"], terms["space"] + terms["classification"])
 
 
+def test_normalized_energy_subtracts_the_interpolated_free_energies(seed):
+    """forward = U − (F(t) − F_{N−1}): exact at the levels, linear in log t between them, F_0 at t = 0; same ∇_y U."""
+    mixture = GaussianScaleMixture(dim=20)
+    model = DiffCLFEnergy(ExactMixtureEnergy(mixture, 0.0), noise_grid(4, 1e-2, 1e1))
+    with torch.no_grad():
+        model.free_energies.copy_(torch.randn(4, dtype=torch.float64))
+    free = model.free_energies.detach() - model.free_energies.detach()[-1]
+    levels = model.levels
+    midpoint = (levels[1] * levels[2]).sqrt()
+    t = torch.cat([levels, midpoint.view(1), torch.tensor([0.0, 1e3], dtype=torch.float64)])
+    want = torch.cat([free, ((free[1] + free[2]) / 2).view(1), torch.stack([free[0], free[-1]])])
+    assert torch.allclose(model.relative_free_energy(t), want, atol=1e-12)
+    y = mixture.sample(len(t), dtype=torch.float64).requires_grad_(True)
+    normalized = model(y, t)
+    assert torch.allclose(normalized, model.energy(y, t) - want, atol=1e-9)
+    grad_normalized, = torch.autograd.grad(normalized.sum(), y)
+    grad_energy, = torch.autograd.grad(model.energy(y, t).sum(), y)
+    assert torch.equal(grad_normalized, grad_energy)
+
+
 def test_diffclf_needs_the_reference_route():
     model = DiffCLFEnergy(torch.nn.Linear(2, 1), noise_grid(4, 1e-2, 1.0))
     with pytest.raises(ConfigError, match="reference route only"):
@@ -47,10 +67,14 @@ def test_diffclf_needs_the_reference_route():
 
 
 def test_diffclf_recovers_the_exact_log_p_and_trains_its_free_energies(tmp_path, seed):
-    results = run_comparison(("diffclf",), steps=150, seed=seed % 1000, out=str(tmp_path / "run"), batch_size=128)
+    """From a start mis-normalized by 0.46 nats/dim at t = 1e-2, DiffCLF learns most of the constant (9 levels
+    half a decade apart in d = 1000 are told apart almost surely, which leaves it less tightly fixed than by the
+    dual time term: 0.01–0.04 nats/dim after 1,500 steps, against < 0.01 for dual)."""
+    results = run_comparison(("diffclf",), steps=1500, seed=seed % 1000, out=str(tmp_path / "run"))
     errors = [row["error_nats_per_dim"] for row in results["diffclf"]["rows"]]
-    assert max(errors) < 0.01, f"diffclf errors per t (nats/dim): {errors}"
+    initial = INITIAL_OFFSET * math.log(TESTED_T[-1] / TESTED_T[0])
+    assert max(errors) < 0.15 * initial, f"diffclf errors per t (nats/dim): {errors}"
     from safetensors.torch import load_file
 
     weights = load_file(next((tmp_path / "run" / "diffclf" / "checkpoints").glob("step_*")) / "model.safetensors")
-    assert weights["free_energies"].shape == (8,) and weights["free_energies"].abs().max() > 0
+    assert weights["free_energies"].shape == (9,) and weights["free_energies"].abs().max() > 0

@@ -15,10 +15,11 @@ __all__ = [
 ]
 
 
-def build_model(name: str, channels: int = 3, dim: int = 1000):
-    """An energy model by name: a UNet preset (``paper``, ``small``, ``tiny``) or ``radial`` (vectors of ``dim``)."""
+def build_model(name: str, channels: int = 3, dim: int = 1000, radial_offset: float = 0.0):
+    """An energy model by name: a UNet preset (``paper``, ``small``, ``tiny``) or ``radial`` (vectors of ``dim``,
+    initial mis-normalization ``radial_offset``)."""
     if name == "radial":
-        model = RadialEnergy(dim)
+        model = RadialEnergy(dim, time_offset=radial_offset)
     elif name in PRESETS:
         model = UNetEnergy(channels, name)
     else:

@@ -30,22 +30,28 @@ class UNetEnergy(nn.Module):
 class RadialEnergy(nn.Module):
     """A small radial energy for vectors y ∈ R^d (the analytic Gaussian-scale-mixture data):
 
-        U(y, t) = d · [ g_θ(log r, log t) + ½ log r ],   r = ‖y‖² / d,
+        U(y, t) = d · [ g_θ(log r, log t) + ½ log r + a log t ],   r = ‖y‖² / d,
 
-    g_θ a small MLP. The ½ log r term starts the score at y / r (the score of a Gaussian of variance r);
-    nothing in the model fixes how U depends on t, so only the objective decides whether it is normalized.
+    g_θ a small MLP. The ½ log r term starts the score at y / r (the score of a Gaussian of variance r); for
+    nearly Gaussian data it also happens to carry the t-dependence of the log-normalizer. The fixed term
+    a·log t (``time_offset``, a buffer saved with the weights) moves every log p_t by −a·log t nats/dim
+    without touching ∇_y U: a start mis-normalized by a known amount, which g_θ must learn to cancel. Only an
+    objective that sees the constant (dual, DiffCLF) does; single score matching cannot, its loss being blind
+    to any function of t added to U.
     """
 
-    def __init__(self, dim: int, hidden: int = 64):
+    def __init__(self, dim: int, hidden: int = 64, time_offset: float = 0.0):
         super().__init__()
         self.dim = dim
         self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.register_buffer("time_offset", torch.tensor(float(time_offset)))
 
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         log_r = torch.log(sum_per_sample(y.square()) / self.dim)
-        features = torch.stack([log_r, torch.log(t)], dim=1) / 5.0
-        return self.dim * (self.mlp(features).squeeze(1) + 0.5 * log_r)
+        log_t = torch.log(t)
+        features = torch.stack([log_r, log_t], dim=1) / 5.0
+        return self.dim * (self.mlp(features).squeeze(1) + 0.5 * log_r + self.time_offset * log_t)
 
 
 def energy_and_scores(
