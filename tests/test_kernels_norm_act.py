@@ -16,16 +16,7 @@ SHAPES = [(2, 3, 5, 7), (3, 5, 9, 6), (1, 2, 37, 29)]  # the last: rows of 1,073
 DTYPES = [torch.float64, torch.float32]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """torch.empty / empty_like hand out NaN-filled floating tensors during the test."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(x):
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # see conftest.py
 
 
 def draw(shape, dtype, requires_grad=False):
