@@ -95,3 +95,20 @@ def test_kernel_choice_and_model_checks(monkeypatch):
         resolve_kernels("cuda-graphs", cpu)
     with pytest.raises(TypeError, match="needs a UNetEnergy"):
         make_route("fused", RadialEnergy(8))(torch.rand(2, 8), torch.ones(2), torch.randn(2, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (float32 and bf16 Triton kernels)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_route_on_the_gpu_matches_the_float64_reference(dtype, seed):
+    """Paper-sized channels are not needed for the bound: the tiny preset on CUDA, Triton kernels, float32 weights
+    (bf16 through autocast, as the trainer runs it), against the eager reference in float64 on the CPU."""
+    model = perturbed_model(3)
+    x, t, eps = draw(4, 3)
+    expected = parameter_gradients(model, ReferenceRoute(model), x, t, eps)
+    gpu_model = UNetEnergy(3, "tiny").cuda()
+    gpu_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    route = FusedRoute(gpu_model, kernels="auto")
+    assert route.kernels == "triton"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        actual = parameter_gradients(gpu_model, route, *(v.float().cuda() for v in (x, t, eps)))
+    assert_rel_close(actual, expected, TOLERANCES[dtype], f"fused (triton, {dtype}) gradients", seed)
