@@ -28,7 +28,8 @@ def gsm_config(objective: str, steps: int = 1500, seed: int = 0, out: str | None
     """The GSM run of method.md §3: d = 1000, σ ∈ {1, 4}, t ∈ [1e-2, 1e2], float64 on the CPU, radial model
     started mis-normalized by ``INITIAL_OFFSET`` (its ½ log r term alone would be nearly normalized from the
     start, which would hide whether an objective learns the constant); DiffCLF's 9 levels include every tested t."""
-    base = TrainConfig(model="radial", radial_offset=INITIAL_OFFSET, data="gsm", diffclf_levels=9, gsm_dim=1000, gsm_sigmas=(1.0, 4.0), objective=objective,
+    base = TrainConfig(model="radial", radial_offset=INITIAL_OFFSET, data="gsm", gsm_dim=1000, gsm_sigmas=(1.0, 4.0),
+                       objective=objective, diffclf_levels=9,
                        t_min=1e-2, t_max=1e2, batch_size=256, steps=steps, lr=3e-3, lr_halve_every=max(1, steps // 4),
                        precision="fp64", device="cpu", seed=seed, out=out or tempfile.mkdtemp(prefix="dsm_gsm_"),
                        log_every=max(1, steps // 10), checkpoint_every=steps or 1, eval_images=0, progress=False)
