@@ -33,7 +33,7 @@ FIELD_HELP = {
     "model": "UNet preset (paper, small, tiny) or 'radial' for --data gsm",
     "data": "'demo' (photographs shipped with scikit-image), 'gsm' (Gaussian scale mixture), a folder or a .npy",
     "gsm_sigmas": "comma-separated standard deviations of the mixture components",
-    "radial_offset": "radial model: start mis-normalized, log p_t off by -a*log t nats/dim (normalization uses 0.05)",
+    "radial_offset": "radial model: start mis-normalized, log p_t off by -a*log t nats/dim (normalization uses 0.02)",
     "route": "reference (eager double backward), compiled (torch.compile + torch.func), functional (torch.func, "
              "eager; first-order, the route for DeepSpeed) or fused (explicit adjoint, first-order; Triton on CUDA)",
     "precision": "fp32, bf16 (autocast, CUDA only) or fp64",
