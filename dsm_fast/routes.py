@@ -154,8 +154,8 @@ class ScoreRoute:
         return {"loss": space, "space": space}
 
 
-def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0):
-    """The route called ``name`` for ``model`` (an energy module U(y, t))."""
+def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0, kernels: str = "auto"):
+    """The route called ``name`` for ``model`` (an energy module U(y, t)); ``kernels`` applies to 'fused'."""
     if objective == "diffclf" and name != "reference":
         raise ConfigError(f"objective diffclf runs on the reference route only, not {name!r}")
     if name == "reference":
@@ -165,5 +165,5 @@ def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight
     if name == "functional":
         return FunctionalRoute(model, objective, time_weight)
     if name == "fused":
-        return FusedRoute(model, objective, time_weight)
+        return FusedRoute(model, objective, time_weight, kernels)
     raise ValueError(f"unknown route {name!r}; choose from {', '.join(ROUTES)}")
