@@ -3,10 +3,11 @@ meta device, every operator counted, and a roofline estimate of its time on an H
 
 Per route, from one steady-state step (the optimizer's state already exists; views are not counted):
 
-    kernels      operators dispatched (a custom op counts as the kernels it launches, ``LAUNCHES``)
+    kernels      operators dispatched (a custom op of dsm_fast.kernels counts as the kernels it launches)
     flops        by torch.utils.flop_counter's formulas (convolutions, matmuls; elementwise work is not counted)
     bytes        Σ over operators of the bytes of its tensor inputs and outputs (each operator reads its inputs
-                 from and writes its outputs to memory: what an unfused eager step moves)
+                 from and writes its outputs to memory: what an unfused eager step moves); a custom op moves the
+                 passes its kernels make over a tensor of its first input's size (the modules' ``LAUNCHES``)
     saved_bytes  bytes of the tensors autograd keeps for the backward (each storage once)
 
 Roofline, per operator i on device D, then summed over the step:
@@ -21,6 +22,7 @@ reason other than bytes (small grids, poor tiling), and the host; a compiled rou
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,9 +56,18 @@ BANDWIDTH_EFFICIENCY = 0.8  # η_B: elementwise/reduction kernels reach ~80 % of
 
 # method.md §6, one H100 80GB, PyTorch 2.11, paper preset, batch 128, fp32, eager (ms).
 ANCHORS = {"forward": 17.2, "score": 58.3, "reference": 265.0}
-LAUNCHES: dict[str, int] = {}  # custom-op name → kernels it launches (filled by the modules that register ops)
 NOT_KERNELS = ("aten._local_scalar_dense", "aten.empty", "aten.empty_strided", "aten.empty_like", "aten.lift_fresh",
                "profiler._record_function_enter_new", "profiler._record_function_exit")  # no device work
+
+
+def custom_op_launches() -> dict[str, tuple[int, int]]:
+    """custom-op name → (kernels it launches per call, full passes over its first input's size), from the kernel
+    modules that register them (none without Triton)."""
+    if importlib.util.find_spec("triton") is None:
+        return {}
+    from .kernels import dual_score_loss, norm_act
+
+    return {**norm_act.LAUNCHES, **dual_score_loss.LAUNCHES}
 
 
 @dataclass
@@ -83,9 +94,10 @@ def _dtype_key(func_name: str, tensors: list[torch.Tensor]) -> str:
 class CostMode(TorchDispatchMode):
     """Records an :class:`OpCost` for every non-view operator dispatched inside it."""
 
-    def __init__(self):
+    def __init__(self, launches: dict[str, tuple[int, int]] | None = None):
         super().__init__()
         self.ops: list[OpCost] = []
+        self.launches = custom_op_launches() if launches is None else launches
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -96,8 +108,12 @@ class CostMode(TorchDispatchMode):
         tensors = [x for x in tree_flatten((args, kwargs, out))[0] if isinstance(x, torch.Tensor)]
         packet = func._overloadpacket
         flops = int(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0
-        self.ops.append(OpCost(name, LAUNCHES.get(name, 1), flops, sum(x.numel() * x.element_size() for x in tensors),
-                               _dtype_key(name, tensors)))
+        if name in self.launches:  # a fused op: the passes its kernels make over its first input's size
+            kernels, passes = self.launches[name]
+            moved = passes * tensors[0].numel() * tensors[0].element_size()
+        else:
+            kernels, moved = 1, sum(x.numel() * x.element_size() for x in tensors)
+        self.ops.append(OpCost(name, kernels, flops, moved, _dtype_key(name, tensors)))
         return out
 
 
@@ -186,8 +202,9 @@ def fit_launch_overhead(anchors: dict[str, tuple[float, int]], measured_ms: dict
 
 
 def traceable_kernels() -> tuple[str, ...]:
-    """Kernel sets of the fused route that run on the meta device (those whose ops have fake implementations)."""
-    return ("torch",)
+    """Kernel sets of the fused route that run on the meta device: torch, and triton (custom ops with fake
+    implementations) where Triton is installed."""
+    return ("torch", "triton") if custom_op_launches() else ("torch",)
 
 
 def cost_report(routes: tuple[str, ...] = ("score", "reference", "functional", "fused"), preset: str = "paper",

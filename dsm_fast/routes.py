@@ -102,14 +102,14 @@ class FusedRoute(ReferenceRoute):
 
 def resolve_kernels(kernels: str, device: torch.device) -> str:
     """'auto' → 'triton' on CUDA with Triton installed, else 'torch'; an explicit 'triton' fails loudly if it
-    cannot run here."""
+    cannot run here (on the meta device its custom ops' fake implementations trace, see dsm_fast/cost.py)."""
     has_triton = importlib.util.find_spec("triton") is not None
     if kernels == "auto":
         return "triton" if device.type == "cuda" and has_triton else "torch"
     if kernels == "triton":
         if not has_triton:
             raise RuntimeError("kernels='triton' but Triton is not installed (pip install triton)")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"kernels='triton' on {device.type} needs TRITON_INTERPRET=1 (set before Triton is "
                                "imported) to run the kernels interpreted")
         return kernels

@@ -182,7 +182,7 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
         layer, saved = tape.pop()
         if saved is not None:  # m = W emb + b  ⇒  ēmb += m̄ W
             g, m_bar = adjoint(saved, g)
-            e_bar = e_bar + m_bar.to(emb.dtype) @ layer.norm_act.modulation.weight.to(emb.dtype)
+            e_bar = torch.addmm(e_bar, m_bar.to(emb.dtype), layer.norm_act.modulation.weight.to(emb.dtype))
         return conv_adjoint(layer, g)
 
     # forward: encoder (skips saved), middle, decoder (skip concatenated before each scale)
