@@ -78,7 +78,8 @@ class FunctionalRoute(ReferenceRoute):
 class FusedRoute(ReferenceRoute):
     """The explicit-adjoint graph (first-order in θ, no create_graph). ``kernels``: 'torch' (plain PyTorch),
     'triton' (NormAct forward/adjoint and the loss terms by the Triton kernels; interpreted on the CPU, which
-    needs TRITON_INTERPRET=1) or 'auto' (Triton when the model is on CUDA and Triton is installed, else torch)."""
+    needs TRITON_INTERPRET=1), 'cuda' (NormAct forward/adjoint by the CUDA C++ extension, its second order and the
+    loss terms by Triton) or 'auto' (Triton when the model is on CUDA and Triton is installed, else torch)."""
 
     name = "fused"
 
@@ -113,9 +114,15 @@ def resolve_kernels(kernels: str, device: torch.device) -> str:
             raise RuntimeError(f"kernels='triton' on {device.type} needs TRITON_INTERPRET=1 (set before Triton is "
                                "imported) to run the kernels interpreted")
         return kernels
+    if kernels == "cuda":
+        from . import cuda_ext
+
+        if not has_triton or not cuda_ext.is_available():
+            raise RuntimeError(cuda_ext.unavailable_reason() or "kernels='cuda' needs Triton for its second order")
+        return kernels
     if kernels == "torch":
         return kernels
-    raise ValueError(f"unknown kernels {kernels!r}; choose from auto, torch, triton")
+    raise ValueError(f"unknown kernels {kernels!r}; choose from auto, torch, triton, cuda")
 
 
 class ScoreRoute:

@@ -498,7 +498,7 @@ LAUNCHES = {"dsm_fast.norm_act": (3, 4), "dsm_fast.norm_act_adjoint": (5, 7), "d
 
 
 # --- public functions -------------------------------------------------------------------------------------------
-def _scale(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+def modulated_gain(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
     """k = g (1 + m): (B, C) in the statistics dtype (float64 for float64 h, else float32)."""
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     return (gain.to(dtype) * (1.0 + modulation.to(dtype))).contiguous()
@@ -506,11 +506,11 @@ def _scale(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> tor
 
 def norm_act(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
     """GELU(Normalization(h) · g · (1 + m)) by the Triton kernels; h: (B, C, H, W), g: (C,), m: (B, C)."""
-    return _norm_act_op(h.contiguous(), _scale(h, gain, modulation))
+    return _norm_act_op(h.contiguous(), modulated_gain(h, gain, modulation))
 
 
 def norm_act_adjoint(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor, grad_out: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, m̄) = Jᵀ ḡ of :func:`norm_act` w.r.t. h and m (m̄ = g k̄), differentiable in h, g, m and ḡ."""
-    grad_h, grad_k = _norm_act_adjoint_op(h.contiguous(), _scale(h, gain, modulation), grad_out.contiguous())
+    grad_h, grad_k = _norm_act_adjoint_op(h.contiguous(), modulated_gain(h, gain, modulation), grad_out.contiguous())
     return grad_h, (gain.to(grad_k.dtype) * grad_k).to(modulation.dtype)

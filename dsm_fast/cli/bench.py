@@ -25,8 +25,8 @@ def add_bench(sub) -> None:
     p.add_argument("--routes", default=None, help="comma-separated route specs (default: score and every dual route)")
     p.add_argument("--compile", action="store_true", help="add +compile to every first-order route of --routes")
     p.add_argument("--cuda-graph", action="store_true", help="add +graph to every route of --routes (CUDA)")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
-                   help="the fused route's kernels (auto: triton on CUDA)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cuda"),
+                   help="the fused route's kernels (auto: triton on CUDA; cuda: the CUDA C++ NormAct, built)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per route")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp64"))
@@ -54,7 +54,7 @@ def run_bench(args) -> int:
 
     from ..bench import bench_routes, format_table, parse_spec
     from ..model import PRESETS
-    from ..routes import FIRST_ORDER, ROUTES
+    from ..routes import FIRST_ORDER, ROUTES, resolve_kernels
     from ..train import resolve_device
 
     if args.preset not in PRESETS:
@@ -82,6 +82,10 @@ def run_bench(args) -> int:
     if args.image_size % down:
         raise ConfigError(f"--image-size must be a multiple of {down} for preset {args.preset}")
     device = resolve_device(args.device)
+    try:
+        resolve_kernels(args.kernels, device)
+    except RuntimeError as error:
+        raise ConfigError(f"--kernels {args.kernels}: {error}") from None
     if device.type != "cuda" and any("graph" in parse_spec(r)[1] for r in routes):
         raise ConfigError("+graph (--cuda-graph) needs a CUDA device")
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version(),

@@ -14,7 +14,8 @@ FIELD_HELP = {
     "radial_offset": "radial model: start mis-normalized, log p_t off by -a*log t nats/dim (normalization uses 0.02)",
     "route": "auto (fused for a UNet with dual/single, else reference), reference (eager double backward), "
              "functional (torch.func; first-order) or fused (explicit adjoint, first-order; Triton on CUDA)",
-    "kernels": "the fused route's NormAct and loss kernels: auto (triton on CUDA, else torch), torch or triton",
+    "kernels": "the fused route's NormAct and loss kernels: auto (triton on CUDA, else torch), torch, triton or cuda "
+               "(the CUDA C++ NormAct, when built; second order by Triton)",
     "compile": "torch.compile the first-order step: auto (on CUDA), on (bare --compile) or off; falls back to eager "
                "with one warning",
     "cuda_graph": "CUDA, --engine single: capture the whole step (forward, backward, Adam, EMA) once and replay it",
