@@ -83,6 +83,15 @@ def uniform_dequantize(x: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return (torch.round(x * 255) + torch.rand(x.shape, generator=generator, dtype=x.dtype)) / 256
 
 
+def variance_per_dim(x, batch_size: int = 1024) -> float:
+    """The samples' variance per dimension, averaged over the dimensions (unbiased; x read batch by batch)."""
+    total = squares = 0.0
+    for xb in float_batches(x, batch_size):
+        total, squares = total + xb.sum(dim=0), squares + xb.square().sum(dim=0)
+    n = len(x)
+    return float(((squares - total * total / n) / (n - 1)).mean())
+
+
 def nll_bits_per_dim(log_p: torch.Tensor, d: int, quantized: bool) -> torch.Tensor:
     """−log p / (d ln 2), plus 8 for 8-bit images."""
     return -log_p / (d * math.log(2)) + (8.0 if quantized else 0.0)
@@ -98,7 +107,7 @@ def bootstrap_interval(values: np.ndarray, n_resamples: int = 2000, seed: int = 
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def denoising_psnr(model: nn.Module, x: torch.Tensor, generator: torch.Generator,
+def denoising_psnr(model: nn.Module, x, generator: torch.Generator,
                    input_psnrs=INPUT_PSNRS, batch_size: int = 64) -> list[dict[str, float]]:
     """Mean output PSNR of D(y, t) = y − t ∇_y U at each input PSNR (t = 10^(−PSNR/10), peak 1)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -107,7 +116,7 @@ def denoising_psnr(model: nn.Module, x: torch.Tensor, generator: torch.Generator
         t = 10.0 ** (-psnr / 10)
         out_psnr = []
         for sl in batched(len(x), batch_size):
-            xb = x[sl].to(device, dtype)
+            xb = float_rows(x, sl).to(device, dtype)
             y = xb + math.sqrt(t) * torch.randn(xb.shape, generator=generator, dtype=torch.float64).to(device, dtype)
             mse = (denoise(model, y, torch.full((len(y),), t, device=device, dtype=dtype)) - xb).square()
             out_psnr.append(-10 * torch.log10(mse.reshape(len(y), -1).mean(dim=1).double().clamp_min(1e-30)).cpu())
