@@ -240,15 +240,17 @@ def import_release(path: str | Path, out: str | Path, data: str = "demo") -> dic
     """Write the release checkpoint at ``path`` as a dsm_fast run in ``out`` (absent or empty): ``config.json``,
     ``checkpoints/step_N/model.safetensors`` and ``imported.json`` (provenance, the release's own losses).
     Atomic: written in a hidden folder beside ``out``, then renamed into place."""
-    from .model import build_model
-    from .release import RELEASE_TO_DSM_FAST
-
     path, out = Path(path), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReleaseError(f"{out} exists and is not an empty folder; choose another --out")
+    if data != "demo" and not Path(data).exists():
+        raise ReleaseError(f"--data {data}: not found (a prepared ImageNet64 folder, images, a .npy, or demo)")
     release = read_release(path)
     check_energy_model(release.args, str(path))
     channels = channels_of(release.state_dict, str(path))
+    from .model import build_model
+    from .release import RELEASE_TO_DSM_FAST
+
     expected = build_model("paper", channels=channels).state_dict()
     weights = map_tensors(release.state_dict, RELEASE_TO_DSM_FAST, expected, str(path))
     cfg = imported_config(release.args, channels, data, out)

@@ -112,6 +112,9 @@ class Trainer:
 
     def _restore(self) -> None:
         weights, state, ema = load_checkpoint(self.run_dir, map_location=self.device)
+        if "imported_from" in state:  # dsm-fast import-release: weights only, no optimizer or stream state
+            raise ConfigError(f"{self.run_dir} holds weights imported from {state['imported_from']}, without the "
+                              f"optimizer state a resume needs; evaluate or analyse it, or train a new run")
         saved_world, deepspeed_format = int(state.get("world_size", 1)), bool(state.get("engine_format", False))
         if saved_world != self.world.size or deepspeed_format != (self.engine.name == "deepspeed"):
             raise ConfigError(f"{self.run_dir} was written by {saved_world} process(es)"
