@@ -53,13 +53,15 @@ def sample_dim(x) -> int:
 
 @torch.no_grad()
 def batch_energies(model: nn.Module, batches, t: float) -> torch.Tensor:
-    """U(y, t) for every sample of an iterable of float batches, in float64 on the CPU."""
+    """U(y, t) for every sample of an iterable of float batches, in float64 on the CPU. Kept as Python floats
+    until the end: small tensors kept between the batches' large temporaries pin glibc's heap, which then grew
+    with the number of batches (3.2 GB instead of 1.1 GB peak for 50,000 colour images)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    out = []
+    out: list[float] = []
     for yb in batches:
         yb = yb.to(device, dtype)
-        out.append(model(yb, torch.full((len(yb),), t, device=device, dtype=dtype)).double().cpu())
-    return torch.cat(out)
+        out += model(yb, torch.full((len(yb),), t, device=device, dtype=dtype)).double().cpu().tolist()
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def energies(model: nn.Module, y, t: float, batch_size: int = 64) -> torch.Tensor:
