@@ -7,8 +7,8 @@ tensors under one or two ``network.`` prefixes. The file is read by torch's rest
 (``weights_only=True``): before unpickling starts, every global the pickle names is checked; argparse.Namespace and
 the classes of the release's own modules are admitted as :class:`InertRecord` stand-ins (our class, which only keeps
 what the pickle hands it), anything else (``os.system``, ``builtins.eval``, …) refuses the file in one line.
-The tensors are mapped onto the ``paper`` preset (dsm_fast/release.py), colour or grayscale from the first
-convolution, and written as a run folder like the trainer's: ``config.json`` + ``checkpoints/step_N/``.
+The tensors are mapped onto the ``paper`` preset by dsm_fast/release.py (names, shapes, colour or grayscale
+from the first convolution) and written as a run folder like the trainer's: ``config.json`` + ``checkpoints/step_N/``.
 """
 from __future__ import annotations
 
@@ -28,13 +28,11 @@ import torch
 
 from .checkpoint import CheckpointError, save_checkpoint
 from .config import TrainConfig
+from .release import RELEASE_COMMIT, RELEASE_REPOSITORY, ReleaseMismatch, from_release, infer_channels, strip_prefixes
 
-RELEASE = "FlorentinGuth/DualScoreMatching@c84182f"
 # Where the release's pickled classes live: its top-level modules (and ``__main__`` when main.py ran as a script).
 RELEASE_MODULES = ("__main__", "main", "noise", "data", "trackers", "tensor_ops", "utils", "networks")
 RECORD_GLOBALS = ("argparse.Namespace", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path")
-PREFIXES = ("network.", "module.")  # Reparameterization's and DataParallel's attribute names
-FIRST_CONV = "encoder.0.0.weight"  # the release's first convolution, (64, C, 3, 3)
 # what a damaged or hostile archive makes the static scan or the restricted unpickler raise
 LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
                EOFError, OSError, struct.error, zipfile.BadZipFile)
@@ -114,13 +112,6 @@ def _safe_load(path: Path) -> Any:
                                f"({first[0] if first else type(error).__name__})") from None
 
 
-def strip_prefixes(key: str) -> str:
-    """'network.network.encoder.0.0.weight' → 'encoder.0.0.weight' (Reparameterization / DataParallel wrappers)."""
-    while key.startswith(PREFIXES):
-        key = key.partition(".")[2]
-    return key
-
-
 def read_release(path: str | Path) -> ReleaseCheckpoint:
     """The release checkpoint at ``path``, read safely and checked for the five keys the release writes."""
     path = Path(path)
@@ -132,12 +123,9 @@ def read_release(path: str | Path) -> ReleaseCheckpoint:
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ReleaseError(f"{path}: state_dict is not a mapping of names to tensors")
-    stripped: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        name = strip_prefixes(str(key))
-        if name in stripped:
-            raise ReleaseError(f"{path}: tensor {name} appears twice in state_dict")
-        stripped[name] = value
+    stripped = strip_prefixes({str(key): value for key, value in state.items()})
+    if len(stripped) != len(state):
+        raise ReleaseError(f"{path}: state_dict names a tensor twice (with and without a wrapper prefix)")
     records = {key: payload.get(key) if isinstance(payload.get(key), InertRecord) else None
                for key in ("args", "train_perf", "test_perf")}
     try:
@@ -148,15 +136,6 @@ def read_release(path: str | Path) -> ReleaseCheckpoint:
 
 
 # --- what the run needs from the checkpoint --------------------------------------------------------------
-def channels_of(state: dict[str, torch.Tensor], origin: str) -> int:
-    """1 (grayscale) or 3 (colour): the input channels of the first convolution."""
-    conv = state.get(FIRST_CONV)
-    if conv is None or conv.dim() != 4 or conv.shape[1] not in (1, 3):
-        shape = "missing" if conv is None else f"of shape {tuple(conv.shape)}"
-        raise ReleaseError(f"{origin}: tensor {FIRST_CONV} is {shape}; expected (64, 1 or 3, 3, 3)")
-    return int(conv.shape[1])
-
-
 def noise_variance(level: Any, default: float) -> float:
     """The release's noise level {'x': value, 'unit': psnr | var | std} as a variance (peak 1: t = 10^(−psnr/10))."""
     if not isinstance(level, dict) or not isinstance(level.get("x"), (int, float)):
@@ -202,25 +181,21 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def map_tensors(state: dict[str, torch.Tensor], key_map: dict[str, str], expected: dict[str, torch.Tensor],
-                origin: str) -> dict[str, torch.Tensor]:
-    """The release's tensors under dsm_fast's names (``key_map``: release name → dsm_fast name), each checked against
-    the shape dsm_fast's model expects; the first tensor that does not fit refuses the file, named."""
-    weights = {}
-    for name, tensor in state.items():
-        target = key_map.get(name)
-        if target is None:
-            raise ReleaseError(f"{origin}: tensor {name} {tuple(tensor.shape)} has no place in dsm_fast's paper preset")
-        if tuple(tensor.shape) != tuple(expected[target].shape):
-            raise ReleaseError(f"{origin}: tensor {name} has shape {tuple(tensor.shape)}, dsm_fast's paper preset "
-                               f"expects {tuple(expected[target].shape)} ({target})")
+def paper_weights(state: dict[str, torch.Tensor], origin: str) -> tuple[dict[str, torch.Tensor], int]:
+    """(dsm_fast weights of the paper preset, channels): names and shapes by dsm_fast/release.py, channels from
+    the first convolution; every tensor must be finite floating point (stored as float32, the release's dtype)."""
+    try:
+        channels = infer_channels(state)
+        if channels not in (1, 3):
+            raise ReleaseMismatch(f"tensor 'encoder.0.0.weight' takes {channels} input channels; the paper's models "
+                                  f"take colour (3) or grayscale (1) images")
+        weights = from_release(state, "paper", channels)
+    except ReleaseMismatch as error:
+        raise ReleaseError(f"{origin}: {error}") from None
+    for name, tensor in weights.items():
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise ReleaseError(f"{origin}: tensor {name} is not finite floating point ({tensor.dtype})")
-        weights[target] = tensor.detach().to(expected[target].dtype).contiguous()
-    missing = [name for name in key_map if name not in state]
-    if missing:
-        raise ReleaseError(f"{origin}: the file lacks tensor {missing[0]} ({len(missing)} of {len(key_map)} missing)")
-    return weights
+    return {name: tensor.detach().float().contiguous() for name, tensor in weights.items()}, channels
 
 
 def imported_config(args: InertRecord | None, channels: int, data: str, out: Path) -> TrainConfig:
@@ -247,15 +222,10 @@ def import_release(path: str | Path, out: str | Path, data: str = "demo") -> dic
         raise ReleaseError(f"--data {data}: not found (a prepared ImageNet64 folder, images, a .npy, or demo)")
     release = read_release(path)
     check_energy_model(release.args, str(path))
-    channels = channels_of(release.state_dict, str(path))
-    from .model import build_model
-    from .release import RELEASE_TO_DSM_FAST
-
-    expected = build_model("paper", channels=channels).state_dict()
-    weights = map_tensors(release.state_dict, RELEASE_TO_DSM_FAST, expected, str(path))
+    weights, channels = paper_weights(release.state_dict, str(path))
     cfg = imported_config(release.args, channels, data, out)
     args = release.args.fields if release.args is not None else {}
-    provenance = {"source": str(path.resolve()), "sha256": sha256_of(path), "release": RELEASE, "step": release.step,
+    provenance = {"source": str(path.resolve()), "sha256": sha256_of(path), "release": f"{RELEASE_REPOSITORY}@{RELEASE_COMMIT}", "step": release.step,
                   "channels": channels, "tensors": len(weights), "train_perf": perf_summary(release.train_perf),
                   "test_perf": perf_summary(release.test_perf),
                   "args": {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None), dict))}}

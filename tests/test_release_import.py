@@ -134,3 +134,80 @@ def test_json_of_the_records_is_plain(tmp_path, release_modules):
     assert perf_summary(release.test_perf) == {"loss": 0.4219}
     json.dumps(release.args.fields)
     assert np.isclose(release.args.get("max_noise_level")["x"], -30.0)
+
+
+def release_weights(channels, seed):
+    """A paper-preset UNet's weights under the release's names, every tensor perturbed (nothing at its init)."""
+    from dsm_fast.model import UNetEnergy
+    from dsm_fast.release import to_release
+
+    torch.manual_seed(seed)
+    ours = {k: v + 0.01 * torch.randn_like(v) for k, v in UNetEnergy(channels, "paper").state_dict().items()}
+    return to_release(ours, "paper", channels), ours
+
+
+@pytest.mark.parametrize("channels, prefix", [(3, "network."), (1, "network.network.")])
+def test_import_writes_a_run_that_eval_reads(channels, prefix, tmp_path, release_modules, seed):
+    from dsm_fast.analysis.runs import load_run
+    from dsm_fast.cli import main
+
+    released, ours = release_weights(channels, seed)
+    assert len(released) == 85 and tuple(released["decoder.0.6.weight"].shape) == (channels, 64, 3, 3)
+    assert tuple(released["noise_var_embedding.time_embed.0.weight"].shape) == (256, 64)
+    path = save_release(tmp_path / "model.pth.tar", released, release_modules, prefix=prefix)
+    out = tmp_path / "runs" / "paper"
+    main(["import-release", str(path), "--out", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["channels"] == channels and config["model"] == "paper" and config["batch_size"] == 128
+    assert config["t_min"] == pytest.approx(1e-9) and config["t_max"] == pytest.approx(1e3)
+    provenance = json.loads((out / "imported.json").read_text())
+    assert provenance["step"] == 1000000 and provenance["test_perf"] == {"loss": 0.4219}
+    assert provenance["release"].endswith("@c84182f") and len(provenance["sha256"]) == 64
+    run = load_run(out, device="cpu")
+    assert run.step == 1000000 and run.cfg.channels == channels
+    loaded = run.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ours.items())
+    colour = np.random.default_rng(seed).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)  # gray runs: by the luma
+    np.save(tmp_path / "x.npy", colour)
+    main(["eval", str(out), "--data", str(tmp_path / "x.npy"), "--images", "all", "--device", "cpu",
+          "--json", str(tmp_path / "e.json")])
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["n"] == 1 and result["dim"] == channels * 4096 and np.isfinite(result["nll_bits_per_dim"])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["paper"]  # no temporary folder left
+
+
+def test_an_analysis_reads_an_imported_run(tmp_path, release_modules, seed):
+    """The analyses load runs through analysis.runs.load_run (checked above); one runs end to end here (each takes
+    5–30 s at the paper preset on a 2-core CPU: sample, dimensionality, atlas and generalization were run by hand)."""
+    from dsm_fast.cli import main
+
+    released, _ = release_weights(1, seed)
+    out = tmp_path / "gray"
+    import_release(save_release(tmp_path / "m.pth.tar", released, release_modules), out)
+    np.save(tmp_path / "x.npy", np.random.default_rng(seed).integers(0, 256, (1, 3, 64, 64), dtype=np.uint8))
+    main(["denoise", str(out), "--data", str(tmp_path / "x.npy"), "--device", "cpu", "--images", "1", "--psnrs", "20",
+          "--show", "1", "--out", str(tmp_path / "png"), "--json", str(tmp_path / "d.json")])
+    assert np.isfinite(json.loads((tmp_path / "d.json").read_text())["rows"][0]["output_psnr"])
+
+
+def test_another_architecture_is_refused_naming_the_first_tensor(tmp_path, release_modules, seed):
+    from dsm_fast.config import ConfigError
+    from dsm_fast.train import Trainer, config_from_run
+
+    released, _ = release_weights(3, seed)
+    cases = [({**released, "encoder.1.3.weight": torch.zeros(128, 128, 5, 5)}, r"'encoder\.1\.3\.weight' has shape"),
+             ({k: v for k, v in released.items() if k != "middle_block.4.weight"}, r"'middle_block\.4\.weight'.*missing"),
+             ({**released, "encoder.0.2.weight": torch.zeros(64)}, r"'encoder\.0\.2\.weight' is not part of"),
+             ({**released, "encoder.0.0.weight": torch.zeros(64, 2, 3, 3)}, r"'encoder\.0\.0\.weight' takes 2 input"),
+             ({**released, "decoder.1.3.weight": torch.full((128, 128, 3, 3), float("nan"))}, "not finite")]
+    for i, (state, message) in enumerate(cases):
+        path = save_release(tmp_path / f"bad{i}.pth.tar", state, release_modules)
+        with pytest.raises(ReleaseError, match=message) as info:
+            import_release(path, tmp_path / f"run{i}")
+        assert "\n" not in str(info.value) and not (tmp_path / f"run{i}").exists()
+    out = tmp_path / "good"
+    import_release(save_release(tmp_path / "good.pth.tar", released, release_modules), out)
+    cfg = config_from_run(out, device="cpu", steps=1000001, data=str(tmp_path / "x.npy"))
+    np.save(tmp_path / "x.npy", np.zeros((4, 3, 64, 64), np.uint8))
+    with pytest.raises(ConfigError, match="imported from .* without the optimizer state"):
+        Trainer(cfg, resume=True)
