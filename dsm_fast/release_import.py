@@ -6,7 +6,7 @@ The release writes ``torch.save({"step", "args", "state_dict", "train_perf", "te
 tensors under one or two ``network.`` prefixes. The file is read by torch's restricted unpickler
 (``weights_only=True``): before unpickling starts, every global the pickle names is checked; argparse.Namespace and
 the classes of the release's own modules are admitted as :class:`InertRecord` stand-ins (our class, which only keeps
-what the pickle hands it), anything else (``os.system``, ``builtins.eval``, …) refuses the file in one line.
+what the pickle hands it), numpy arrays and scalars as themselves, anything else (``os.system``, ``builtins.eval``, …) refuses the file in one line.
 The tensors are mapped onto the ``paper`` preset by dsm_fast/release.py (names, shapes, colour or grayscale
 from the first convolution) and written as a run folder like the trainer's: ``config.json`` + ``checkpoints/step_N/``.
 """
@@ -24,15 +24,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, save_checkpoint
 from .config import TrainConfig
+from .data.imagenet64 import SafeUnpickler
 from .release import RELEASE_COMMIT, RELEASE_REPOSITORY, ReleaseMismatch, from_release, infer_channels, strip_prefixes
 
 # Where the release's pickled classes live: its top-level modules (and ``__main__`` when main.py ran as a script).
 RELEASE_MODULES = ("__main__", "main", "noise", "data", "trackers", "tensor_ops", "utils", "networks")
 RECORD_GLOBALS = ("argparse.Namespace", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path")
+# the classes of numpy's dtype objects (np.dtype('f8') is a numpy.dtypes.Float64DType): never named in a pickle,
+# but the restricted unpickler sets a dtype's state only when its class is allowlisted
+NUMPY_DTYPE_CLASSES = sorted({type(np.dtype(code)) for code in np.typecodes["All"]}, key=str)
 # what a damaged or hostile archive makes the static scan or the restricted unpickler raise
 LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
                EOFError, OSError, struct.error, zipfile.BadZipFile)
@@ -99,11 +104,14 @@ def _safe_load(path: Path) -> Any:
         unknown = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except LOAD_ERRORS as error:  # the static scan failed: a corrupt pickle, or an opcode it does not accept
         raise ReleaseError(f"{path}: unreadable pickle ({type(error).__name__}: {str(error).splitlines()[0]})") from None
-    refused = [name for name in unknown if not admitted_as_record(name)]
+    numpy_globals = {f"{module}.{name}": obj for (module, name), obj in SafeUnpickler.ALLOWED.items()}
+    refused = [name for name in unknown if name not in numpy_globals and not admitted_as_record(name)]
     if refused:
         raise ReleaseError(f"{path}: refused: the pickle asks for {', '.join(refused)}, which no release checkpoint "
                            f"holds (nothing from the file was run)")
-    with torch.serialization.safe_globals([(_record_class(name), name) for name in unknown]):
+    admitted = [(numpy_globals[name], name) if name in numpy_globals else (_record_class(name), name)
+                for name in unknown] + NUMPY_DTYPE_CLASSES  # numpy.dtype(...) objects get their state set
+    with torch.serialization.safe_globals(admitted):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except LOAD_ERRORS as error:  # the restricted unpickler refused, or the archive is damaged

@@ -125,6 +125,16 @@ def test_unreadable_and_foreign_files_are_refused_in_one_line(tmp_path, release_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("r", "."))) == []
 
 
+def test_numpy_values_in_the_records_are_read_as_numpy(tmp_path, release_modules):
+    levels = release_modules.NoiseLevel(np.linspace(0, 1, 5, dtype=np.float32))
+    torch.save({"step": 2, "args": argparse.Namespace(**ARGS, mean=np.float64(0.45)), "state_dict": small_state(),
+                "train_perf": release_modules.PerformanceInfo(np.float64(0.5), levels)}, tmp_path / "np.pth.tar")
+    release = read_release(tmp_path / "np.pth.tar")
+    assert release.args.get("mean") == 0.45 and isinstance(release.args.get("mean"), np.float64)
+    np.testing.assert_array_equal(release.train_perf.get("noise_levels").get("_variance"), np.linspace(0, 1, 5))
+    assert release.test_perf is None
+
+
 def test_json_of_the_records_is_plain(tmp_path, release_modules):
     """imported.json keeps the release's args and losses as plain values (no record objects)."""
     from dsm_fast.release_import import perf_summary
