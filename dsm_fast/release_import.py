@@ -13,7 +13,6 @@ from the first convolution) and written as a run folder like the trainer's: ``co
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import pickle
@@ -29,7 +28,7 @@ import torch
 
 from .checkpoint import CheckpointError, save_checkpoint
 from .config import TrainConfig
-from .data.imagenet64 import SafeUnpickler
+from .data.imagenet64 import SafeUnpickler, sha256_file
 from .release import RELEASE_COMMIT, RELEASE_REPOSITORY, ReleaseMismatch, from_release, infer_channels, strip_prefixes
 
 # Where the release's pickled classes live: its top-level modules (and ``__main__`` when main.py ran as a script).
@@ -153,19 +152,21 @@ def noise_variance(level: Any, default: float) -> float:
 
 
 def check_energy_model(args: InertRecord | None, origin: str) -> None:
-    """Refuse a release run that is not an energy U = ½⟨y, f(y, t)⟩ (e.g. its DenoiserModel checkpoints)."""
+    """Refuse a release run that is not an energy U = ½⟨y, f(y, t)⟩ (e.g. its DenoiserModel checkpoints): args.model
+    EnergyModel, reparam_kwargs (a dict literal) with conversion inner_product and every other option of the
+    release's Reparameterization (scalings by t^a, residual, edm_like, …) off: None, False or 0."""
     if args is None:
         return
-    model = args.get("model", "EnergyModel")
+    model, text = args.get("model", "EnergyModel"), args.get("reparam_kwargs", "{'conversion': 'inner_product'}")
     try:
-        reparam = ast.literal_eval(args.get("reparam_kwargs", "{}")) if isinstance(args.get("reparam_kwargs"), str) \
-            else {"conversion": "inner_product"}
+        reparam = ast.literal_eval(text) if isinstance(text, str) else None
     except (ValueError, SyntaxError):
-        reparam = {}
-    conversion = reparam.get("conversion") if isinstance(reparam, dict) else None
-    if model != "EnergyModel" or conversion != "inner_product" or set(reparam) - {"conversion"}:
-        raise ReleaseError(f"{origin}: a release {model} with reparameterization {reparam}; dsm_fast imports the "
-                           f"energy models U = ½⟨y, f(y, t)⟩ only (EnergyModel, conversion inner_product)")
+        reparam = None
+    energy = (model == "EnergyModel" and isinstance(reparam, dict) and reparam.get("conversion") == "inner_product"
+              and all(v in (None, False, 0) for k, v in reparam.items() if k != "conversion"))
+    if not energy:
+        raise ReleaseError(f"{origin}: a release {model} with reparameterization {text}; dsm_fast imports the energy "
+                           f"models U = ½⟨y, f(y, t)⟩ only (EnergyModel, conversion inner_product)")
 
 
 def perf_summary(perf: InertRecord | None) -> dict[str, float]:
@@ -181,14 +182,6 @@ def perf_summary(perf: InertRecord | None) -> dict[str, float]:
 
 
 # --- the run folder ------------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def paper_weights(state: dict[str, torch.Tensor], origin: str) -> tuple[dict[str, torch.Tensor], int]:
     """(dsm_fast weights of the paper preset, channels): names and shapes by dsm_fast/release.py, channels from
     the first convolution; every tensor must be finite floating point (stored as float32, the release's dtype)."""
@@ -233,8 +226,8 @@ def import_release(path: str | Path, out: str | Path, data: str = "demo") -> dic
     weights, channels = paper_weights(release.state_dict, str(path))
     cfg = imported_config(release.args, channels, data, out)
     args = release.args.fields if release.args is not None else {}
-    provenance = {"source": str(path.resolve()), "sha256": sha256_of(path), "release": f"{RELEASE_REPOSITORY}@{RELEASE_COMMIT}", "step": release.step,
-                  "channels": channels, "tensors": len(weights), "train_perf": perf_summary(release.train_perf),
+    provenance = {"source": str(path.resolve()), "sha256": sha256_file(path),
+                  "release": f"{RELEASE_REPOSITORY}@{RELEASE_COMMIT}", "step": release.step, "channels": channels, "tensors": len(weights), "train_perf": perf_summary(release.train_perf),
                   "test_perf": perf_summary(release.test_perf),
                   "args": {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None), dict))}}
     out.parent.mkdir(parents=True, exist_ok=True)

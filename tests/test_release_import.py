@@ -110,6 +110,8 @@ def test_unreadable_and_foreign_files_are_refused_in_one_line(tmp_path, release_
     torch.save({"step": "last", "state_dict": small_state()}, tmp_path / "step.pt")
     denoiser = {**ARGS, "model": "DenoiserModel", "reparam_kwargs": "{'output_scaling':1,'residual':True}"}
     save_release(tmp_path / "denoiser.pth.tar", small_state(), release_modules, args=denoiser)
+    edm = {**ARGS, "reparam_kwargs": "{'conversion':'inner_product','edm_like':True}"}  # another function of f
+    save_release(tmp_path / "edm.pth.tar", small_state(), release_modules, args=edm)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     cases = [(tmp_path / "missing.pth.tar", tmp_path / "r1", "no such file"),
@@ -117,6 +119,7 @@ def test_unreadable_and_foreign_files_are_refused_in_one_line(tmp_path, release_
              (tmp_path / "tensor.pt", tmp_path / "r3", "not a release checkpoint"),
              (tmp_path / "step.pt", tmp_path / "r4", "step is 'last'"),
              (tmp_path / "denoiser.pth.tar", tmp_path / "r5", "DenoiserModel"),
+             (tmp_path / "edm.pth.tar", tmp_path / "r6", "edm_like"),
              (tmp_path / "denoiser.pth.tar", tmp_path / "full", "not an empty folder")]
     for source, out, message in cases:
         with pytest.raises(ReleaseError, match=message) as info:
