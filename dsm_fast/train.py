@@ -38,7 +38,7 @@ from .checkpoint import (
     reject,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, check_resume
 from .data import make_training_data
 from .diffclf import with_free_energies
 from .distributed import DistributedError
@@ -84,8 +84,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, local_rank: int | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"--out {self.run_dir} is a file; a run needs a folder")
         if list_checkpoints(self.run_dir) and not resume:
             raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose --out")
+        if resume:  # the run's own options, bar those a resume may change (config.RESUME_MAY_CHANGE)
+            check_resume(config_from_run(self.run_dir), dataclasses.asdict(cfg))
         self.device = resolve_device(cfg.device)
         if cfg.precision == "bf16" and self.device.type != "cuda":
             raise ConfigError("precision bf16 (autocast) needs a CUDA device")
