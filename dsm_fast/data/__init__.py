@@ -64,4 +64,7 @@ def make_test_data(cfg, n: int, seed: int = 12345) -> tuple[torch.Tensor, bool]:
         mixture = GaussianScaleMixture(cfg.gsm_dim, cfg.gsm_sigmas)
         return mixture.sample(n, torch.Generator().manual_seed(seed)), False
     test = _image_splits(cfg)[1]
+    if len(test) == 0:
+        raise DataError(f"{cfg.data}: no held-out images (a single image cannot be split; use ≥ 2 images, or "
+                        f"--eval-images 0 when training)")
     return torch.from_numpy(np.array(test[:n])).float() / 255.0, True  # a copy: test may be a read-only map
