@@ -187,6 +187,9 @@ class Trainer:
                     print(f"warning: {error}; resuming from an earlier checkpoint", file=sys.stderr, flush=True)
         else:
             raise CheckpointError(f"{self.run_dir}: no checkpoint passes its checks; start a new run")
+        if "imported_from" in state:  # dsm-fast import-release: weights only, no optimizer or stream state
+            raise ConfigError(f"{self.run_dir} holds weights imported from {state['imported_from']}, without the "
+                              f"optimizer state a resume needs; evaluate or analyse it, or train a new run")
         distributed.barrier()  # every rank has read its checkpoint before rank 0 moves the newer ones aside
         if self.world.is_main:
             for newer in found[found.index(folder) + 1:]:
