@@ -75,6 +75,8 @@ def run_eval(args) -> int:
     from ..model import build_model
     from ..train import compute_dtype, config_from_run, resolve_device
 
+    if args.batch_size <= 0:
+        raise ConfigError("--batch-size must be positive")
     if args.per_image and Path(args.per_image).suffix not in (".npy", ".csv"):
         raise ConfigError("--per-image must end in .npy or .csv")
     checkpoint = resolve_checkpoint(args.run)

@@ -77,4 +77,7 @@ def make_test_data(cfg, n: int | None, seed: int = 12345) -> tuple[torch.Tensor,
         mixture = GaussianScaleMixture(cfg.gsm_dim, cfg.gsm_sigmas)
         return mixture.sample(n, torch.Generator().manual_seed(seed)), False
     test = image_split(cfg, "test")
+    if len(test) == 0:
+        raise DataError(f"{cfg.data}: no held-out images (a single image cannot be split; use ≥ 2 images, or "
+                        f"--eval-images 0 when training)")
     return torch.from_numpy(np.array(test[:n])).float() / 255.0, True  # a copy: test may be a read-only map

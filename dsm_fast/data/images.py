@@ -77,6 +77,26 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
+def to_8bit(img, origin: str):
+    """A PIL image as 8-bit ``L`` or ``RGB``. 16-bit gray (modes I;16*) is scaled, v ↦ round(255 v / 65535);
+    transparency (RGBA, LA, PA, palettes with a transparent entry) is composited onto black, c ↦ round(c α / 255);
+    palettes and the other modes are converted; 32-bit integer and floating-point pixels are refused."""
+    from PIL import Image
+
+    if img.mode in ("L", "RGB"):
+        return img
+    if img.mode.startswith("I;16"):
+        values = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.mode in ("I", "F"):
+        raise DataError(f"{origin}: {'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels are not "
+                        f"supported; save the image with 8 or 16 bits per channel")
+    if "A" in img.mode or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA")).astype(np.uint32)
+        return Image.fromarray(((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8), "RGB")
+    return img.convert("RGB")
+
+
 def load_image_folder(folder: Path, channels: int, size: int) -> np.ndarray:
     """Every image file in ``folder`` (sorted by name), each of exactly size × size pixels."""
     from PIL import Image
@@ -88,7 +108,7 @@ def load_image_folder(folder: Path, channels: int, size: int) -> np.ndarray:
     for path in files:
         try:
             with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+                array = np.asarray(to_8bit(img, str(path)))
         except OSError as error:
             raise DataError(f"{path}: cannot read image ({error})") from None
         if array.shape[:2] != (size, size):
