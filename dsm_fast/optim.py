@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import ConfigError
+
 
 def apex_available() -> bool:
     try:
@@ -26,7 +28,7 @@ def make_optimizer(params, lr: float, choice: str, device: torch.device, captura
     use_apex = choice == "apex" or (choice == "auto" and device.type == "cuda" and apex_available() and not capturable)
     if use_apex:
         if not apex_available():
-            raise RuntimeError("--optimizer apex asked for, but apex.optimizers.FusedAdam is not importable on CUDA")
+            raise ConfigError("--optimizer apex asked for, but apex.optimizers.FusedAdam is not importable on CUDA")
         from apex.optimizers import FusedAdam
 
         return FusedAdam(params, lr=lr, adam_w_mode=False), "apex FusedAdam"

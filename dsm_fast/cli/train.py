@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig, resume_flags
 from .common import Formatter, examples
 
 FIELD_HELP = {
@@ -28,7 +29,8 @@ FIELD_HELP = {
     "lr_halve_every": "halve the learning rate every this many steps",
     "ema_decay": "EMA of the weights (0 disables)",
     "grad_clip": "max global gradient norm (0 disables)",
-    "max_bad_steps": "stop (with a checkpoint) after this many non-finite losses in a row",
+    "max_bad_steps": "stop after this many non-finite losses in a row; --resume then continues from the healthy "
+                     "checkpoint before them",
     "eval_images": "held-out images whose NLL is printed when training ends (0 skips)",
     "loader": "prepared ImageNet64 only: auto (DALI if installed and on CUDA, else cpu), cpu, or dali",
     "optimizer": "auto (apex FusedAdam if installed, else torch Adam, fused on CUDA), torch or apex",
@@ -55,7 +57,9 @@ def add_train(sub) -> None:
                        description="Train U(y, t) on images (or the analytic GSM data). Options come from the "
                                    "defaults, then --config FILE (YAML or TOML), then the command line.")
     p.add_argument("--config", help="YAML or TOML file of the options below (keys with underscores)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest healthy checkpoint, with the run's own options "
+                        f"(config.json); only {resume_flags()} may be given anew")
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
                    help="passed by the deepspeed launcher; LOCAL_RANK in the environment takes precedence")
     bare = {"bool": "true", "compile": "on"}  # what a flag given without a value means
@@ -68,14 +72,25 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> int:
-    from ..config import resolve_config
+    from ..config import check_resume, given_options, resolve_config
     from ..data import make_test_data
     from ..distributed import stop
     from ..evaluate import clean_noise_level, evaluate_nll
-    from ..train import Trainer
+    from ..train import Trainer, config_from_run
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    cfg = resolve_config(args.config, overrides)
+    if args.resume:  # the run's resolved options ← the few a resume may change
+        given = given_options(args.config, overrides)
+        run_dir = Path(given.get("out", TrainConfig.out))
+        if not (run_dir / "config.json").is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no run to resume (no config.json); drop --resume to start one")
+        saved = config_from_run(run_dir)
+        check_resume(saved, given)
+        cfg = dataclasses.replace(saved, **given).validate()
+    else:
+        cfg = resolve_config(args.config, overrides)
+    if cfg.eval_images > 0:
+        make_test_data(cfg, 1)  # a data set too small to hold out images is refused before training, not after
     try:
         trainer = Trainer(cfg, resume=args.resume, local_rank=args.local_rank)
         cfg = trainer.cfg  # route, kernels and compilation resolved
