@@ -74,9 +74,10 @@ class TrainConfig:
         from .model import PRESETS
         from .routes import ROUTES
 
+        routes = ("auto", *ROUTES)
         checks = [
             (self.model in (*PRESETS, "radial"), f"model must be one of {', '.join((*PRESETS, 'radial'))}"),
-            (self.route in ROUTES, f"route must be one of {', '.join(ROUTES)}"),
+            (self.route in routes, f"route must be one of {', '.join(routes)} (compilation is --compile)"),
             (valid_device(self.device), "device must be auto, cpu, cuda or cuda:N"),
             (1 <= self.image_size <= MAX_IMAGE_SIZE, f"image_size must be in 1 … {MAX_IMAGE_SIZE}"),
             (self.gsm_dim > 0, "gsm_dim must be positive"),
@@ -97,8 +98,6 @@ class TrainConfig:
             (self.diffclf_levels >= 2, "diffclf_levels must be at least 2"),
             (self.objective != "diffclf" or self.route in ("auto", "reference"),
              "objective diffclf needs --route reference"),
-            (self.route in ("auto", "reference", "functional", "fused"),
-             "route must be auto, reference, functional or fused (compilation is --compile)"),
             (self.kernels in ("auto", "torch", "triton", "cuda"), "kernels must be auto, torch, triton or cuda"),
             (self.compile in ("auto", "on", "off"), "compile must be auto, on or off"),
             (self.subset == "" or parse_subset(self.subset) is not None, "subset must be 'first:N' or 'last:N', N > 0"),
@@ -142,9 +141,15 @@ def resume_flags() -> str:
     return ", ".join("--" + key.replace("_", "-") for key in RESUME_MAY_CHANGE if key != "out")
 
 
+AUTO_RESOLVED = ("route", "kernels", "compile")  # 'auto' is written to config.json as what it resolved to
+
+
 def check_resume(saved: TrainConfig, values: dict[str, Any]) -> None:
-    """Refuse, naming it, an option of ``values`` that differs from the run's and may not change on resume."""
+    """Refuse, naming it, an option of ``values`` that differs from the run's and may not change on resume
+    ('auto' for an option in AUTO_RESOLVED agrees with what the run resolved it to)."""
     for key, value in values.items():
+        if key in AUTO_RESOLVED and value == "auto":
+            continue
         if key not in RESUME_MAY_CHANGE and value != getattr(saved, key):
             raise ConfigError(f"--resume: {key} is {value!r}, the run was made with {getattr(saved, key)!r}; "
                               f"a resumed run may change only {resume_flags()}")

@@ -279,7 +279,8 @@ class Trainer:
                     raise TrainingStopped(f"non-finite loss at step {self.step}; engine {self.engine.name} cannot "
                                           f"discard a partly accumulated step (lower --lr or set --grad-clip, then "
                                           f"--resume)")
-                self.engine.backward(loss, last)
+                if loss.requires_grad:  # (a loss independent of θ, e.g. a constant NaN, has no backward)
+                    self.engine.backward(loss, last)
             for key, value in terms.items():
                 out[key] = out.get(key, 0) + value.detach().mean() / accum
         grad_norm, ok = self.engine.step(cfg.grad_clip, finite)
@@ -340,14 +341,13 @@ class Trainer:
             while self.step < cfg.steps:
                 terms = self.train_step()
                 bar.update(1)
-                if self.step % cfg.log_every and self.step != cfg.steps:
-                    continue  # values are read on the host only here, every log_every steps
-                longest = self.longest_bad_run()
-                if longest >= cfg.max_bad_steps:
-                    self.diverged(f"{longest} non-finite losses in a row at step {self.step}")
-                if bool(terms.pop("ok")):
-                    record = self._log(distributed.average(terms), last, writer, stats_file)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:  # the only reads on the host
+                    longest = self.longest_bad_run()
+                    if longest >= cfg.max_bad_steps:
+                        self.diverged(f"{longest} non-finite losses in a row at step {self.step}")
+                    if bool(terms.pop("ok")):
+                        record = self._log(distributed.average(terms), last, writer, stats_file)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
         except (KeyboardInterrupt, Exception) as error:
