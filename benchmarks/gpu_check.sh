@@ -13,13 +13,13 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  PRESET=tiny BATCH=4 SIZE=16 STEPS=3 WARMUP=1 DEVICE=cpu GRAPH="" EAGER_S=600 COMPILED_S=900
+  PRESET=tiny BATCH=4 SIZE=16 STEPS=3 WARMUP=1 DEVICE=cpu GRAPH="" EAGER_S=600 COMPILED_S=900 PROFILE_S=600
   INSTALL="echo dry run: no install"
   TESTS="$PY -m pytest -q tests/test_fast_path_cuda.py tests/test_custom_ops.py --benchmark-disable -x"
   export TRITON_INTERPRET=1
 else
   PRESET=paper BATCH=128 SIZE=64 STEPS=20 WARMUP=3 DEVICE=cuda GRAPH=",fused+compile+graph,fused+reduce-overhead"
-  EAGER_S=40 COMPILED_S=100
+  EAGER_S=40 COMPILED_S=95 PROFILE_S=25
   INSTALL="env DSM_FAST_BUILD_CUDA=1 $PY -m pip install -q --no-deps --no-build-isolation -e ."
   TESTS="$PY -m pytest -q tests/test_fast_path_cuda.py tests/test_csrc.py \
          tests/test_adjoint.py::test_fused_route_on_the_gpu_matches_the_float64_reference \
@@ -35,7 +35,7 @@ status() { echo "[$(date +%H:%M:%S)] $1: exit $2" | tee -a "$OUT/status.txt"; }
   git log -1 --format='commit %h %cs'; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-timeout 90 $INSTALL > "$OUT/install.log" 2>&1; status install $?
+timeout 85 $INSTALL > "$OUT/install.log" 2>&1; status install $?
 $PY -c "from dsm_fast import cuda_ext; print('cuda extension:', cuda_ext.unavailable_reason() or 'available')" \
   >> "$OUT/env.txt" 2>&1
 timeout 60 $TESTS > "$OUT/tests.log" 2>&1; status tests $?
@@ -49,9 +49,9 @@ for precision in fp32 bf16; do
     status "bench $precision $part" $?
   done
 done
-timeout 20 $PY -m dsm_fast profile --preset $PRESET --batch-size $BATCH --image-size $SIZE --device $DEVICE \
+timeout "$PROFILE_S" $PY -m dsm_fast profile --preset $PRESET --batch-size $BATCH --image-size $SIZE --device $DEVICE \
   --repeat 10 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1; status profile $?
-timeout 20 $PY -m dsm_fast profile --cost --json "$OUT/cost.json" > "$OUT/cost.log" 2>&1; status "profile --cost" $?
+timeout $((PROFILE_S + 5)) $PY -m dsm_fast profile --cost --json "$OUT/cost.json" > "$OUT/cost.log" 2>&1; status "profile --cost" $?
 $PY benchmarks/gpu_table.py "$OUT" > "$OUT/table.md" 2>&1; status table $?
 tail -n 3 "$OUT/tests.log"
 cat "$OUT/table.md"
