@@ -240,9 +240,7 @@ class Trainer:
             for key, value in terms.items():
                 out[key] = out.get(key, 0) + value.detach().mean() / accum
         if not finite and not self.engine.skips_non_finite:
-            self.save(streams=self._pre_step)
-            raise TrainingStopped(f"non-finite loss at step {self.step}; engine {self.engine.name} cannot discard a "
-                                  f"partly accumulated step (lower --lr or set --grad-clip, then --resume)")
+            self.diverged(f"non-finite loss at step {self.step}, which engine {self.engine.name} cannot skip")
         lr = learning_rate(self.step, cfg.lr, cfg.lr_halve_every, cfg.warmup_steps)
         grad_norm = self.engine.step(lr, cfg.grad_clip) if finite else None
         if grad_norm is None:
