@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # model
     model: str = "paper"  # UNet preset (paper, small, tiny) or 'radial' for the analytic data set
+    energy: str = "paper"  # paper (U = ½⟨y, f⟩) | gaussian (starts at the data's Gaussian, dsm_fast/model/gaussian.py)
     # data
     data: str = "demo"  # 'demo' (embedded photographs), 'gsm' (Gaussian scale mixture), folder, .npy, prepared ImageNet64
     loader: str = "auto"  # auto (DALI when installed, CUDA and a prepared dataset; else cpu) | cpu | dali
@@ -92,6 +93,10 @@ class TrainConfig:
              "offload and deepspeed_config need --engine deepspeed"),
             (self.dist_timeout > 0, "dist_timeout must be positive"),
             (self.radial_offset == 0 or self.model == "radial", "radial_offset needs --model radial"),
+            (self.energy in ("paper", "gaussian"), "energy must be paper or gaussian"),
+            (self.energy == "paper" or self.model != "radial", "energy gaussian needs a UNet preset, not radial"),
+            (self.energy == "paper" or self.route != "fused", "energy gaussian needs --route reference, compiled or "
+                                                              "functional (the explicit adjoint is the paper energy's)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -20,12 +20,14 @@ from . import distributed
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import make_training_data
+from .data.images import pixel_statistics
 from .diffclf import with_free_energies
 from .distributed import DistributedError
 from .engine import make_engine, micro_batch
 from .losses import sample_noise_levels
 from .model import build_model
 from .optim import EMA, learning_rate, make_optimizer
+from .progress import Progress
 from .routes import make_route
 
 
@@ -66,7 +68,7 @@ class Trainer:
         self.data = make_training_data(cfg, self.world.rank, self.world.size)
         sample_shape = self.data.sample_shape
         self.model = build_model(cfg.model, channels=sample_shape[0], dim=sample_shape[-1],
-                                 radial_offset=cfg.radial_offset)
+                                 radial_offset=cfg.radial_offset, energy=cfg.energy)
         down = getattr(getattr(self.model, "unet", None), "downsampling", 1)
         if len(sample_shape) == 3 and sample_shape[-1] % down:
             raise ConfigError(f"image size {sample_shape[-1]} is not a multiple of {down}, which model {cfg.model} "
@@ -74,6 +76,8 @@ class Trainer:
         if (cfg.model == "radial") != (len(sample_shape) == 1):
             raise ConfigError(f"model {cfg.model} does not fit data {cfg.data}: use --model radial with --data gsm "
                               f"and a UNet preset with images")
+        if cfg.energy == "gaussian":  # μ and s² of the training pixels (a resumed run reloads the same buffers)
+            self.model.set_data_statistics(*pixel_statistics(self.data.images))
         self.model = with_free_energies(self.model, cfg)  # DiffCLF: the model also owns the free energies F_j
         self.model.to(device=self.device, dtype=self.dtype)
         optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer, self.device)
@@ -183,27 +187,26 @@ class Trainer:
         With several ranks a failure is not checkpointed (the peers may be gone; the last periodic checkpoint
         stands) and ends as a DistributedError naming the rank, so every rank stops with one clear line."""
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
 
         cfg, main = self.cfg, self.world.is_main
         self._in_step = False
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) if main else None
         stats_file = (self.run_dir / "stats.jsonl").open("a") if main else None
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
-                   dynamic_ncols=True)
+        progress = Progress(cfg.steps, self.step, cfg.batch_size, enabled=cfg.progress and main,
+                            window=cfg.log_every)
         last = {"time": time.perf_counter(), "step": self.step}
         record: dict = {}
         try:
             while self.step < cfg.steps:
                 terms = self.train_step()
-                bar.update(1)
+                progress.step(terms)
                 if self.bad_in_row >= cfg.max_bad_steps:
                     path = self.save()
                     raise TrainingStopped(f"{self.bad_in_row} non-finite losses in a row at step {self.step} "
                                           f"(lower --lr or set --grad-clip); checkpoint saved at {path}")
                 if terms is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     record = self._log(distributed.average(terms), last, writer, stats_file)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+                    progress.mark_logged()
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
         except (KeyboardInterrupt, Exception) as error:
@@ -215,7 +218,7 @@ class Trainer:
             self.save(streams=self._pre_step if self._in_step else None)  # an interrupted step is drawn again
             raise
         finally:
-            bar.close()
+            progress.close()
             if main:
                 writer.close()
                 stats_file.close()
@@ -223,9 +226,11 @@ class Trainer:
         if self.engine.partitions_weights:  # ZeRO-3 left each rank a shard: keep a full copy for evaluation
             weights = self.engine.full_state_dict()
             shape = self.data.sample_shape
-            self.model = with_free_energies(build_model(cfg.model, channels=shape[0], dim=shape[-1]), cfg)
+            self.model = with_free_energies(build_model(cfg.model, channels=shape[0], dim=shape[-1],
+                                                        energy=cfg.energy), cfg)
             self.model.to(device=self.device, dtype=self.dtype).load_state_dict(weights)
-        return {"step": self.step, "skipped_steps": self.bad_total, "optimizer": self.optimizer_name, **record}
+        return {"step": self.step, "skipped_steps": self.bad_total, "optimizer": self.optimizer_name, **record,
+                "smoothed_loss": progress.smoothed(), "first_smoothed_loss": progress.first}
 
     def _log(self, terms: dict[str, torch.Tensor], last: dict, writer, stats_file) -> dict:
         now = time.perf_counter()
