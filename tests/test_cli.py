@@ -1,5 +1,6 @@
 """The console script: help, one-line errors with exit code 2, and an end-to-end train → eval → bench."""
 import json
+import re
 import subprocess
 import sys
 
@@ -24,7 +25,11 @@ def test_every_subcommand_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "examples:" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "examples:" in text
+    options = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    assert all(option.count("(default:") <= 1 for option in options), "an option names its default twice"
+    assert "(default: None)" not in text
 
 
 @pytest.mark.parametrize("args, message", [

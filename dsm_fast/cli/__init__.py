@@ -1,0 +1,57 @@
+"""The ``dsm-fast`` console script (also ``python -m dsm_fast``): a dispatcher over one module per subcommand.
+
+Each module of this package defines ``COMMANDS = {name: (add_parser, run)}``. Argument definitions are light (no
+torch import) so ``--help`` is instant; each ``run`` imports what it needs. A user mistake ends in one line on stderr
+and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..config import ConfigError
+from .common import Formatter, examples
+
+MODULES = ("train", "eval", "bench", "profile", "data", "normalization", "analyses")
+COMMANDS = {name: command for module in MODULES
+            for name, command in importlib.import_module(f".{module}", __name__).COMMANDS.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsm-fast", formatter_class=Formatter,
+                                     description="Train and evaluate normalized energy models of images by dual "
+                                                 "score matching.", epilog=examples(
+                                                     "dsm-fast train --model small --steps 300 --batch-size 16",
+                                                     "dsm-fast eval runs/default", "dsm-fast bench --preset paper"))
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # the deepspeed launcher puts it before the subcommand
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..checkpoint import CheckpointError
+    from ..data.images import DataError
+
+    try:
+        return COMMANDS[args.command][1](args)
+    except (ConfigError, DataError, CheckpointError) as error:
+        parser.exit(2, f"dsm-fast {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"dsm-fast {args.command}: interrupted\n")
+    except Exception as error:
+        from ..distributed import DistributedError
+        from ..train import TrainingStopped
+
+        if isinstance(error, (TrainingStopped, DistributedError)):
+            parser.exit(1, f"dsm-fast {args.command}: stopped: {error}\n")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``dsm-fast bench``: the training routes (or the data loader) timed side by side on this device."""
+from __future__ import annotations
+
+from ..config import ConfigError
+from .common import Formatter, examples, write_json
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time the training routes side by side on this device",
+                       formatter_class=Formatter, epilog=examples(
+                           "dsm-fast bench --preset paper --batch-size 128",
+                           "dsm-fast bench --preset tiny --batch-size 8 --image-size 32 --device cpu --json b.json",
+                           "dsm-fast bench --data data/imagenet64 --loader cpu --batch-size 128 --steps 200"),
+                       description="Median ms/step of the plain score-network DSM step ('score'), and of the dual "
+                                   "score matching routes, with img/s, peak memory and ratios, all in one run.")
+    p.add_argument("--preset", default="paper", help="UNet preset")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--routes", default=None, help="comma-separated routes (default: score and every dual route)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per route")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp64"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", metavar="PATH", help="write the table as JSON")
+    p.add_argument("--data", metavar="PATH", help="time the data loader (images/s) of this prepared ImageNet64 "
+                                                  "folder instead of the routes; --steps batches of --batch-size")
+    p.add_argument("--loader", default="auto", choices=("auto", "cpu", "dali"), help="the loader timed with --data")
+
+
+def run_bench(args) -> int:
+    import torch
+
+    if args.data:
+        from ..data.imagenet64 import time_loader
+
+        if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
+            raise ConfigError("--batch-size and --steps must be positive, --warmup ≥ 0")
+        row = time_loader(args.data, args.loader, args.batch_size, args.steps, args.warmup, args.device)
+        print(f"loader {row['loader']} ({args.loader}), batch {row['batch_size']}, device {args.device}, "
+              f"torch {torch.__version__}: {row['img_per_s']:.0f} img/s (median {row['ms_per_batch']:.2f} ms/batch, "
+              f"mean {row['img_per_s_mean']:.0f} img/s over {row['batches']} batches)")
+        write_json(args.json, {"config": vars(args), "versions": {"torch": torch.__version__}, "rows": [row]})
+        return 0
+
+    from ..bench import bench_routes, format_table
+    from ..model import PRESETS
+    from ..routes import ROUTES
+    from ..train import resolve_device
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    routes = args.routes.split(",") if args.routes else ["score", *ROUTES]
+    unknown = [r for r in routes if r not in ("score", *ROUTES)]
+    if unknown:
+        raise ConfigError(f"unknown route(s) {', '.join(unknown)}; choose from score, {', '.join(ROUTES)}")
+    if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
+        raise ConfigError("--batch-size and --steps must be positive, --warmup ≥ 0")
+    down = 2 ** (len(PRESETS[args.preset].widths) - 1)
+    if args.image_size % down:
+        raise ConfigError(f"--image-size must be a multiple of {down} for preset {args.preset}")
+    device = resolve_device(args.device)
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    print(f"bench: preset {args.preset}, batch {args.batch_size}, {args.channels}×{args.image_size}², "
+          f"{args.precision}, {versions['device']}, torch {versions['torch']}", flush=True)
+    rows = bench_routes(routes, args.preset, args.batch_size, args.image_size, args.channels, args.steps,
+                        args.warmup, device, args.precision, progress=True)
+    print(format_table(rows))
+    write_json(args.json, {"config": vars(args) | {"routes": routes}, "versions": versions, "rows": rows})
+    return 0
+
+
+COMMANDS = {"bench": (add_bench, run_bench)}
