@@ -1,5 +1,5 @@
-"""Run configuration: one frozen dataclass, resolved once from defaults ← config file ← command line,
-and written next to the run as ``config.json``."""
+"""Run configuration: one frozen dataclass, resolved once from defaults ← named preset ← config file ← command
+line, and written next to the run as ``config.json``."""
 from __future__ import annotations
 
 import dataclasses
@@ -56,6 +56,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     eval_images: int = 256  # held-out images for the NLL printed when training ends; 0 skips it
     progress: bool = True
+    plots: bool = True  # write RUN/plots/ (loss curve, loss per noise level, denoising grid) when training ends
     # distributed (see dsm_fast/engine.py); batch_size is the global batch: each optimizer step sees
     # batch_size images, split over world size × grad_accum micro-batches
     engine: str = "single"  # single | ddp | deepspeed
@@ -95,8 +96,7 @@ class TrainConfig:
             (self.radial_offset == 0 or self.model == "radial", "radial_offset needs --model radial"),
             (self.energy in ("paper", "gaussian"), "energy must be paper or gaussian"),
             (self.energy == "paper" or self.model != "radial", "energy gaussian needs a UNet preset, not radial"),
-            (self.energy == "paper" or self.route != "fused", "energy gaussian needs --route reference, compiled or "
-                                                              "functional (the explicit adjoint is the paper energy's)"),
+            (self.energy == "paper" or self.route != "fused", "energy gaussian needs a route other than fused"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,6 +105,17 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+# Named settings (``train --preset NAME``): values over the defaults, under a config file and the command line.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The main job: a few minutes on a 2-core CPU that visibly learns (README, set-up). 32×32 grayscale patches
+    # of the embedded photographs, the tiny UNet started at the data's Gaussian (--energy gaussian), t ≥ 1e-4.
+    "demo": {"data": "demo", "model": "tiny", "energy": "gaussian", "channels": 1, "image_size": 32,
+             "batch_size": 32, "steps": 1200, "lr": 2e-3, "t_min": 1e-4, "checkpoint_every": 1200},
+    # The paper's run (method.md): the defaults, named.
+    "paper": {},
+}
 
 
 def parse_subset(subset: str) -> tuple[str, int] | None:
@@ -150,11 +161,16 @@ def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
         raise ConfigError(f"{origin}: {field.name} expects {kind}, got {value!r}") from None
 
 
-def resolve_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """defaults ← config file ← overrides (None values in overrides are ignored)."""
+def resolve_config(file: str | None = None, overrides: dict[str, Any] | None = None,
+                   preset: str | None = None) -> TrainConfig:
+    """defaults ← preset ← config file ← overrides (None values in overrides are ignored)."""
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     known = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
-    for origin, source in ((str(file), read_config_file(file) if file else {}), ("command line", overrides or {})):
+    sources = ((f"preset {preset}", PRESETS[preset] if preset else {}),
+               (str(file), read_config_file(file) if file else {}), ("command line", overrides or {}))
+    for origin, source in sources:
         for key, value in source.items():
             key = key.replace("-", "_")
             if key not in known:

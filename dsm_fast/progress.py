@@ -23,6 +23,7 @@ class Progress:
 
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
         self.batch_size, self.beta, self.interval = batch_size, 1.0 - 1.0 / window, interval
+        self.count = initial  # steps done (tqdm counts nothing when disabled)
         self.average: torch.Tensor | None = None  # L̄ on the device
         self.first: float | None = None  # L̄ when it was first read at a logged step
         self.drawn = {"time": time.perf_counter(), "step": initial}
@@ -32,18 +33,19 @@ class Progress:
         if terms is not None:
             loss = terms["loss"].detach().float()
             self.average = loss.clone() if self.average is None else self.average.lerp_(loss, 1.0 - self.beta)
+        self.count += 1
         self.bar.update(1)
         now = time.perf_counter()
         if not self.bar.disable and now - self.drawn["time"] >= self.interval:
             self.redraw(now)
 
     def redraw(self, now: float) -> None:
-        steps = self.bar.n - self.drawn["step"]
+        steps = self.count - self.drawn["step"]
         postfix = {"img/s": f"{steps * self.batch_size / max(now - self.drawn['time'], 1e-9):.0f}"}
         if self.average is not None:
             postfix = {"loss": f"{self.smoothed():.4f}", **postfix}
         self.bar.set_postfix(postfix, refresh=True)
-        self.drawn.update(time=now, step=self.bar.n)
+        self.drawn.update(time=now, step=self.count)
 
     def smoothed(self) -> float:
         """L̄ now (a host synchronization); NaN before the first finite step."""

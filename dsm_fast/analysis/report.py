@@ -48,8 +48,8 @@ def loss_per_noise_level(model: nn.Module, x: torch.Tensor, levels, generator: t
             terms = objective_terms("dual", grad_y, grad_t, eps, t_b)
             for key in sums:
                 sums[key] += float(terms[key].double().sum())
-        for key in sums:
-            out[key].append(sums[key] / len(x))
+        for key, total in sums.items():
+            out[key].append(total / len(x))
     if not with_time:
         out.pop("time")
     return out
@@ -88,10 +88,16 @@ def plot_loss_per_noise_level(curve: dict[str, list[float]], path: Path, t_range
     plt.close(fig)
 
 
+def evenly_spaced(x: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` rows of x spread over it (held-out patches come photo by photo: the first ones look alike)."""
+    return x[torch.linspace(0, len(x) - 1, min(count, len(x))).round().long().unique()]
+
+
 def write_run_plots(run_dir: str | Path, model: nn.Module, cfg, x: torch.Tensor, seed: int = 0,
-                    levels: int = 25, show: int = 8) -> Path:
-    """Write the three pictures and plots.json into RUN/plots/ for ``model`` trained as ``cfg``, evaluated on the
-    held-out samples ``x`` (images in [0, 1], or GSM vectors); returns the folder."""
+                    images: int = 64, levels: int = 25, show: int = 8) -> Path:
+    """Write the three pictures and plots.json into RUN/plots/ for ``model`` trained as ``cfg``, evaluated on
+    ``images`` (and ``show`` in the grid) of the held-out samples ``x`` (images in [0, 1], or GSM vectors), spread
+    over x; returns the folder."""
     from ..evaluate import denoising_psnr
     from .denoising import denoise_grid
     from .plots import save_image_rows
@@ -99,6 +105,7 @@ def write_run_plots(run_dir: str | Path, model: nn.Module, cfg, x: torch.Tensor,
     folder = Path(run_dir) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     model.eval()
+    x = evenly_spaced(x, images)
     stats = read_stats(run_dir)
     if stats:
         plot_loss_curve(stats, folder / "loss.png")
@@ -108,9 +115,14 @@ def write_run_plots(run_dir: str | Path, model: nn.Module, cfg, x: torch.Tensor,
     plot_loss_per_noise_level(curve, folder / "loss_per_noise_level.png", (cfg.t_min, cfg.t_max))
     payload = {"loss_curve": stats, "loss_per_noise_level": curve}
     if x.dim() == 4:
-        shown = x[:show]
+        shown = evenly_spaced(x, show)
         rows = denoise_grid(model, shown, PSNRS, torch.Generator().manual_seed(seed + 1))
         save_image_rows(folder / "denoise.png", rows, columns=len(shown))
         payload["denoising"] = denoising_psnr(model, x, torch.Generator().manual_seed(seed + 2), PSNRS)
     (folder / "plots.json").write_text(json.dumps(payload, indent=2) + "\n")
     return folder
+
+
+def pictures_line(folder: Path) -> str:
+    """'pictures: RUN/plots/a.png, … (numbers in RUN/plots/plots.json)'."""
+    return f"pictures: {', '.join(str(p) for p in sorted(folder.glob('*.png')))} (numbers in {folder / 'plots.json'})"
