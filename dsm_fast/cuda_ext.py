@@ -56,7 +56,7 @@ def resolve(mode: str) -> bool:
 
 
 def norm_act_forward(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """z = GELU(x̂ r s k) by csrc/norm_act.cu."""
+    """z = GELU(x̂ s k) by csrc/norm_act.cu (s = sqrt(V / (v + eps) + eps))."""
     return require().norm_act_forward(h, k)
 
 

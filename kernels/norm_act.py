@@ -2,13 +2,16 @@
 
 For image b and channel c over the n = H·W positions (statistics in float32, float64 for float64 inputs):
 
-    x̂_c = h_c − μ_c,  v_c = mean x̂_c²,  r_c = (v_c + eps)^−½,  s = (mean_c' v_c' + eps)^½,  k_c = g_c (1 + m_c)
-    z_c = GELU(a_c),  a_c = x̂_c r_c s k_c
+    x̂_c = h_c − μ_c,  v_c = mean x̂_c²,  V = mean_c v_c,  w_c = 1 / (v_c + eps),  s_c = sqrt(V w_c + eps),
+    k_c = g_c (1 + m_c),  z_c = GELU(a_c),  a_c = x̂_c s_c k_c          (the released code's normalization, eps = 1e-5)
 
-The adjoint (vector-Jacobian product with an incoming ḡ, what the explicit-adjoint network needs) is
+The adjoint (vector-Jacobian product with an incoming ḡ, what the explicit-adjoint network needs; derived in
+dsm_fast/model/adjoint.py's norm_act_adjoint) is
 
-    ā = ḡ GELU'(a),  Q_c = Σ ā x̂_c,  k̄_c = s r_c Q_c,  s̄ = Σ_c k_c r_c Q_c,  m̄_c = g_c k̄_c
-    h̄_c = s r_c k_c (ā − mean ā) + (−r_c³ s k_c Q_c / n + s̄ / (s C n)) x̂_c
+    ā = ḡ GELU'(a),  Q_c = Σ ā x̂_c,  k̄_c = s_c Q_c,  m̄_c = g_c k̄_c,  u_c = k_c Q_c / s_c
+    h̄_c = s_c k_c (ā − mean ā) + (−V w_c² u_c + mean_c' w_c' u_c') / n · x̂_c
+
+s_c ≥ sqrt(eps) and w_c ≤ 1/eps: nothing divides by zero where V ≪ eps (deep layers at initialization).
 
 Autograd: the forward's backward is the adjoint Function (Triton); the adjoint's backward (the second derivatives
 of the forward, which a dual-score loss needs for its parameter gradient) is the autograd of the plain-PyTorch
@@ -30,13 +33,17 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 # --- reference (plain PyTorch, the same math) -----------------------------------------------------------------
+def norm_scale_ref(var: torch.Tensor) -> torch.Tensor:
+    """s_c = sqrt(V / (v_c + eps) + eps), V = mean_c v_c over dim 1 of var (B, C[, 1, 1])."""
+    return torch.sqrt(var.mean(dim=1, keepdim=True) / (var + NORM_EPS) + NORM_EPS)
+
+
 def scaled_norm_act_ref(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """z = GELU(x̂ r s k) with k = g (1 + m) of shape (B, C); statistics in float32 at least."""
+    """z = GELU(x̂ s k) with k = g (1 + m) of shape (B, C); statistics in float32 at least."""
     h32 = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
     xhat = h32 - h32.mean(dim=(2, 3), keepdim=True)
     var = xhat.square().mean(dim=(2, 3), keepdim=True)
-    s = torch.sqrt(var.mean(dim=1, keepdim=True) + NORM_EPS)
-    return F.gelu(xhat * torch.rsqrt(var + NORM_EPS) * s * k.to(h32.dtype)[:, :, None, None]).to(h.dtype)
+    return F.gelu(xhat * norm_scale_ref(var) * k.to(h32.dtype)[:, :, None, None]).to(h.dtype)
 
 
 def norm_act_ref(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
@@ -87,7 +94,7 @@ def _row_stats_kernel(h_ptr, mean_ptr, var_ptr, n, BLOCK: tl.constexpr, N_BLOCKS
 
 @triton.jit
 def _norm_act_fwd_kernel(h_ptr, mean_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """Grid (R, ⌈n/BLOCK⌉). h, out: (R, n); mean, scale = r s k: (R,). out = GELU((h − μ) · scale)."""
+    """Grid (R, ⌈n/BLOCK⌉). h, out: (R, n); mean, scale = s k: (R,). out = GELU((h − μ) · scale)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -150,18 +157,17 @@ def _block(n: int) -> int:
 
 
 def _statistics(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Row statistics of contiguous h (B, C, H, W): μ, r, s (each (B, C) or (B, 1)) and scale = r s k."""
+    """Row statistics of contiguous h (B, C, H, W): μ, v, s (each (B, C)) and scale = s k."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
     mean = torch.empty(b, c, device=h.device, dtype=k.dtype)
     var = torch.empty_like(mean)
     _row_stats_kernel[(b * c,)](h, mean, var, n, BLOCK=_block(n), N_BLOCKS=triton.cdiv(n, _block(n)))
-    r = torch.rsqrt(var + NORM_EPS)
-    s = torch.sqrt(var.mean(dim=1, keepdim=True) + NORM_EPS)
-    return mean, r, s, r * s * k
+    s = norm_scale_ref(var)
+    return mean, var, s, s * k
 
 
 def norm_act_forward_launch(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """z = GELU(x̂ r s k) for contiguous h (B, C, H, W) and k (B, C) in the statistics dtype."""
+    """z = GELU(x̂ s k) for contiguous h (B, C, H, W) and k (B, C) in the statistics dtype."""
     n = h.shape[2] * h.shape[3]
     mean, _, _, scale = _statistics(h, k)
     out = torch.empty_like(h)
@@ -173,15 +179,15 @@ def norm_act_forward_launch(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, k̄) for contiguous h, ḡ (B, C, H, W) and k (B, C) in the statistics dtype (formulas in the module doc)."""
-    channels, n = h.shape[1], h.shape[2] * h.shape[3]
-    rows, block = h.shape[0] * channels, _block(n)
-    mean, r, s, scale = _statistics(h, k)
+    n = h.shape[2] * h.shape[3]
+    rows, block = h.shape[0] * h.shape[1], _block(n)
+    mean, var, s, scale = _statistics(h, k)
     sum_abar, q = torch.empty_like(mean), torch.empty_like(mean)
     _norm_act_adj_reduce_kernel[(rows,)](h, grad_out, mean, scale, sum_abar, q, n, BLOCK=block,
                                          N_BLOCKS=triton.cdiv(n, block))
-    grad_k = s * r * q
-    grad_s = (k * r * q).sum(dim=1, keepdim=True)
-    coef_x = -r.square() * scale * q / n + grad_s / (s * channels * n)
+    grad_k = s * q
+    w, u = 1.0 / (var + NORM_EPS), k * q / s
+    coef_x = (-var.mean(dim=1, keepdim=True) * w.square() * u + (w * u).mean(dim=1, keepdim=True)) / n
     grad_h = torch.empty_like(h)
     _norm_act_adj_apply_kernel[(rows, triton.cdiv(n, block))](h, grad_out, mean, scale, sum_abar / n, coef_x,
                                                                grad_h, n, BLOCK=block)
@@ -190,7 +196,7 @@ def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Te
 
 # --- autograd Functions -----------------------------------------------------------------------------------------
 class _NormAct(torch.autograd.Function):
-    """z = GELU(x̂ r s k); backward = the adjoint Function, itself differentiable."""
+    """z = GELU(x̂ s k); backward = the adjoint Function, itself differentiable."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
