@@ -110,9 +110,10 @@ class TrainConfig:
 # Named settings (``train --preset NAME``): values over the defaults, under a config file and the command line.
 PRESETS: dict[str, dict[str, Any]] = {
     # The main job: a few minutes on a 2-core CPU that visibly learns (README, set-up). 32×32 grayscale patches
-    # of the embedded photographs, the tiny UNet started at the data's Gaussian (--energy gaussian), t ≥ 1e-4.
+    # of the embedded photographs, the tiny UNet started at the data's Gaussian (--energy gaussian); the paper's
+    # noise levels and loss.
     "demo": {"data": "demo", "model": "tiny", "energy": "gaussian", "channels": 1, "image_size": 32,
-             "batch_size": 32, "steps": 1200, "lr": 2e-3, "t_min": 1e-4, "checkpoint_every": 1200},
+             "batch_size": 32, "steps": 1000, "lr": 2e-3, "checkpoint_every": 1000},
     # The paper's run (method.md): the defaults, named.
     "paper": {},
 }
