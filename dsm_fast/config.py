@@ -37,7 +37,10 @@ class TrainConfig:
     diffclf_levels: int = 8  # diffclf: N noise levels log-spaced over [t_min, t_max] for the classifier
     t_min: float = 1e-9
     t_max: float = 1e3
-    route: str = "reference"  # reference | compiled (| fused)
+    route: str = "auto"  # auto (fused for the UNet with dual/single, else reference) | reference | functional | fused
+    kernels: str = "auto"  # fused route's NormAct and loss kernels: auto (triton on CUDA) | torch | triton | cuda
+    compile: str = "auto"  # torch.compile of a first-order route's step: auto (on CUDA) | on | off
+    cuda_graph: bool = False  # CUDA: capture the whole step once and replay it (static shapes, single engine)
     precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA) | fp64
     # optimisation
     batch_size: int = 128
@@ -92,7 +95,12 @@ class TrainConfig:
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
             (self.diffclf_levels >= 2, "diffclf_levels must be at least 2"),
-            (self.objective != "diffclf" or self.route == "reference", "objective diffclf needs --route reference"),
+            (self.objective != "diffclf" or self.route in ("auto", "reference"),
+             "objective diffclf needs --route reference"),
+            (self.route in ("auto", "reference", "functional", "fused"),
+             "route must be auto, reference, functional or fused (compilation is --compile)"),
+            (self.kernels in ("auto", "torch", "triton", "cuda"), "kernels must be auto, torch, triton or cuda"),
+            (self.compile in ("auto", "on", "off"), "compile must be auto, on or off"),
             (self.subset == "" or parse_subset(self.subset) is not None, "subset must be 'first:N' or 'last:N', N > 0"),
             (self.precision in ("fp32", "bf16", "fp64"), "precision must be fp32, bf16 or fp64"),
             (self.optimizer in ("auto", "torch", "apex"), "optimizer must be auto, torch or apex"),

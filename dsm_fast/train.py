@@ -43,10 +43,11 @@ from .data import make_training_data
 from .diffclf import with_free_energies
 from .distributed import DistributedError
 from .engine import make_engine, micro_batch
+from .graphs import GraphedStep
 from .losses import sample_noise_levels
 from .model import build_model
 from .optim import EMA, learning_rate, make_optimizer
-from .routes import make_route
+from .routes import make_route, resolve_compile, resolve_kernels, resolve_route
 
 
 class TrainingStopped(RuntimeError):
@@ -76,6 +77,24 @@ def resolve_device(name: str) -> torch.device:
 
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float64 if cfg.precision == "fp64" else torch.float32
+
+
+def resolve_fast_path(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> TrainConfig:
+    """``cfg`` with route, kernels and compilation resolved to what will run ('auto' decided once, written to the
+    run's config.json); a CUDA graph that cannot apply is refused in one line."""
+    route = resolve_route(cfg.route, model, cfg.objective)
+    try:
+        kernels = resolve_kernels(cfg.kernels, device) if route == "fused" else "torch"
+    except RuntimeError as error:
+        raise ConfigError(f"--kernels {cfg.kernels}: {error}") from None
+    compile_on = resolve_compile(cfg.compile, route, device, cfg.engine)
+    if cfg.cuda_graph:
+        for refused, reason in ((device.type != "cuda", "needs a CUDA device"),
+                                (cfg.engine != "single", f"runs with --engine single, not {cfg.engine}"),
+                                (cfg.optimizer == "apex", "needs torch's capturable fused Adam, not apex")):
+            if refused:
+                raise ConfigError(f"--cuda-graph {reason}")
+    return dataclasses.replace(cfg, route=route, kernels=kernels, compile="on" if compile_on else "off")
 
 
 class Trainer:
@@ -112,13 +131,19 @@ class Trainer:
                               f"and a UNet preset with images")
         self.model = with_free_energies(self.model, cfg)  # DiffCLF: the model also owns the free energies F_j
         self.model.to(device=self.device, dtype=self.dtype)
-        optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer, self.device)
+        self.cfg = cfg = resolve_fast_path(cfg, self.model, self.device)
+        optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer, self.device,
+                                                        capturable=cfg.cuda_graph)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.route = make_route(cfg.route, self.model, cfg.objective, cfg.time_weight)
+        self.route = make_route(cfg.route, self.model, cfg.objective, cfg.time_weight, cfg.kernels,
+                                compile=cfg.compile == "on")
         self.engine = make_engine(cfg, self.model, optimizer, self.world, self.device, self.route)
+        if cfg.cuda_graph:
+            self._update = GraphedStep(self._update)
         distributed.seed_rank(cfg.seed, self.world)
         self.noise_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)  # the same on every rank
-        self.step, self.bad_in_row, self.bad_total = 0, 0, 0
+        self.step = 0
+        self.bad_counts = torch.zeros(3, dtype=torch.long, device=self.device)  # see _update
         self._pre_step, self._in_step = self._stream_state(), False
         self.resumed = resume
         if resume:
@@ -211,55 +236,84 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------------
     def autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.cfg.precision == "bf16":  # a CUDA graph replays no autocast cache
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cfg.cuda_graph)
         return contextlib.nullcontext()
 
-    def train_step(self) -> dict[str, torch.Tensor] | None:
-        """One optimizer step over the global batch; returns this rank's batch-mean terms, or None when the
-        step was skipped (a non-finite loss on any rank, or non-finite gradients)."""
-        cfg, world, micro, accum = self.cfg, self.world, self.micro_batch, self.cfg.grad_accum
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over the global batch; returns this rank's batch-mean terms, the gradient norm and
+        ``ok`` (false: a non-finite loss or gradient on some rank, the update skipped), all on the device: the
+        step never waits for the device, except under DeepSpeed (which cannot discard a partly accumulated step)."""
+        cfg, world, micro = self.cfg, self.world, self.micro_batch
         self._pre_step, self._in_step = self._stream_state(), True
         # The global batch's noise, the same on every rank; global position p = world·(k·micro + j) + rank
         # is this rank's sample j of micro-step k, as in ImageBatches' [rank::world] shards.
-        t_all = sample_noise_levels(cfg.batch_size, cfg.t_min, cfg.t_max, self.noise_generator, self.device,
-                                    self.dtype)[world.rank::world.size]
-        eps_all = torch.randn((cfg.batch_size, *self.data.sample_shape), generator=self.noise_generator,
-                              device=self.device, dtype=self.dtype)[world.rank::world.size]
+        t = sample_noise_levels(cfg.batch_size, cfg.t_min, cfg.t_max, self.noise_generator, self.device,
+                                self.dtype)[world.rank::world.size]
+        eps = torch.randn((cfg.batch_size, *self.data.sample_shape), generator=self.noise_generator,
+                          device=self.device, dtype=self.dtype)[world.rank::world.size]
+        x = torch.cat([self.data.next_batch(micro, self.device, self.dtype) for _ in range(cfg.grad_accum)])
+        lr = learning_rate(self.step, cfg.lr, cfg.lr_halve_every, cfg.warmup_steps)
+        self.engine.set_lr(lr)
+        out = self._update(x, t, eps)
+        self.step += 1
+        self._in_step = False
+        return {**out, "lr": torch.tensor(lr)}
+
+    def _update(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Micro-steps, backward, the (possibly skipped) update, the EMA and the bad-step counters, all on the
+        device; under --cuda-graph this function is what is captured and replayed (dsm_fast/graphs.py)."""
+        cfg, micro, accum = self.cfg, self.micro_batch, self.cfg.grad_accum
         self.engine.zero_grad()
         out: dict[str, torch.Tensor] = {}
-        finite = True
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         for k in range(accum):
             last, mine = k == accum - 1, slice(k * micro, (k + 1) * micro)
-            x = self.data.next_batch(micro, self.device, self.dtype)
             with self.engine.micro_step(last):
                 with self.autocast():
-                    terms = self.engine.terms(x, t_all[mine], eps_all[mine])
+                    terms = self.engine.terms(x[mine], t[mine], eps[mine])
                 loss = terms["loss"].mean()
-                finite = distributed.all_true(bool(torch.isfinite(loss)), self.device)
-                if not finite:
-                    break
+                finite = finite & torch.isfinite(loss)
+                if not self.engine.skips_non_finite and not distributed.all_true(bool(finite), self.device):
+                    self.save(streams=self._pre_step)
+                    raise TrainingStopped(f"non-finite loss at step {self.step}; engine {self.engine.name} cannot "
+                                          f"discard a partly accumulated step (lower --lr or set --grad-clip, then "
+                                          f"--resume)")
                 self.engine.backward(loss, last)
             for key, value in terms.items():
                 out[key] = out.get(key, 0) + value.detach().mean() / accum
-        if not finite and not self.engine.skips_non_finite:
-            self.save(streams=self._pre_step)
-            raise TrainingStopped(f"non-finite loss at step {self.step}; engine {self.engine.name} cannot discard a "
-                                  f"partly accumulated step (lower --lr or set --grad-clip, then --resume)")
-        lr = learning_rate(self.step, cfg.lr, cfg.lr_halve_every, cfg.warmup_steps)
-        grad_norm = self.engine.step(lr, cfg.grad_clip) if finite else None
-        if grad_norm is None:
-            self.bad_in_row += 1
-            self.bad_total += 1
-            self.step += 1
-            self._in_step = False
-            return None
-        self.bad_in_row = 0
+        grad_norm, ok = self.engine.step(cfg.grad_clip, finite)
         if self.ema is not None:
-            self.ema.update(self.model)
-        self.step += 1
-        self._in_step = False
-        return {**out, "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr)}
+            self.ema.update(self.model, ok)
+        bad = (~ok).long()  # counters (in a row, total, longest run since last read), updated in place
+        in_row = (self.bad_counts[0] + 1) * bad
+        self.bad_counts.copy_(torch.stack([in_row, self.bad_counts[1] + bad, torch.maximum(self.bad_counts[2], in_row)]))
+        return {**out, "grad_norm": grad_norm.detach(), "ok": ok}
+
+    @property
+    def bad_total(self) -> int:
+        """Non-finite steps skipped so far (a read of the device counter: a synchronization)."""
+        return int(self.bad_counts[1])
+
+    @bad_total.setter
+    def bad_total(self, value: int) -> None:
+        self.bad_counts[1] = value
+
+    @property
+    def bad_in_row(self) -> int:
+        """Non-finite steps in a row up to now (a read of the device counter: a synchronization)."""
+        return int(self.bad_counts[0])
+
+    @bad_in_row.setter
+    def bad_in_row(self, value: int) -> None:
+        self.bad_counts[0] = value
+        self.bad_counts[2] = value
+
+    def longest_bad_run(self) -> int:
+        """The longest run of consecutive non-finite steps since the last call (read at log time), then reset."""
+        longest = int(self.bad_counts[2])
+        self.bad_counts[2] = self.bad_counts[0]
+        return longest
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -286,9 +340,12 @@ class Trainer:
             while self.step < cfg.steps:
                 terms = self.train_step()
                 bar.update(1)
-                if self.bad_in_row >= cfg.max_bad_steps:
-                    self.diverged(f"{self.bad_in_row} non-finite losses in a row at step {self.step}")
-                if terms is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                if self.step % cfg.log_every and self.step != cfg.steps:
+                    continue  # values are read on the host only here, every log_every steps
+                longest = self.longest_bad_run()
+                if longest >= cfg.max_bad_steps:
+                    self.diverged(f"{longest} non-finite losses in a row at step {self.step}")
+                if bool(terms.pop("ok")):
                     record = self._log(distributed.average(terms), last, writer, stats_file)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
                 if self.step % cfg.checkpoint_every == 0:

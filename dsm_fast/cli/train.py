@@ -13,8 +13,13 @@ FIELD_HELP = {
     "data": "'demo' (photographs shipped with scikit-image), 'gsm' (Gaussian scale mixture), a folder or a .npy",
     "gsm_sigmas": "comma-separated standard deviations of the mixture components",
     "radial_offset": "radial model: start mis-normalized, log p_t off by -a*log t nats/dim (normalization uses 0.02)",
-    "route": "reference (eager double backward), compiled (torch.compile + torch.func), functional (torch.func, "
-             "eager; first-order, the route for DeepSpeed) or fused (explicit adjoint, first-order; Triton on CUDA)",
+    "route": "auto (fused for a UNet with dual/single, else reference), reference (eager double backward), "
+             "functional (torch.func; first-order) or fused (explicit adjoint, first-order; Triton on CUDA)",
+    "kernels": "the fused route's NormAct and loss kernels: auto (triton on CUDA, else torch), torch, triton or cuda "
+               "(the CUDA C++ NormAct, when built; second order by Triton)",
+    "compile": "torch.compile the first-order step: auto (on CUDA), on (bare --compile) or off; falls back to eager "
+               "with one warning",
+    "cuda_graph": "CUDA, --engine single: capture the whole step (forward, backward, Adam, EMA) once and replay it",
     "precision": "fp32, bf16 (autocast, CUDA only) or fp64",
     "objective": "dual (space + time score), single (space only) or diffclf (space + noise-level classification; "
                  "reference route only)",
@@ -57,9 +62,12 @@ def add_train(sub) -> None:
                         f"(config.json); only {resume_flags()} may be given anew")
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
                    help="passed by the deepspeed launcher; LOCAL_RANK in the environment takes precedence")
+    bare = {"bool": "true", "compile": "on"}  # what a flag given without a value means
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        const = bare.get(f.name, bare.get(f.type))
         p.add_argument(flag, dest=f.name, default=None, metavar=f.type.upper() if f.type in ("int", "float") else None,
+                       nargs="?" if const else None, const=const,
                        help=f"{FIELD_HELP.get(f.name, '')} (default: {f.default})".strip())
 
 
@@ -85,8 +93,10 @@ def run_train(args) -> int:
         make_test_data(cfg, 1)  # a data set too small to hold out images is refused before training, not after
     try:
         trainer = Trainer(cfg, resume=args.resume, local_rank=args.local_rank)
+        cfg = trainer.cfg  # route, kernels and compilation resolved
         if trainer.world.is_main:
-            print(f"training {cfg.model} on {cfg.data} ({cfg.objective} score matching, route {cfg.route}, "
+            print(f"training {cfg.model} on {cfg.data} ({cfg.objective} score matching, route {cfg.route}, kernels "
+                  f"{cfg.kernels}, compile {cfg.compile}{', CUDA graph' if cfg.cuda_graph else ''}, "
                   f"{trainer.optimizer_name}, engine {cfg.engine} × {trainer.world.size}, {trainer.device}) → "
                   f"{trainer.run_dir}", flush=True)
         summary = trainer.run()
