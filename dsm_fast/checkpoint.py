@@ -1,62 +1,145 @@
 """Checkpoints: weights as safetensors, everything else (optimizer, EMA, RNG, step, data position) in a
-``state.pt`` read back with ``weights_only=True``. Each checkpoint is written into a temporary folder and
-renamed into place, so a crash never leaves a half-written checkpoint that looks valid.
+``state.pt`` read back with ``weights_only=True``, and a ``manifest.json`` of SHA-256 digests written last.
 
-Layout:  RUN/config.json,  RUN/checkpoints/step_00001000/{model.safetensors, ema.safetensors, state.pt}
+Layout:  RUN/config.json,  RUN/checkpoints/step_00001000/{model.safetensors, ema.safetensors, state.pt,
+manifest.json}; checkpoints that failed their checks or came after a divergence are moved to RUN/rejected/.
+
+Guarantees: a checkpoint is written into a temporary folder and renamed into place, so a crash never leaves a
+half-written checkpoint that looks valid (left-over temporary folders are swept by the next save); only finite
+values are written; at load every file must match its digest (the engine's own files too, listed under
+``native``) and the weights must be finite, else the checkpoint is named in one line. A checkpoint is *healthy*
+when it was written outside a run of non-finite steps; the rotation keeps the ``keep_last`` newest plus the
+newest healthy one from before the current run of bad steps (see ``save_checkpoint``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "step_"
+CHECKPOINT_NAME = re.compile(r"step_(\d{8,})")
+MANIFEST = "manifest.json"
+REJECTED = "rejected"  # RUN/rejected/step_N: set aside by resume or by a divergence stop, never loaded
 
 
 class CheckpointError(ValueError):
-    """A missing or unreadable checkpoint, reported as one line."""
+    """A missing, unreadable or corrupt checkpoint, reported as one line."""
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
+def checkpoint_step(folder: Path) -> int:
+    return int(CHECKPOINT_NAME.fullmatch(folder.name).group(1))
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def non_finite(tree: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict/list that hold NaN or ±inf (one host sync)."""
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def walk(node: Any, name: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() or node.is_complex():
+                named.append((name, node))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{name}.{i}" if name else str(i))
+
+    walk(tree, prefix)
+    if not named:
+        return []
+    ok = torch.stack([t.detach().isfinite().all().cpu() for _, t in named])
+    return [name for (name, _), good in zip(named, ok.tolist()) if not good]
+
+
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
-                    ema: dict[str, torch.Tensor] | None = None, keep_last: int = 3) -> Path:
-    """Write one checkpoint atomically (temporary folder, then rename) and keep the ``keep_last`` newest."""
+                    ema: dict[str, torch.Tensor] | None = None, keep_last: int = 3, healthy: bool = True,
+                    trusted_before: int | None = None, native: list[Path] = ()) -> Path:
+    """Write one checkpoint atomically (temporary folder, then rename); refuse non-finite values.
+
+    ``native``: files the engine wrote for this step (e.g. DeepSpeed's), digested into the manifest.
+    Rotation keeps the ``keep_last`` newest checkpoints and the newest healthy one with step < ``trusted_before``
+    (during a run of bad steps that began at step b: b, since the update that produced state b is suspect)."""
+    bad = non_finite({"model": weights, "ema": ema or {}, "state": state})
+    if bad:
+        raise CheckpointError(f"step {step}: refusing to write a checkpoint of non-finite values "
+                              f"({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''})")
+    run_dir = Path(run_dir)
     final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(".tmp-*"):  # interrupted saves (a crash or kill -9 mid-write)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
     if ema is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
     torch.save({**state, "step": step}, tmp / "state.pt")
+    manifest = {"step": step, "healthy": healthy,
+                "files": {p.name: file_digest(p) for p in sorted(tmp.iterdir())},
+                "native": {p.relative_to(run_dir).as_posix(): file_digest(p) for p in sorted(native)}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    rotate(run_dir, keep_last, step + 1 if trusted_before is None else trusted_before)
     return final
 
 
+def read_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete, or written by an older dsm_fast)") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({error})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{folder}: {MANIFEST} is not a checkpoint manifest")
+    return manifest
+
+
+def rotate(run_dir: Path, keep_last: int, trusted_before: int) -> None:
+    found = list_checkpoints(run_dir)
+    healthy = [p for p in found if checkpoint_step(p) < trusted_before and read_manifest(p).get("healthy")]
+    keep = set(found[-keep_last:]) | set(healthy[-1:])
+    for old in found:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (their manifest was written), oldest first."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.pt").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [p for p in folder.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or the newest checkpoint of a run folder."""
     path = Path(path)
-    if (path / "state.pt").is_file():
+    if (path / MANIFEST).is_file() or (path / "state.pt").is_file():
         return path
     found = list_checkpoints(path)
     if not found:
@@ -64,18 +147,50 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def verify_checkpoint(folder: Path) -> dict[str, Any]:
+    """The manifest of ``folder`` after checking every file (its own and the engine's) against its digest."""
+    manifest = read_manifest(folder)
+    run_dir = folder.parent.parent
+    expected = {folder / name: digest for name, digest in manifest["files"].items()}
+    expected.update({run_dir / name: digest for name, digest in manifest.get("native", {}).items()})
+    for path, digest in expected.items():
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {path.name} is missing")
+        if file_digest(path) != digest:
+            raise CheckpointError(f"{folder}: {path.name} does not match the digest written at save time (corrupt)")
+    unlisted = [p for p in folder.iterdir() if p.name != MANIFEST and p not in expected]
+    for parent in {p.parent for p in expected if p.parent != folder}:
+        unlisted += [p for p in parent.iterdir() if p not in expected]
+    if unlisted:
+        raise CheckpointError(f"{folder}: {unlisted[0].name} was not written by the save")
+    return manifest
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
-    """(weights, state, ema weights or None) of a checkpoint folder (or the newest one of a run)."""
+    """(weights, state, ema weights or None) of a checkpoint folder (or the newest one of a run), verified."""
     folder = resolve_checkpoint(path)
+    verify_checkpoint(folder)
     try:
         weights = load_file(folder / "model.safetensors", device=str(map_location))
         state = torch.load(folder / "state.pt", map_location=map_location, weights_only=True)
         ema_file = folder / "ema.safetensors"
         ema = load_file(ema_file, device=str(map_location)) if ema_file.is_file() else None
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, SafetensorError, EOFError, ValueError) as error:
         raise CheckpointError(f"{folder}: unreadable checkpoint ({str(error).splitlines()[0]})") from None
+    bad = non_finite({"model": weights, "ema": ema or {}})
+    if bad:
+        raise CheckpointError(f"{folder}: holds non-finite weights ({bad[0]})")
     return weights, state, ema
+
+
+def reject(folder: Path, run_dir: Path) -> Path:
+    """Move a checkpoint out of the way (RUN/rejected/step_N), kept for inspection, never loaded again."""
+    target = Path(run_dir) / REJECTED / folder.name
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(exist_ok=True)
+    os.replace(folder, target)
+    return target
 
 
 def run_config(run_dir: str | Path) -> dict[str, Any]:
@@ -83,4 +198,10 @@ def run_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a dsm_fast run folder (no config.json)")
-    return json.loads(path.read_text())
+    try:
+        values = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of options")
+    return values

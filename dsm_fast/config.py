@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,7 +22,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # model
     model: str = "paper"  # UNet preset (paper, small, tiny) or 'radial' for the analytic data set
-    energy: str = "paper"  # paper (U = ½⟨y, f⟩) | gaussian (starts at the data's Gaussian, dsm_fast/model/gaussian.py)
+    energy: str = "paper"  # paper (U = ½⟨y, f⟩) | gaussian (starts at the data's Gaussian: model/gaussian.py)
     # data
     data: str = "demo"  # 'demo' (embedded photographs), 'gsm' (Gaussian scale mixture), folder, .npy, prepared ImageNet64
     loader: str = "auto"  # auto (DALI when installed, CUDA and a prepared dataset; else cpu) | cpu | dali
@@ -36,7 +38,10 @@ class TrainConfig:
     diffclf_levels: int = 8  # diffclf: N noise levels log-spaced over [t_min, t_max] for the classifier
     t_min: float = 1e-9
     t_max: float = 1e3
-    route: str = "reference"  # reference | compiled (| fused)
+    route: str = "auto"  # auto (fused for the UNet with dual/single, else reference) | reference | functional | fused
+    kernels: str = "auto"  # fused route's NormAct and loss kernels: auto (triton on CUDA) | torch | triton | cuda
+    compile: str = "auto"  # torch.compile of a first-order route's step: auto (on CUDA) | on | off
+    cuda_graph: bool = False  # CUDA: capture the whole step once and replay it (static shapes, single engine)
     precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA) | fp64
     # optimisation
     batch_size: int = 128
@@ -68,17 +73,36 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         from .losses import OBJECTIVES
+        from .model import PRESETS
+        from .routes import ROUTES
 
         checks = [
+            (self.model in (*PRESETS, "radial"), f"model must be one of {', '.join((*PRESETS, 'radial'))}"),
+            (self.route in ROUTES, f"route must be one of {', '.join(ROUTES)}"),
+            (valid_device(self.device), "device must be auto, cpu, cuda or cuda:N"),
+            (1 <= self.image_size <= MAX_IMAGE_SIZE, f"image_size must be in 1 … {MAX_IMAGE_SIZE}"),
+            (self.gsm_dim > 0, "gsm_dim must be positive"),
+            (len(self.gsm_sigmas) > 0 and all(0 < s < math.inf for s in self.gsm_sigmas),
+             "gsm_sigmas must be positive, finite standard deviations"),
             (self.batch_size > 0, "batch_size must be positive"),
             (self.steps >= 0, "steps must be ≥ 0"),
-            (0 < self.t_min < self.t_max, "need 0 < t_min < t_max"),
-            (self.lr > 0, "lr must be positive"),
+            (0 < self.t_min < self.t_max < math.inf, "need 0 < t_min < t_max < inf"),
+            (0 < self.lr < math.inf, "lr must be positive and finite"),
+            (0 <= self.time_weight < math.inf, "time_weight must be ≥ 0 and finite"),
+            (self.warmup_steps >= 0, "warmup_steps must be ≥ 0"),
+            (0 <= self.grad_clip < math.inf, "grad_clip must be ≥ 0 (0 disables) and finite"),
+            (self.eval_images >= 0, "eval_images must be ≥ 0 (0 skips)"),
+            (math.isfinite(self.radial_offset), "radial_offset must be finite"),
             (self.lr_halve_every > 0, "lr_halve_every must be positive"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
             (self.diffclf_levels >= 2, "diffclf_levels must be at least 2"),
-            (self.objective != "diffclf" or self.route == "reference", "objective diffclf needs --route reference"),
+            (self.objective != "diffclf" or self.route in ("auto", "reference"),
+             "objective diffclf needs --route reference"),
+            (self.route in ("auto", "reference", "functional", "fused"),
+             "route must be auto, reference, functional or fused (compilation is --compile)"),
+            (self.kernels in ("auto", "torch", "triton", "cuda"), "kernels must be auto, torch, triton or cuda"),
+            (self.compile in ("auto", "on", "off"), "compile must be auto, on or off"),
             (self.subset == "" or parse_subset(self.subset) is not None, "subset must be 'first:N' or 'last:N', N > 0"),
             (self.precision in ("fp32", "bf16", "fp64"), "precision must be fp32, bf16 or fp64"),
             (self.optimizer in ("auto", "torch", "apex"), "optimizer must be auto, torch or apex"),
@@ -92,7 +116,7 @@ class TrainConfig:
             (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
             (self.engine == "deepspeed" or not (self.offload or self.deepspeed_config),
              "offload and deepspeed_config need --engine deepspeed"),
-            (self.dist_timeout > 0, "dist_timeout must be positive"),
+            (self.dist_timeout > 0 and not math.isnan(self.dist_timeout), "dist_timeout must be positive"),
             (self.radial_offset == 0 or self.model == "radial", "radial_offset needs --model radial"),
             (self.energy in ("paper", "gaussian"), "energy must be paper or gaussian"),
             (self.energy == "paper" or self.model != "radial", "energy gaussian needs a UNet preset, not radial"),
@@ -105,6 +129,30 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+MAX_IMAGE_SIZE = 1024  # beyond it the paper's UNet does not fit in memory at any batch size
+
+# What a resumed run may change: how long it trains, how it logs and checkpoints, when it gives up, the learning
+# rate, and where and how it runs. Everything else comes from the run's config.json (see check_resume).
+RESUME_MAY_CHANGE = ("steps", "lr", "log_every", "checkpoint_every", "max_bad_steps", "eval_images", "progress",
+                     "plots", "device", "dist_timeout", "out")
+
+
+def valid_device(name: str) -> bool:
+    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
+
+
+def resume_flags() -> str:
+    return ", ".join("--" + key.replace("_", "-") for key in RESUME_MAY_CHANGE if key != "out")
+
+
+def check_resume(saved: TrainConfig, values: dict[str, Any]) -> None:
+    """Refuse, naming it, an option of ``values`` that differs from the run's and may not change on resume."""
+    for key, value in values.items():
+        if key not in RESUME_MAY_CHANGE and value != getattr(saved, key):
+            raise ConfigError(f"--resume: {key} is {value!r}, the run was made with {getattr(saved, key)!r}; "
+                              f"a resumed run may change only {resume_flags()}")
 
 
 # Named settings (``train --preset NAME``): values over the defaults, under a config file and the command line.
@@ -162,9 +210,9 @@ def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
         raise ConfigError(f"{origin}: {field.name} expects {kind}, got {value!r}") from None
 
 
-def resolve_config(file: str | None = None, overrides: dict[str, Any] | None = None,
-                   preset: str | None = None) -> TrainConfig:
-    """defaults ← preset ← config file ← overrides (None values in overrides are ignored)."""
+def given_options(file: str | None = None, overrides: dict[str, Any] | None = None,
+                  preset: str | None = None) -> dict[str, Any]:
+    """The options set explicitly: preset ← config file ← overrides (None values in overrides are ignored), coerced."""
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     known = {f.name: f for f in fields(TrainConfig)}
@@ -178,4 +226,10 @@ def resolve_config(file: str | None = None, overrides: dict[str, Any] | None = N
                 raise ConfigError(f"{origin}: unknown config key {key!r}")
             if value is not None:
                 values[key] = coerce(known[key], value, origin)
-    return TrainConfig(**values).validate()
+    return values
+
+
+def resolve_config(file: str | None = None, overrides: dict[str, Any] | None = None,
+                   preset: str | None = None) -> TrainConfig:
+    """defaults ← preset ← config file ← overrides (None values in overrides are ignored)."""
+    return TrainConfig(**given_options(file, overrides, preset)).validate()

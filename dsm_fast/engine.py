@@ -1,12 +1,13 @@
 """Engines: one interface over a single process, torch DDP and DeepSpeed ZeRO 0–3 (the only module that
 imports DeepSpeed). The trainer calls, per optimizer step::
 
+    engine.set_lr(lr)
     engine.zero_grad()
     for k in range(grad_accum):
         with engine.micro_step(last=k == grad_accum - 1):
             loss = engine.terms(x_k, t_k, eps_k)["loss"].mean()
             engine.backward(loss, last)                         # ∇ of loss / grad_accum, averaged over ranks
-    grad_norm = engine.step(lr, grad_clip)                      # None: non-finite gradients, step skipped
+    grad_norm, ok = engine.step(grad_clip, loss_finite)         # ok false: a non-finite step, update skipped
 
 so the update is that of the mean loss over the global batch on every engine. DDP and DeepSpeed wrap the
 route as a module (RouteModule): one wrapped forward per micro-step whose outputs are the loss terms, so
@@ -38,8 +39,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, non_finite
 from .config import ConfigError, TrainConfig
-from .distributed import World
+from .distributed import World, barrier
 
 DEEPSPEED_SUBDIR = "deepspeed"  # RUN/deepspeed/step_XXXXXXXX: DeepSpeed's own checkpoint of each step
 
@@ -110,14 +112,30 @@ class SingleEngine:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
 
-    def step(self, lr: float, grad_clip: float) -> torch.Tensor | None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        if not torch.isfinite(grad_norm):
-            return None
+    def set_lr(self, lr: float) -> None:
+        """The next update's learning rate (in place where it is a tensor: a captured CUDA graph reads it)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        return grad_norm
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def step(self, grad_clip: float, loss_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, then update unless the loss or the gradient norm is non-finite: (grad_norm, ok), on the device.
+        torch's fused Adam skips on the device (its ``found_inf``): no host synchronization; other optimizers
+        read ``ok`` on the host."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        ok = self.agree(torch.isfinite(grad_norm) & loss_finite)
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~ok).float()
+            self.optimizer.step()
+        elif ok:
+            self.optimizer.step()
+        return grad_norm, ok
+
+    def agree(self, ok: torch.Tensor) -> torch.Tensor:
+        """``ok`` on every rank (one process: itself)."""
+        return ok
 
     # --- checkpoints: weights and optimizer go into the trainer's own checkpoint --------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -127,8 +145,16 @@ class SingleEngine:
     def checkpoint_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
 
-    def save_native(self, run_dir: Path, step: int, keep: list[str]) -> None:
-        """Engines with a checkpoint format of their own write it here (all ranks call)."""
+    def non_finite_state(self) -> list[str]:
+        """Non-finite optimizer tensors not in ``checkpoint_state`` (this rank's; checked before a checkpoint)."""
+        return []
+
+    def save_native(self, run_dir: Path, step: int) -> list[Path]:
+        """Engines with a checkpoint format of their own write it here (all ranks call); returns its files."""
+        return []
+
+    def prune_native(self, run_dir: Path, keep: list[str]) -> None:
+        """Delete the engine's own checkpoints of steps not in ``keep`` (rank 0)."""
 
     def load(self, run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict) -> None:
         self.module.load_state_dict(weights)
@@ -155,6 +181,14 @@ class DDPEngine(SingleEngine):
 
     def micro_step(self, last: bool):
         return contextlib.nullcontext() if last else self.terms.no_sync()
+
+    def agree(self, ok: torch.Tensor) -> torch.Tensor:
+        """``ok`` on every rank: a minimum all-reduced on the device (no host read), so every rank skips together."""
+        import torch.distributed as dist
+
+        flag = ok.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.bool()
 
 
 def deepspeed_stage(cfg: TrainConfig) -> int:
@@ -239,12 +273,11 @@ class DeepSpeedEngine(SingleEngine):
         if not last:
             self.ds.step()  # a micro-step: DeepSpeed counts it and steps only at the boundary
 
-    def step(self, lr: float, grad_clip: float) -> torch.Tensor:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def step(self, grad_clip: float, loss_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else float(norm))
+        grad_norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+        return grad_norm, torch.isfinite(grad_norm)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if not self.partitions_weights:
@@ -257,22 +290,61 @@ class DeepSpeedEngine(SingleEngine):
     def checkpoint_state(self) -> dict:
         return {}
 
-    def save_native(self, run_dir: Path, step: int, keep: list[str]) -> None:
+    def non_finite_state(self) -> list[str]:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps torch Adam over fp32 partitions
+        return non_finite({"optimizer": inner.state_dict()["state"],
+                           "master": [p for group in inner.param_groups for p in group["params"]]})
+
+    def save_native(self, run_dir: Path, step: int) -> list[Path]:
         folder = Path(run_dir) / DEEPSPEED_SUBDIR
         self.ds.save_checkpoint(str(folder), tag=tag(step), save_latest=False)
-        if self.ds.global_rank == 0:
-            for old in folder.glob("step_*"):  # beside them DeepSpeed writes its zero_to_fp32.py converter
-                if old.name not in keep and old.name != tag(step):
-                    shutil.rmtree(old, ignore_errors=True)
+        barrier()  # every rank's files are written before rank 0 digests them
+        return sorted((folder / tag(step)).iterdir())
+
+    def prune_native(self, run_dir: Path, keep: list[str]) -> None:
+        for old in (Path(run_dir) / DEEPSPEED_SUBDIR).glob("step_*"):  # beside them: DeepSpeed's zero_to_fp32.py
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load(self, run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict) -> None:
         folder = Path(run_dir) / DEEPSPEED_SUBDIR
         if not (folder / tag(step)).is_dir():
             raise ConfigError(f"{run_dir}: no DeepSpeed checkpoint for step {step}; resume with the engine that "
                               f"wrote the run")
+        self.ds.checkpoint_engine = WeightsOnlyLoads(self.ds.checkpoint_engine)
         path, _ = self.ds.load_checkpoint(str(folder), tag=tag(step))
         if path is None:
             raise ConfigError(f"{folder / tag(step)}: DeepSpeed could not load this checkpoint")
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine, except that ``load`` unpickles with ``weights_only=True``: tensors and plain
+    containers, plus the three plain DeepSpeed types its ZeRO optimizer files hold (a loss scaler, the ZeRO stage
+    enum, a fragment address). DeepSpeed's own loader uses ``weights_only=False``, which runs any code a crafted
+    file carries; here such a file is refused in one line (tests/test_engines_deepspeed.py). Our checkpoint's
+    manifest also holds digests of these files, checked before DeepSpeed reads them (dsm_fast/checkpoint.py)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location=None):
+        import pickle
+
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        try:
+            with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            lines = str(error).splitlines() or [type(error).__name__]
+            reason = next((line.strip() for line in lines if "WeightsUnpickler" in line), lines[0])
+            raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain data "
+                                  f"({reason[:200]})") from None
 
 
 def tag(step: int) -> str:

@@ -1,6 +1,13 @@
 """The training loop: one explicit loop over steps (EDM-style), a status line per tick mirrored into
 TensorBoard and ``stats.jsonl``, atomic checkpoints, bit-exact resume, and non-finite steps skipped.
 
+Never losing work: a fresh run checkpoints step 0; SIGTERM is handled as Ctrl-C (checkpoint, then stop); a
+resume continues from the newest checkpoint that passes its checks (dsm_fast/checkpoint.py), setting newer ones
+aside and dropping the stats rows past it. Divergence: only non-finite losses are seen, not the update that
+caused them, so a stop after ``max_bad_steps`` bad steps in a row that began at step b distrusts state b too
+(the last finite update produced it): checkpoints from step b on are set aside, none is written, and
+``--resume`` continues from the newest healthy checkpoint before b, which the rotation never deletes.
+
 Every step goes through an engine (dsm_fast/engine.py: single, DDP or DeepSpeed). ``batch_size`` is the
 global batch; its noise levels and noise are drawn from one generator on every rank and each rank takes
 the samples at its positions, while ImageBatches shards the images the same way — so within an epoch,
@@ -11,28 +18,54 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from . import distributed
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    non_finite,
+    read_manifest,
+    reject,
+    save_checkpoint,
+)
+from .config import ConfigError, TrainConfig, check_resume
 from .data import make_training_data
 from .data.images import pixel_statistics
 from .diffclf import with_free_energies
 from .distributed import DistributedError
 from .engine import make_engine, micro_batch
+from .graphs import GraphedStep
 from .losses import sample_noise_levels
 from .model import build_model
 from .optim import EMA, learning_rate, make_optimizer
 from .progress import Progress
-from .routes import make_route
+from .routes import make_route, resolve_compile, resolve_kernels, resolve_route
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many non-finite losses); the message says why and where."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM: the run wrote a checkpoint and stopped; the exit code is 128 + the signal."""
+
+    def __init__(self, signal_number: int, message: str = ""):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+def _raise_on_sigterm(signal_number: int, frame) -> None:
+    raise Interrupted(signal_number)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,14 +81,36 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float64 if cfg.precision == "fp64" else torch.float32
 
 
+def resolve_fast_path(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> TrainConfig:
+    """``cfg`` with route, kernels and compilation resolved to what will run ('auto' decided once, written to the
+    run's config.json); a CUDA graph that cannot apply is refused in one line."""
+    route = resolve_route(cfg.route, model, cfg.objective)
+    try:
+        kernels = resolve_kernels(cfg.kernels, device) if route == "fused" else "torch"
+    except RuntimeError as error:
+        raise ConfigError(f"--kernels {cfg.kernels}: {error}") from None
+    compile_on = resolve_compile(cfg.compile, route, device, cfg.engine)
+    if cfg.cuda_graph:
+        for refused, reason in ((device.type != "cuda", "needs a CUDA device"),
+                                (cfg.engine != "single", f"runs with --engine single, not {cfg.engine}"),
+                                (cfg.optimizer == "apex", "needs torch's capturable fused Adam, not apex")):
+            if refused:
+                raise ConfigError(f"--cuda-graph {reason}")
+    return dataclasses.replace(cfg, route=route, kernels=kernels, compile="on" if compile_on else "off")
+
+
 class Trainer:
     """Trains ``cfg.model`` on ``cfg.data`` with ``cfg.objective`` through ``cfg.route``."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, local_rank: int | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"--out {self.run_dir} is a file; a run needs a folder")
         if list_checkpoints(self.run_dir) and not resume:
             raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose --out")
+        if resume:  # the run's own options, bar those a resume may change (config.RESUME_MAY_CHANGE)
+            check_resume(config_from_run(self.run_dir), dataclasses.asdict(cfg))
         self.device = resolve_device(cfg.device)
         if cfg.precision == "bf16" and self.device.type != "cuda":
             raise ConfigError("precision bf16 (autocast) needs a CUDA device")
@@ -80,15 +135,22 @@ class Trainer:
             self.model.set_data_statistics(*pixel_statistics(self.data.images))
         self.model = with_free_energies(self.model, cfg)  # DiffCLF: the model also owns the free energies F_j
         self.model.to(device=self.device, dtype=self.dtype)
-        optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer, self.device)
+        self.cfg = cfg = resolve_fast_path(cfg, self.model, self.device)
+        optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer, self.device,
+                                                        capturable=cfg.cuda_graph)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.route = make_route(cfg.route, self.model, cfg.objective, cfg.time_weight)
+        self.route = make_route(cfg.route, self.model, cfg.objective, cfg.time_weight, cfg.kernels,
+                                compile=cfg.compile == "on")
         self.engine = make_engine(cfg, self.model, optimizer, self.world, self.device, self.route)
+        if cfg.cuda_graph:
+            self._update = GraphedStep(self._update)
         distributed.seed_rank(cfg.seed, self.world)
         self.noise_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)  # the same on every rank
-        self.step, self.bad_in_row, self.bad_total = 0, 0, 0
+        self.step = 0
+        self.bad_counts = torch.zeros(3, dtype=torch.long, device=self.device)  # see _update
         self._pre_step, self._in_step = self._stream_state(), False
-        if resume and list_checkpoints(self.run_dir):
+        self.resumed = resume
+        if resume:
             self._restore()
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,18 +166,64 @@ class Trainer:
         With several ranks every rank calls it: the per-rank positions are gathered and rank 0 writes."""
         local = {**(streams or self._stream_state()), "torch_rng": torch.get_rng_state()}
         state = local if self.world.size == 1 else {"ranks": distributed.gather_objects(local)}
-        state.update(self.engine.checkpoint_state(), bad_total=self.bad_total, world_size=self.world.size,
-                     engine_format=self.engine.name == "deepspeed")
+        state.update(self.engine.checkpoint_state(), bad_total=self.bad_total, bad_in_row=self.bad_in_row,
+                     world_size=self.world.size, engine_format=self.engine.name == "deepspeed")
         weights = self.engine.full_state_dict()
-        kept = [p.name for p in list_checkpoints(self.run_dir)[-2:]]
-        self.engine.save_native(self.run_dir, self.step, kept)
         ema = self.ema.state_dict() if self.ema else None
-        path = save_checkpoint(self.run_dir, self.step, weights, state, ema) if self.world.is_main else None
+        bad = non_finite({"model": weights, "ema": ema or {}, "state": state}) + self.engine.non_finite_state()
+        if not distributed.all_true(not bad, self.device):
+            self.diverged(f"non-finite weights or optimizer state at step {self.step} ({', '.join(bad[:3])})")
+        native = self.engine.save_native(self.run_dir, self.step)
+        if self.world.is_main:
+            first_bad = self.step - self.bad_in_row if self.bad_in_row else self.step + 1
+            save_checkpoint(self.run_dir, self.step, weights, state, ema, healthy=self.bad_in_row == 0,
+                            trusted_before=first_bad, native=native)
+            self.engine.prune_native(self.run_dir, [p.name for p in list_checkpoints(self.run_dir)])
         distributed.barrier()
-        return path or list_checkpoints(self.run_dir)[-1]
+        return list_checkpoints(self.run_dir)[-1]
+
+    def diverged(self, reason: str) -> NoReturn:
+        """Stop a diverged run: state b = step − bad_in_row came from the last finite update before the bad steps
+        (or, with no bad step, the update that made the state non-finite), so the checkpoints from step b on are
+        set aside (RUN/rejected) and the message names the newest healthy one, which ``--resume`` continues."""
+        first = self.step - self.bad_in_row
+        if self.world.is_main:
+            for folder in list_checkpoints(self.run_dir):
+                if checkpoint_step(folder) >= first:
+                    reject(folder, self.run_dir)
+        distributed.barrier()
+        healthy = list_checkpoints(self.run_dir)
+        cause = (f"the update to step {first} diverged" if first else "the initial weights give non-finite losses")
+        where = (f"checkpoints from step {first} on are set aside in {self.run_dir / 'rejected'}; "
+                 f"--resume continues from the newest healthy one, step {checkpoint_step(healthy[-1])} "
+                 f"({healthy[-1]})" if healthy else "no healthy checkpoint remains: start a new run")
+        raise TrainingStopped(f"{reason}: {cause} (lower --lr or set --grad-clip); {where}")
 
     def _restore(self) -> None:
-        weights, state, ema = load_checkpoint(self.run_dir, map_location=self.device)
+        """Continue from the newest healthy checkpoint that passes its checks. The ones skipped are named in a
+        warning and set aside (RUN/rejected), and stats.jsonl loses the rows past the step resumed from."""
+        found = list_checkpoints(self.run_dir)
+        if not found:
+            raise ConfigError(f"--resume: {self.run_dir} holds no checkpoint to resume")
+        for folder in reversed(found):
+            try:
+                if not read_manifest(folder).get("healthy"):
+                    raise CheckpointError(f"{folder}: written during a run of non-finite steps")
+                weights, state, ema = load_checkpoint(folder, map_location=self.device)
+                break
+            except CheckpointError as error:
+                if self.world.is_main:
+                    print(f"warning: {error}; resuming from an earlier checkpoint", file=sys.stderr, flush=True)
+        else:
+            raise CheckpointError(f"{self.run_dir}: no checkpoint passes its checks; start a new run")
+        if "imported_from" in state:  # dsm-fast import-release: weights only, no optimizer or stream state
+            raise ConfigError(f"{self.run_dir} holds weights imported from {state['imported_from']}, without the "
+                              f"optimizer state a resume needs; evaluate or analyse it, or train a new run")
+        distributed.barrier()  # every rank has read its checkpoint before rank 0 moves the newer ones aside
+        if self.world.is_main:
+            for newer in found[found.index(folder) + 1:]:
+                reject(newer, self.run_dir)
+            drop_stats_after(self.run_dir / "stats.jsonl", int(state["step"]))
         saved_world, deepspeed_format = int(state.get("world_size", 1)), bool(state.get("engine_format", False))
         if saved_world != self.world.size or deepspeed_format != (self.engine.name == "deepspeed"):
             raise ConfigError(f"{self.run_dir} was written by {saved_world} process(es)"
@@ -128,58 +236,88 @@ class Trainer:
         self.noise_generator.set_state(local["noise_generator"].cpu())
         torch.set_rng_state(local["torch_rng"].cpu())
         self.step, self.bad_total = int(state["step"]), int(state["bad_total"])
+        self.bad_in_row = int(state.get("bad_in_row", 0))
 
     # --- one step --------------------------------------------------------------------------------
     def autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.cfg.precision == "bf16":  # a CUDA graph replays no autocast cache
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cfg.cuda_graph)
         return contextlib.nullcontext()
 
-    def train_step(self) -> dict[str, torch.Tensor] | None:
-        """One optimizer step over the global batch; returns this rank's batch-mean terms, or None when the
-        step was skipped (a non-finite loss on any rank, or non-finite gradients)."""
-        cfg, world, micro, accum = self.cfg, self.world, self.micro_batch, self.cfg.grad_accum
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over the global batch; returns this rank's batch-mean terms, the gradient norm and
+        ``ok`` (false: a non-finite loss or gradient on some rank, the update skipped), all on the device: the
+        step never waits for the device, except under DeepSpeed (which cannot discard a partly accumulated step)."""
+        cfg, world, micro = self.cfg, self.world, self.micro_batch
         self._pre_step, self._in_step = self._stream_state(), True
         # The global batch's noise, the same on every rank; global position p = world·(k·micro + j) + rank
         # is this rank's sample j of micro-step k, as in ImageBatches' [rank::world] shards.
-        t_all = sample_noise_levels(cfg.batch_size, cfg.t_min, cfg.t_max, self.noise_generator, self.device,
-                                    self.dtype)[world.rank::world.size]
-        eps_all = torch.randn((cfg.batch_size, *self.data.sample_shape), generator=self.noise_generator,
-                              device=self.device, dtype=self.dtype)[world.rank::world.size]
+        t = sample_noise_levels(cfg.batch_size, cfg.t_min, cfg.t_max, self.noise_generator, self.device,
+                                self.dtype)[world.rank::world.size]
+        eps = torch.randn((cfg.batch_size, *self.data.sample_shape), generator=self.noise_generator,
+                          device=self.device, dtype=self.dtype)[world.rank::world.size]
+        x = torch.cat([self.data.next_batch(micro, self.device, self.dtype) for _ in range(cfg.grad_accum)])
+        lr = learning_rate(self.step, cfg.lr, cfg.lr_halve_every, cfg.warmup_steps)
+        self.engine.set_lr(lr)
+        out = self._update(x, t, eps)
+        self.step += 1
+        self._in_step = False
+        return {**out, "lr": torch.tensor(lr)}
+
+    def _update(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Micro-steps, backward, the (possibly skipped) update, the EMA and the bad-step counters, all on the
+        device; under --cuda-graph this function is what is captured and replayed (dsm_fast/graphs.py)."""
+        cfg, micro, accum = self.cfg, self.micro_batch, self.cfg.grad_accum
         self.engine.zero_grad()
         out: dict[str, torch.Tensor] = {}
-        finite = True
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         for k in range(accum):
             last, mine = k == accum - 1, slice(k * micro, (k + 1) * micro)
-            x = self.data.next_batch(micro, self.device, self.dtype)
             with self.engine.micro_step(last):
                 with self.autocast():
-                    terms = self.engine.terms(x, t_all[mine], eps_all[mine])
+                    terms = self.engine.terms(x[mine], t[mine], eps[mine])
                 loss = terms["loss"].mean()
-                finite = distributed.all_true(bool(torch.isfinite(loss)), self.device)
-                if not finite:
-                    break
+                finite = finite & torch.isfinite(loss)
+                if not self.engine.skips_non_finite and not distributed.all_true(bool(finite), self.device):
+                    self.save(streams=self._pre_step)
+                    raise TrainingStopped(f"non-finite loss at step {self.step}; engine {self.engine.name} cannot "
+                                          f"discard a partly accumulated step (lower --lr or set --grad-clip, then "
+                                          f"--resume)")
                 self.engine.backward(loss, last)
             for key, value in terms.items():
                 out[key] = out.get(key, 0) + value.detach().mean() / accum
-        if not finite and not self.engine.skips_non_finite:
-            self.save(streams=self._pre_step)
-            raise TrainingStopped(f"non-finite loss at step {self.step}; engine {self.engine.name} cannot discard a "
-                                  f"partly accumulated step (lower --lr or set --grad-clip, then --resume)")
-        lr = learning_rate(self.step, cfg.lr, cfg.lr_halve_every, cfg.warmup_steps)
-        grad_norm = self.engine.step(lr, cfg.grad_clip) if finite else None
-        if grad_norm is None:
-            self.bad_in_row += 1
-            self.bad_total += 1
-            self.step += 1
-            self._in_step = False
-            return None
-        self.bad_in_row = 0
+        grad_norm, ok = self.engine.step(cfg.grad_clip, finite)
         if self.ema is not None:
-            self.ema.update(self.model)
-        self.step += 1
-        self._in_step = False
-        return {**out, "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr)}
+            self.ema.update(self.model, ok)
+        bad = (~ok).long()  # counters (in a row, total, longest run since last read), updated in place
+        in_row = (self.bad_counts[0] + 1) * bad
+        self.bad_counts.copy_(torch.stack([in_row, self.bad_counts[1] + bad, torch.maximum(self.bad_counts[2], in_row)]))
+        return {**out, "grad_norm": grad_norm.detach(), "ok": ok}
+
+    @property
+    def bad_total(self) -> int:
+        """Non-finite steps skipped so far (a read of the device counter: a synchronization)."""
+        return int(self.bad_counts[1])
+
+    @bad_total.setter
+    def bad_total(self, value: int) -> None:
+        self.bad_counts[1] = value
+
+    @property
+    def bad_in_row(self) -> int:
+        """Non-finite steps in a row up to now (a read of the device counter: a synchronization)."""
+        return int(self.bad_counts[0])
+
+    @bad_in_row.setter
+    def bad_in_row(self, value: int) -> None:
+        self.bad_counts[0] = value
+        self.bad_counts[2] = value
+
+    def longest_bad_run(self) -> int:
+        """The longest run of consecutive non-finite steps since the last call (read at log time), then reset."""
+        longest = int(self.bad_counts[2])
+        self.bad_counts[2] = self.bad_counts[0]
+        return longest
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -190,6 +328,11 @@ class Trainer:
 
         cfg, main = self.cfg, self.world.is_main
         self._in_step = False
+        if self.step == 0 and not self.resumed:
+            self.save()  # step 0: what a divergence in the first steps rolls back to
+        start, bad_at_start = self.step, self.bad_total
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) if on_main_thread else None
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) if main else None
         stats_file = (self.run_dir / "stats.jsonl").open("a") if main else None
         progress = Progress(cfg.steps, self.step, cfg.batch_size, enabled=cfg.progress and main,
@@ -200,11 +343,12 @@ class Trainer:
             while self.step < cfg.steps:
                 terms = self.train_step()
                 progress.step(terms)
-                if self.bad_in_row >= cfg.max_bad_steps:
-                    path = self.save()
-                    raise TrainingStopped(f"{self.bad_in_row} non-finite losses in a row at step {self.step} "
-                                          f"(lower --lr or set --grad-clip); checkpoint saved at {path}")
-                if terms is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                if self.step % cfg.log_every and self.step != cfg.steps:
+                    continue  # values are read on the host only here, every log_every steps
+                longest = self.longest_bad_run()
+                if longest >= cfg.max_bad_steps:
+                    self.diverged(f"{longest} non-finite losses in a row at step {self.step}")
+                if bool(terms.pop("ok")):
                     record = self._log(distributed.average(terms), last, writer, stats_file)
                     progress.mark_logged()
                 if self.step % cfg.checkpoint_every == 0:
@@ -215,13 +359,21 @@ class Trainer:
             if self.world.size > 1:
                 raise DistributedError(f"rank {self.world.rank}/{self.world.size} stopped at step {self.step}: "
                                        f"{type(error).__name__}: {distributed.first_line(error)}") from error
-            self.save(streams=self._pre_step if self._in_step else None)  # an interrupted step is drawn again
+            path = self.save(streams=self._pre_step if self._in_step else None)  # an interrupted step is redrawn
+            if isinstance(error, KeyboardInterrupt):
+                number = getattr(error, "signal_number", signal.SIGINT)
+                raise Interrupted(number, f"{signal.Signals(number).name} at step {self.step}: checkpoint saved at "
+                                          f"{path}; continue with --resume") from None
             raise
         finally:
+            if on_main_thread:
+                signal.signal(signal.SIGTERM, previous_handler)
             progress.close()
             if main:
                 writer.close()
                 stats_file.close()
+        if self.step > start and self.bad_total - bad_at_start == self.step - start:
+            self.diverged(f"all {self.step - start} steps of this run were skipped (non-finite losses)")
         self.save()
         if self.engine.partitions_weights:  # ZeRO-3 left each rank a shard: keep a full copy for evaluation
             weights = self.engine.full_state_dict()
@@ -249,10 +401,31 @@ class Trainer:
         return record
 
 
+def drop_stats_after(path: Path, step: int) -> None:
+    """Keep the rows of stats.jsonl up to ``step`` (a resume redoes the later ones; a torn last line goes too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 def config_from_run(run_dir: str | Path, **changes) -> TrainConfig:
     """The TrainConfig a run was made with, optionally changed (e.g. ``device``)."""
     from .checkpoint import run_config
 
     values = run_config(run_dir)
-    values["gsm_sigmas"] = tuple(values["gsm_sigmas"])
-    return dataclasses.replace(TrainConfig(**values), **changes)
+    try:
+        if "gsm_sigmas" in values:
+            values["gsm_sigmas"] = tuple(values["gsm_sigmas"])
+        return dataclasses.replace(TrainConfig(**values), **changes).validate()
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{Path(run_dir) / 'config.json'}: not a valid run configuration "
+                              f"({distributed.first_line(error)})") from None

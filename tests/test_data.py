@@ -38,8 +38,11 @@ def test_folder_and_npy_loaders_validate(tmp_path):
     np.save(tmp_path / "float.npy", images.astype(np.float32))
     with pytest.raises(DataError, match="uint8"):
         load_images(tmp_path / "float.npy", 3, 16)
-    with pytest.raises(DataError, match=r"shape \(3, 16, 16\)"):
-        load_images(tmp_path / "ok.npy", 1, 16)
+    gray = load_images(tmp_path / "ok.npy", 1, 16)  # a colour array seen through the luma, as folders are read
+    assert gray.shape == (3, 1, 16, 16) and np.array_equal(np.asarray(gray), load_images(folder, 1, 16))
+    np.save(tmp_path / "gray.npy", np.asarray(gray))
+    with pytest.raises(DataError, match=r"shape \(1, 16, 16\)"):
+        load_images(tmp_path / "gray.npy", 3, 16)
     with pytest.raises(DataError, match="not found"):
         load_images(tmp_path / "missing.npy", 3, 16)
 
@@ -78,3 +81,29 @@ def test_mixture_log_prob_is_the_closed_form(seed):
     radius2 = draws.square().mean(dim=1)
     near_1, near_16 = (radius2 - 1).abs() < 0.5, (radius2 - 16).abs() < 4
     assert bool((near_1 | near_16).all()) and abs(near_1.float().mean().item() - 0.5) < 0.05
+
+
+def test_16_bit_transparent_and_palette_images_become_the_right_8_bit_values(tmp_path):
+    """16-bit gray is scaled (not clipped at 255), alpha is composited onto black, palettes are expanded; the
+    same conversion serves dsm-fast data prepare (imagenet64.read_image)."""
+    from dsm_fast.data.imagenet64 import read_image
+
+    ramp = np.linspace(0, 65535, 8 * 8).round().astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "a16.png")
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, np.arange(8, dtype=np.uint8)[None, :] * 36  # red, alpha 0 … 252
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "b_rgba.png")
+    palette = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) % 4, "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    palette.save(tmp_path / "c_palette.png", transparency=0)
+    gray16, red, pal = load_images(tmp_path, channels=3, size=8).astype(np.int64)
+    want16 = np.rint(ramp.astype(np.float64) * 255 / 65535)
+    assert np.array_equal(gray16[0], want16) and np.array_equal(gray16[1], want16)  # was 99.5% saturated
+    assert np.array_equal(red[0], np.rint(200 * rgba[..., 3].astype(np.float64) / 255)) and not red[1:].any()
+    assert np.array_equal(pal[:, 0, :4], [[0, 255, 0, 0], [0, 0, 255, 0], [0, 0, 0, 255]])
+    Image.fromarray(ramp).resize((64, 64), Image.Resampling.NEAREST).save(tmp_path.parent / "big16.png")
+    prepared = read_image(tmp_path.parent / "big16.png").astype(np.int64)
+    assert np.array_equal(prepared[:, ::8, ::8], np.broadcast_to(want16, (3, 8, 8)))
+    Image.fromarray(np.zeros((8, 8), dtype=np.float32), "F").save(tmp_path / "d_float.tif")
+    with pytest.raises(DataError, match="d_float.tif: floating-point pixels are not supported"):
+        load_images(tmp_path, channels=3, size=8)

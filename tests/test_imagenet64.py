@@ -290,3 +290,32 @@ def test_a_full_prepare_records_all_ten_train_files(tmp_path):
     src = write_official(tmp_path / "src", official_batches())
     manifest, _ = prepare(src, tmp_path / "out", progress=False)
     assert manifest["train_files"] == list(range(1, 11))
+
+
+def test_luma_is_pils_convert_L_for_every_colour():
+    """All 2^24 RGB colours: luma (and the folder/demo reader to_channels) give exactly PIL's convert('L')."""
+    from dsm_fast.data.images import luma, to_channels
+
+    v = np.arange(1 << 24, dtype=np.uint32)
+    rgb = np.stack([v >> 16, (v >> 8) & 255, v & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
+    want = np.asarray(Image.fromarray(rgb).convert("L"))
+    np.testing.assert_array_equal(luma(rgb, axis=2)[:, :, 0], want)
+    np.testing.assert_array_equal(to_channels(rgb[:64, :64], 1)[0], want[:64, :64])
+    rounded = np.rint(rgb[:64].astype(np.float64) @ [0.299, 0.587, 0.114])  # what a float formula would give
+    assert (rounded != want[:64]).any()  # so the test above could fail
+
+
+def test_gray_view_of_a_prepared_colour_split(tmp_path, monkeypatch):
+    from dsm_fast.data.images import GrayView, check_images
+
+    prepare(write_official(tmp_path / "src", official_batches()), tmp_path / "out", progress=False)
+    colour, _ = load_split(tmp_path / "out", "train")
+    gray = check_images(GrayView(colour), "train", 1, 64)
+    want = np.stack([np.asarray(Image.fromarray(img.transpose(1, 2, 0)).convert("L"))[None] for img in colour])
+    assert gray.shape == (len(colour), 1, 64, 64) and len(gray) == len(colour)
+    np.testing.assert_array_equal(np.asarray(gray), want)
+    np.testing.assert_array_equal(gray[np.array([5, 0, 5])], want[[5, 0, 5]])
+    np.testing.assert_array_equal(gray[3], want[3])
+    assert isinstance(gray[2:9], GrayView) and np.array_equal(np.asarray(gray[2:9]), want[2:9])
+    monkeypatch.setattr(GrayView, "BLOCK", 4)  # converted in blocks of 4 rows: the same array
+    np.testing.assert_array_equal(np.asarray(gray), want)

@@ -6,17 +6,17 @@ from dsm_fast.progress import Progress
 
 
 def test_smoothed_loss_is_the_moving_average_of_the_step_losses():
-    losses = [2.0, 1.0, None, 0.5, 0.25]  # None: a skipped step, which the average ignores
-    progress = Progress(total=5, initial=0, batch_size=8, enabled=False, window=4)
+    losses = [None, 2.0, 1.0, None, 0.5, 0.25]  # None: a skipped step (a NaN loss, ok false), which the average ignores
+    progress = Progress(total=6, initial=0, batch_size=8, enabled=False, window=4)
     expected = None
     for loss in losses:
-        progress.step(None if loss is None else {"loss": torch.tensor(loss)})
+        progress.step({"loss": torch.tensor(float("nan") if loss is None else loss), "ok": torch.tensor(loss is not None)})
         if loss is not None:
             expected = loss if expected is None else 0.75 * expected + 0.25 * loss
         if progress.first is None and loss == 1.0:
             progress.mark_logged()
     assert progress.first == 0.75 * 2.0 + 0.25 * 1.0
-    assert abs(progress.smoothed() - expected) < 1e-6 and progress.count == 5
+    assert abs(progress.smoothed() - expected) < 1e-6 and progress.count == 6
     progress.close()
 
 
@@ -26,6 +26,6 @@ def test_steps_never_read_the_device_between_redraws():
     for enabled in (False, True):
         progress = Progress(total=50, initial=0, batch_size=8, enabled=enabled, interval=1e9)
         for _ in range(50):
-            progress.step({"loss": torch.empty((), device="meta")})
+            progress.step({"loss": torch.empty((), device="meta"), "ok": torch.empty((), dtype=torch.bool, device="meta")})
         assert progress.average.device.type == "meta" and progress.count == 50
         progress.close()

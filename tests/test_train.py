@@ -53,7 +53,7 @@ def test_crash_mid_step_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    trainer = Trainer(tiny_config(tmp_path / "nan", steps=50, max_bad_steps=3))
+    trainer = Trainer(tiny_config(tmp_path / "nan", steps=50, max_bad_steps=3, checkpoint_every=4))
     real_call = trainer.route.__class__.__call__
     poisoned = {"steps": {2, 5, 6, 7}}
 
@@ -65,14 +65,42 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer.route.__class__, "__call__", sometimes_nan)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
+    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row at step 8: the update to step 5 diverged"
+                                              ".*--resume continues from the newest healthy one, step 4"):
         trainer.run()
     assert trainer.bad_total == 4 and trainer.step == 8
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
-    weights, state, _ = load_checkpoint(tmp_path / "nan")
-    assert state["step"] == 8 and state["bad_total"] == 4
+    weights, state, _ = load_checkpoint(tmp_path / "nan")  # no checkpoint written at the stop: step 4 is the newest
+    assert state["step"] == 4 and state["bad_total"] == 1
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_divergence_keeps_the_healthy_checkpoint_and_resume_recovers(tmp_path):
+    """The issue's case: --lr 1e6 blows the weights up to |w| ~ 1e6 in one finite step; the losses after it are
+    non-finite. Checkpointing every step, the stop names step 0 (before the diverging update) and sets the rest
+    aside; two retries with the same lr stop the same way and step 0 survives; a sane lr then trains on."""
+    out = tmp_path / "r"
+    for attempt in range(3):
+        with pytest.raises(TrainingStopped, match="5 non-finite losses in a row at step 6: the update to step 1 "
+                                                  "diverged.*--resume continues from .* step 0 "):
+            Trainer(tiny_config(out, steps=20, lr=1e6, max_bad_steps=5, checkpoint_every=1, ema_decay=0.0),
+                    resume=attempt > 0).run()
+        assert [p.name for p in list_checkpoints(out)] == ["step_00000000"]
+        assert [p.name for p in (out / "rejected").iterdir()] and not (out / "rejected" / "step_00000000").exists()
+    resumed = Trainer(tiny_config(out, steps=3, lr=1e-3, checkpoint_every=1, ema_decay=0.0), resume=True)
+    assert resumed.step == 0
+    summary = resumed.run()
+    assert summary["step"] == 3 and summary["skipped_steps"] == 0
+    assert max(float(p.detach().abs().max()) for p in resumed.model.parameters()) < 10
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000001", "step_00000002", "step_00000003"]
+
+
+def test_a_run_of_only_skipped_steps_fails(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path / "r", steps=2, max_bad_steps=5))
+    monkeypatch.setattr(trainer.route.__class__, "__call__", lambda self, x, t, eps: {"loss": x.sum() * float("nan")})
+    with pytest.raises(TrainingStopped, match="all 2 steps of this run were skipped"):
+        trainer.run()
 
 
 def test_checkpoints_are_complete_and_pruned(tmp_path):
@@ -80,7 +108,8 @@ def test_checkpoints_are_complete_and_pruned(tmp_path):
     folders = list_checkpoints(tmp_path / "r")
     assert [f.name for f in folders] == ["step_00000006", "step_00000008", "step_00000010"]
     assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
-    assert {p.name for p in folders[-1].iterdir()} == {"model.safetensors", "ema.safetensors", "state.pt"}
+    assert {p.name for p in folders[-1].iterdir()} == {"model.safetensors", "ema.safetensors", "state.pt",
+                                                       "manifest.json"}
     assert (tmp_path / "r" / "config.json").is_file() and (tmp_path / "r" / "stats.jsonl").read_text().count("\n") == 5
 
 

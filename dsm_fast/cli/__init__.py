@@ -13,7 +13,7 @@ import sys
 from ..config import ConfigError
 from .common import Formatter, examples
 
-MODULES = ("train", "eval", "plots", "bench", "profile", "data", "normalization", "analyses")
+MODULES = ("train", "eval", "plots", "bench", "profile", "data", "normalization", "analyses", "import_release")
 COMMANDS = {name: command for module in MODULES
             for name, command in importlib.import_module(f".{module}", __name__).COMMANDS.items()}
 
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][1](args)
     except (ConfigError, DataError, CheckpointError) as error:
         parser.exit(2, f"dsm-fast {args.command}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"dsm-fast {args.command}: interrupted\n")
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM during training (train.Interrupted): 128 + signal
+        parser.exit(128 + getattr(error, "signal_number", 2), f"dsm-fast {args.command}: {error or 'interrupted'}\n")
     except Exception as error:
         from ..distributed import DistributedError
         from ..train import TrainingStopped

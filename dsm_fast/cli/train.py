@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
-from ..config import PRESETS, TrainConfig
+from ..config import PRESETS, ConfigError, TrainConfig, resume_flags
 from .common import Formatter, examples
 
 FIELD_HELP = {
@@ -17,8 +18,13 @@ FIELD_HELP = {
     "data": "'demo' (photographs shipped with scikit-image), 'gsm' (Gaussian scale mixture), a folder or a .npy",
     "gsm_sigmas": "comma-separated standard deviations of the mixture components",
     "radial_offset": "radial model: start mis-normalized, log p_t off by -a*log t nats/dim (normalization uses 0.02)",
-    "route": "reference (eager double backward), compiled (torch.compile + torch.func), functional (torch.func, "
-             "eager; first-order, the route for DeepSpeed) or fused (explicit adjoint, first-order; Triton on CUDA)",
+    "route": "auto (fused for a UNet with dual/single, else reference), reference (eager double backward), "
+             "functional (torch.func; first-order) or fused (explicit adjoint, first-order; Triton on CUDA)",
+    "kernels": "the fused route's NormAct and loss kernels: auto (triton on CUDA, else torch), torch, triton or cuda "
+               "(the CUDA C++ NormAct, when built; second order by Triton)",
+    "compile": "torch.compile the first-order step: auto (on CUDA), on (bare --compile) or off; falls back to eager "
+               "with one warning",
+    "cuda_graph": "CUDA, --engine single: capture the whole step (forward, backward, Adam, EMA) once and replay it",
     "precision": "fp32, bf16 (autocast, CUDA only) or fp64",
     "objective": "dual (space + time score), single (space only) or diffclf (space + noise-level classification; "
                  "reference route only)",
@@ -28,7 +34,8 @@ FIELD_HELP = {
     "lr_halve_every": "halve the learning rate every this many steps",
     "ema_decay": "EMA of the weights (0 disables)",
     "grad_clip": "max global gradient norm (0 disables)",
-    "max_bad_steps": "stop (with a checkpoint) after this many non-finite losses in a row",
+    "max_bad_steps": "stop after this many non-finite losses in a row; --resume then continues from the healthy "
+                     "checkpoint before them",
     "eval_images": "held-out images whose NLL is printed when training ends (0 skips)",
     "loader": "prepared ImageNet64 only: auto (DALI if installed and on CUDA, else cpu), cpu, or dali",
     "optimizer": "auto (apex FusedAdam if installed, else torch Adam, fused on CUDA), torch or apex",
@@ -59,28 +66,47 @@ def add_train(sub) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), help="named settings (dsm_fast/config.py): demo (the main job: "
                    "minutes on a 2-core CPU, visibly learning), paper (the defaults)")
     p.add_argument("--config", help="YAML or TOML file of the options below (keys with underscores)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest healthy checkpoint, with the run's own options "
+                        f"(config.json); only {resume_flags()} may be given anew")
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
                    help="passed by the deepspeed launcher; LOCAL_RANK in the environment takes precedence")
+    bare = {"bool": "true", "compile": "on"}  # what a flag given without a value means
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        const = bare.get(f.name, bare.get(f.type))
         p.add_argument(flag, dest=f.name, default=None, metavar=f.type.upper() if f.type in ("int", "float") else None,
+                       nargs="?" if const else None, const=const,
                        help=f"{FIELD_HELP.get(f.name, '')} (default: {f.default})".strip())
 
 
 def run_train(args) -> int:
-    from ..config import resolve_config
+    from ..config import check_resume, given_options, resolve_config
+    from ..data import make_test_data
     from ..distributed import stop
-    from ..train import Trainer
+    from ..train import Trainer, config_from_run
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    cfg = resolve_config(args.config, overrides, args.preset)
+    if args.resume:  # the run's resolved options ← the few a resume may change
+        given = given_options(args.config, overrides, args.preset)
+        run_dir = Path(given.get("out", TrainConfig.out))
+        if not (run_dir / "config.json").is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no run to resume (no config.json); drop --resume to start one")
+        saved = config_from_run(run_dir)
+        check_resume(saved, given)
+        cfg = dataclasses.replace(saved, **given).validate()
+    else:
+        cfg = resolve_config(args.config, overrides, args.preset)
+    if cfg.eval_images > 0:
+        make_test_data(cfg, 1)  # a data set too small to hold out images is refused before training, not after
     try:
         trainer = Trainer(cfg, resume=args.resume, local_rank=args.local_rank)
+        cfg = trainer.cfg  # route, kernels and compilation resolved
         start = held_out_nll(trainer, cfg) if trainer.world.is_main and not trainer.engine.partitions_weights else None
         if trainer.world.is_main:
             print(f"training {cfg.model} on {cfg.data}{f' (preset {args.preset})' if args.preset else ''} "
-                  f"({cfg.objective} score matching, energy {cfg.energy}, route {cfg.route}, {trainer.optimizer_name}, "
+                  f"({cfg.objective} score matching, energy {cfg.energy}, route {cfg.route}, kernels {cfg.kernels}, "
+                  f"compile {cfg.compile}{', CUDA graph' if cfg.cuda_graph else ''}, {trainer.optimizer_name}, "
                   f"engine {cfg.engine} × {trainer.world.size}, {trainer.device}) → {trainer.run_dir}", flush=True)
         first_step, began = trainer.step, time.perf_counter()
         summary = trainer.run()

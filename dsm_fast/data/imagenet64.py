@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .images import IMAGE_SUFFIXES, DataError, ImageBatches
+from .images import IMAGE_SUFFIXES, DataError, ImageBatches, to_8bit
 
 SIZE, CHANNELS = 64, 3
 ROW = CHANNELS * SIZE * SIZE  # 12,288 bytes per image: R, G, B planes of 64 × 64
@@ -213,7 +213,7 @@ def read_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = to_8bit(img, str(path)).convert("RGB")
             if img.size != (SIZE, SIZE):
                 img = img.resize((SIZE, SIZE), Image.Resampling.BOX, reducing_gap=None)
             return np.asarray(img).transpose(2, 0, 1)

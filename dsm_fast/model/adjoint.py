@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .energy import UNetEnergy, sum_per_sample
 from .layers import NORM_EPS, ConvNormAct, NoiseEmbedding, normalization_scale
 
-KERNELS = ("torch", "triton")
+KERNELS = ("torch", "triton", "cuda")
 
 
 def conv_forward(layer: ConvNormAct, h: torch.Tensor) -> torch.Tensor:
@@ -128,8 +128,24 @@ def triton_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor
     return adjoint(*saved, g)
 
 
+def cuda_norm_act_forward(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor
+                          ) -> tuple[torch.Tensor, tuple]:
+    """:func:`norm_act_forward` by the CUDA C++ kernels (csrc/, dsm_fast/cuda_ext.py)."""
+    from ..cuda_ext import norm_act
+
+    return norm_act(h, gain, modulation), (h, gain, modulation)
+
+
+def cuda_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`norm_act_adjoint` by the CUDA C++ kernels; its backward (second order) by the Triton op."""
+    from ..cuda_ext import norm_act_adjoint_op
+
+    return norm_act_adjoint_op(*saved, g)
+
+
 NORM_ACT_OPS = {"torch": (norm_act_forward, norm_act_adjoint),
-                "triton": (triton_norm_act_forward, triton_norm_act_adjoint)}
+                "triton": (triton_norm_act_forward, triton_norm_act_adjoint),
+                "cuda": (cuda_norm_act_forward, cuda_norm_act_adjoint)}
 
 
 def embedding_forward(emb: NoiseEmbedding, t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
@@ -156,7 +172,8 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
     """(U, ∇_y U, ∂_t U) of ``model`` at (y, t), all differentiable in θ through one first-order graph.
 
     U = ½ ⟨y, f⟩, ∇_y U = ½ (f + J_fᵀ y), ∂_t U = ½ t̄ with t̄ the embedding adjoint of the modulations' share.
-    ``kernels``: 'torch' (the explicit adjoint in plain PyTorch) or 'triton' (NormAct by kernels/norm_act.py).
+    ``kernels``: 'torch' (the explicit adjoint in plain PyTorch), 'triton' (NormAct by kernels/norm_act.py) or 'cuda'
+    (NormAct by csrc/, second order by the Triton op).
     """
     if not isinstance(model, UNetEnergy):
         raise TypeError(f"the explicit adjoint needs a UNetEnergy, got {type(model).__name__}")
@@ -182,7 +199,7 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
         layer, saved = tape.pop()
         if saved is not None:  # m = W emb + b  ⇒  ēmb += m̄ W
             g, m_bar = adjoint(saved, g)
-            e_bar = e_bar + m_bar.to(emb.dtype) @ layer.norm_act.modulation.weight.to(emb.dtype)
+            e_bar = torch.addmm(e_bar, m_bar.to(emb.dtype), layer.norm_act.modulation.weight.to(emb.dtype))
         return conv_adjoint(layer, g)
 
     # forward: encoder (skips saved), middle, decoder (skip concatenated before each scale)
