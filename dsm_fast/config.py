@@ -74,11 +74,9 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         from .losses import OBJECTIVES
         from .model import PRESETS
-        from .routes import ROUTES
 
         checks = [
             (self.model in (*PRESETS, "radial"), f"model must be one of {', '.join((*PRESETS, 'radial'))}"),
-            (self.route in ROUTES, f"route must be one of {', '.join(ROUTES)}"),
             (valid_device(self.device), "device must be auto, cpu, cuda or cuda:N"),
             (1 <= self.image_size <= MAX_IMAGE_SIZE, f"image_size must be in 1 … {MAX_IMAGE_SIZE}"),
             (self.gsm_dim > 0, "gsm_dim must be positive"),
