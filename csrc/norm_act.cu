@@ -2,10 +2,11 @@
 //
 // Per image b and channel c (one "row" of n = H·W contiguous positions), statistics in acc_t (float, or double
 // for double data):
-//   x̂ = h − μ,  v = mean x̂²,  r = (v + eps)^−½,  s = (mean_c v_c + eps)^½,  scale = r s k,  k = g (1 + m)
+//   x̂ = h − μ,  v = mean x̂²,  V = mean_c v_c,  w = 1 / (v + eps),  s = sqrt(V w + eps),  scale = s k,
+//   k = g (1 + m)
 //   forward:  z = GELU(x̂ · scale)
-//   adjoint:  ā = ḡ GELU'(a),  Q = Σ ā x̂,  k̄ = s r Q,  s̄ = Σ_c k r Q,
-//             h̄ = scale (ā − mean ā) + (−r² scale Q / n + s̄ / (s C n)) x̂
+//   adjoint:  ā = ḡ GELU'(a),  Q = Σ ā x̂,  k̄ = s Q,  u = k Q / s,
+//             h̄ = scale (ā − mean ā) + (−V w² u + mean_c w u) / n · x̂
 // Row reductions: one thread block per row; elementwise passes: a grid-stride loop over all rows·n elements.
 // This file needs only the CUDA toolkit; csrc/bindings.cpp does the (B, C)-sized algebra with ATen and binds it.
 #include <cuda_bf16.h>

@@ -3,7 +3,12 @@
 Every route trains the same network (same initial weights) with Adam on the same batches of uniform
 [0, 1] images and log-uniform t; 'score' is the plain DSM step of the UNet used as a score network, what
 a diffusion trainer pays. Median ms/step over timed steps after warm-up (CUDA events on a GPU),
-images/s, peak memory, and each route's ratio to the reference.
+images/s, peak memory, the first step's seconds (compilation, capture) apart, and each route's ratio to the
+reference.
+
+A row is a spec ``route[+compile][+graph]`` (route, compilation and CUDA graph chosen independently):
+``+compile`` wraps the route in torch.compile, ``+reduce-overhead`` in torch.compile's reduce-overhead mode (its
+own CUDA graphs), ``+graph`` captures the whole step (terms, backward, Adam) in one explicit CUDA graph.
 """
 from __future__ import annotations
 
@@ -14,28 +19,47 @@ import time
 
 import torch
 
+from .graphs import GraphedStep
 from .losses import sample_noise_levels
 from .model import UNetEnergy
-from .routes import ScoreRoute, make_route
+from .routes import Compiled, ScoreRoute, make_route, resolve_kernels
+
+MODIFIERS = ("compile", "reduce-overhead", "graph")
 
 
-def step_function(route_name: str, model: UNetEnergy, precision: str):
-    """A closure doing one full training step (terms → mean loss → backward → Adam) of ``route_name``."""
-    route = ScoreRoute(model.unet) if route_name == "score" else make_route(route_name, model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=next(model.parameters()).is_cuda)
-    device_type = next(model.parameters()).device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if precision == "bf16" \
-        else contextlib.nullcontext
+def parse_spec(spec: str) -> tuple[str, set[str]]:
+    """'fused+compile+graph' → ('fused', {'compile', 'graph'}); ValueError naming an unknown modifier."""
+    route, *modifiers = spec.split("+")
+    unknown = set(modifiers) - set(MODIFIERS)
+    if unknown:
+        raise ValueError(f"unknown modifier(s) {', '.join(sorted(unknown))} in {spec!r}; choose from "
+                         f"{', '.join(MODIFIERS)}")
+    return route, set(modifiers)
 
-    def step(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+
+def step_function(spec: str, model: UNetEnergy, precision: str, kernels: str = "auto"):
+    """A closure doing one full training step (terms → mean loss → backward → Adam) of the route ``spec``."""
+    name, modifiers = parse_spec(spec)
+    device = next(model.parameters()).device
+    graph = "graph" in modifiers
+    route = ScoreRoute(model.unet) if name == "score" else make_route(name, model, kernels=kernels)
+    if modifiers & {"compile", "reduce-overhead"}:
+        route = Compiled(route, "reduce-overhead" if "reduce-overhead" in modifiers else None)
+    lr = torch.tensor(1e-4, device=device) if graph else 1e-4
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=graph)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graph)) \
+        if precision == "bf16" else contextlib.nullcontext
+
+    def step(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast():
             loss = route(x, t, eps)["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss.detach()
+        return {"loss": loss.detach()}
 
-    return step, route
+    graphed = GraphedStep(step) if graph else step
+    return (lambda x, t, eps: graphed(x, t, eps)["loss"]), route
 
 
 def time_steps(step, batches, device: torch.device) -> list[float]:
@@ -56,11 +80,12 @@ def time_steps(step, batches, device: torch.device) -> list[float]:
     return times
 
 
-def bench_routes(routes=("score", "reference", "compiled"), preset: str = "paper", batch_size: int = 128,
+def bench_routes(routes=("score", "reference", "fused"), preset: str = "paper", batch_size: int = 128,
                  image_size: int = 64, channels: int = 3, steps: int = 20, warmup: int = 3,
                  device: str | torch.device = "cuda", precision: str = "fp32", seed: int = 0,
-                 progress: bool = False) -> list[dict]:
-    """One row per route: median ms/step, img/s, peak GiB (CUDA), ratio to 'reference', final loss."""
+                 progress: bool = False, kernels: str = "auto") -> list[dict]:
+    """One row per route spec: median ms/step, img/s, peak GiB (CUDA), first step's seconds, ratio to
+    'reference', final loss."""
     device = torch.device(device)
     dtype = torch.float64 if precision == "fp64" else torch.float32
     torch.manual_seed(seed)
@@ -74,22 +99,25 @@ def bench_routes(routes=("score", "reference", "compiled"), preset: str = "paper
 
     data = [batch() for _ in range(min(steps, 4))]
     rows = []
-    for name in routes:
+    for spec in routes:
         model = copy.deepcopy(template)
-        step, route = step_function(name, model, precision)
+        step, route = step_function(spec, model, precision, kernels)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        time_steps(step, [data[i % len(data)] for i in range(warmup)], device)
+        first = time_steps(step, data[:1], device)[0] / 1e3  # compilation and capture happen here
+        time_steps(step, [data[i % len(data)] for i in range(1, warmup + 1)], device)
         ms = time_steps(step, [data[i % len(data)] for i in range(steps)], device)
         median = statistics.median(ms)
-        rows.append({"route": name if not getattr(route, "fell_back", False) else f"{name} (fell back)",
-                     "ms_per_step": median, "img_per_s": 1e3 * batch_size / median,
+        route_name = parse_spec(spec)[0]
+        rows.append({"route": spec if not getattr(route, "fell_back", False) else f"{spec} (fell back)",
+                     "kernels": resolve_kernels(kernels, device) if route_name == "fused" else "torch",
+                     "ms_per_step": median, "img_per_s": 1e3 * batch_size / median, "first_step_s": first,
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                      "final_loss": float(step(*data[0]))})
         if progress:
-            print(f"  {rows[-1]['route']}: {median:.2f} ms/step", flush=True)
+            print(f"  {rows[-1]['route']}: {median:.2f} ms/step (first step {first:.1f} s)", flush=True)
         del model, step, route
     reference = next((r["ms_per_step"] for r in rows if r["route"] == "reference"), None)
     for row in rows:
@@ -98,10 +126,11 @@ def bench_routes(routes=("score", "reference", "compiled"), preset: str = "paper
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'route':<24}{'ms/step':>10}{'img/s':>10}{'peak GiB':>10}{'× ref':>8}"
+    head = f"{'route':<32}{'kernels':>8}{'ms/step':>10}{'img/s':>10}{'peak GiB':>10}{'1st step s':>11}{'× ref':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
         ratio = f"{r['speedup_vs_reference']:.2f}" if r["speedup_vs_reference"] else "n/a"
-        lines.append(f"{r['route']:<24}{r['ms_per_step']:>10.2f}{r['img_per_s']:>10.1f}{peak:>10}{ratio:>8}")
+        lines.append(f"{r['route']:<32}{r['kernels']:>8}{r['ms_per_step']:>10.2f}{r['img_per_s']:>10.1f}{peak:>10}"
+                     f"{r['first_step_s']:>11.1f}{ratio:>8}")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""Run configuration: one frozen dataclass, resolved once from defaults ← config file ← command line,
-and written next to the run as ``config.json``."""
+"""Run configuration: one frozen dataclass, resolved once from defaults ← named preset ← config file ← command
+line, and written next to the run as ``config.json``."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # model
     model: str = "paper"  # UNet preset (paper, small, tiny) or 'radial' for the analytic data set
+    energy: str = "paper"  # paper (U = ½⟨y, f⟩) | gaussian (starts at the data's Gaussian: model/gaussian.py)
     # data
     data: str = "demo"  # 'demo' (embedded photographs), 'gsm' (Gaussian scale mixture), folder, .npy, prepared ImageNet64
     loader: str = "auto"  # auto (DALI when installed, CUDA and a prepared dataset; else cpu) | cpu | dali
@@ -37,7 +38,10 @@ class TrainConfig:
     diffclf_levels: int = 8  # diffclf: N noise levels log-spaced over [t_min, t_max] for the classifier
     t_min: float = 1e-9
     t_max: float = 1e3
-    route: str = "reference"  # reference | compiled (| fused)
+    route: str = "auto"  # auto (fused for the UNet with dual/single, else reference) | reference | functional | fused
+    kernels: str = "auto"  # fused route's NormAct and loss kernels: auto (triton on CUDA) | torch | triton | cuda
+    compile: str = "auto"  # torch.compile of a first-order route's step: auto (on CUDA) | on | off
+    cuda_graph: bool = False  # CUDA: capture the whole step once and replay it (static shapes, single engine)
     precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA) | fp64
     # optimisation
     batch_size: int = 128
@@ -57,6 +61,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     eval_images: int = 256  # held-out images for the NLL printed when training ends; 0 skips it
     progress: bool = True
+    plots: bool = True  # write RUN/plots/ (loss curve, loss per noise level, denoising grid) when training ends
     # distributed (see dsm_fast/engine.py); batch_size is the global batch: each optimizer step sees
     # batch_size images, split over world size × grad_accum micro-batches
     engine: str = "single"  # single | ddp | deepspeed
@@ -69,11 +74,9 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         from .losses import OBJECTIVES
         from .model import PRESETS
-        from .routes import ROUTES
 
         checks = [
             (self.model in (*PRESETS, "radial"), f"model must be one of {', '.join((*PRESETS, 'radial'))}"),
-            (self.route in ROUTES, f"route must be one of {', '.join(ROUTES)}"),
             (valid_device(self.device), "device must be auto, cpu, cuda or cuda:N"),
             (1 <= self.image_size <= MAX_IMAGE_SIZE, f"image_size must be in 1 … {MAX_IMAGE_SIZE}"),
             (self.gsm_dim > 0, "gsm_dim must be positive"),
@@ -92,7 +95,12 @@ class TrainConfig:
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
             (self.diffclf_levels >= 2, "diffclf_levels must be at least 2"),
-            (self.objective != "diffclf" or self.route == "reference", "objective diffclf needs --route reference"),
+            (self.objective != "diffclf" or self.route in ("auto", "reference"),
+             "objective diffclf needs --route reference"),
+            (self.route in ("auto", "reference", "functional", "fused"),
+             "route must be auto, reference, functional or fused (compilation is --compile)"),
+            (self.kernels in ("auto", "torch", "triton", "cuda"), "kernels must be auto, torch, triton or cuda"),
+            (self.compile in ("auto", "on", "off"), "compile must be auto, on or off"),
             (self.subset == "" or parse_subset(self.subset) is not None, "subset must be 'first:N' or 'last:N', N > 0"),
             (self.precision in ("fp32", "bf16", "fp64"), "precision must be fp32, bf16 or fp64"),
             (self.optimizer in ("auto", "torch", "apex"), "optimizer must be auto, torch or apex"),
@@ -108,6 +116,9 @@ class TrainConfig:
              "offload and deepspeed_config need --engine deepspeed"),
             (self.dist_timeout > 0 and not math.isnan(self.dist_timeout), "dist_timeout must be positive"),
             (self.radial_offset == 0 or self.model == "radial", "radial_offset needs --model radial"),
+            (self.energy in ("paper", "gaussian"), "energy must be paper or gaussian"),
+            (self.energy == "paper" or self.model != "radial", "energy gaussian needs a UNet preset, not radial"),
+            (self.energy == "paper" or self.route != "fused", "energy gaussian needs a route other than fused"),
         ]
         for ok, message in checks:
             if not ok:
@@ -123,7 +134,7 @@ MAX_IMAGE_SIZE = 1024  # beyond it the paper's UNet does not fit in memory at an
 # What a resumed run may change: how long it trains, how it logs and checkpoints, when it gives up, the learning
 # rate, and where and how it runs. Everything else comes from the run's config.json (see check_resume).
 RESUME_MAY_CHANGE = ("steps", "lr", "log_every", "checkpoint_every", "max_bad_steps", "eval_images", "progress",
-                     "device", "dist_timeout", "out")
+                     "plots", "device", "dist_timeout", "out")
 
 
 def valid_device(name: str) -> bool:
@@ -134,12 +145,30 @@ def resume_flags() -> str:
     return ", ".join("--" + key.replace("_", "-") for key in RESUME_MAY_CHANGE if key != "out")
 
 
+RESOLVED_AT_START = ("route", "kernels", "compile")  # 'auto' is decided once and config.json holds the decision
+
+
 def check_resume(saved: TrainConfig, values: dict[str, Any]) -> None:
-    """Refuse, naming it, an option of ``values`` that differs from the run's and may not change on resume."""
+    """Refuse, naming it, an option of ``values`` that differs from the run's and may not change on resume
+    ('auto' for an option decided at the start agrees with the run's decision)."""
     for key, value in values.items():
+        if key in RESOLVED_AT_START and value == "auto":
+            continue
         if key not in RESUME_MAY_CHANGE and value != getattr(saved, key):
             raise ConfigError(f"--resume: {key} is {value!r}, the run was made with {getattr(saved, key)!r}; "
                               f"a resumed run may change only {resume_flags()}")
+
+
+# Named settings (``train --preset NAME``): values over the defaults, under a config file and the command line.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The main job: a few minutes on a 2-core CPU that visibly learns (README, set-up). 32×32 grayscale patches
+    # of the embedded photographs, the tiny UNet started at the data's Gaussian (--energy gaussian); the paper's
+    # noise levels and loss.
+    "demo": {"data": "demo", "model": "tiny", "energy": "gaussian", "channels": 1, "image_size": 32,
+             "batch_size": 32, "steps": 1000, "lr": 2e-3, "checkpoint_every": 1000},
+    # The paper's run (method.md): the defaults, named.
+    "paper": {},
+}
 
 
 def parse_subset(subset: str) -> tuple[str, int] | None:
@@ -185,11 +214,16 @@ def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
         raise ConfigError(f"{origin}: {field.name} expects {kind}, got {value!r}") from None
 
 
-def given_options(file: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The options set explicitly: config file ← overrides (None values in overrides are ignored), coerced."""
+def given_options(file: str | None = None, overrides: dict[str, Any] | None = None,
+                  preset: str | None = None) -> dict[str, Any]:
+    """The options set explicitly: preset ← config file ← overrides (None values in overrides are ignored), coerced."""
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     known = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
-    for origin, source in ((str(file), read_config_file(file) if file else {}), ("command line", overrides or {})):
+    sources = ((f"preset {preset}", PRESETS[preset] if preset else {}),
+               (str(file), read_config_file(file) if file else {}), ("command line", overrides or {}))
+    for origin, source in sources:
         for key, value in source.items():
             key = key.replace("-", "_")
             if key not in known:
@@ -199,6 +233,7 @@ def given_options(file: str | None = None, overrides: dict[str, Any] | None = No
     return values
 
 
-def resolve_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """defaults ← config file ← overrides (None values in overrides are ignored)."""
-    return TrainConfig(**given_options(file, overrides)).validate()
+def resolve_config(file: str | None = None, overrides: dict[str, Any] | None = None,
+                   preset: str | None = None) -> TrainConfig:
+    """defaults ← preset ← config file ← overrides (None values in overrides are ignored)."""
+    return TrainConfig(**given_options(file, overrides, preset)).validate()

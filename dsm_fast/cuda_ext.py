@@ -2,7 +2,11 @@
 
 ``resolve('auto')`` falls back quietly when the extension is missing or there is no GPU; ``resolve('on')`` and
 ``require()`` fail loudly with the reason. The ops take k = g (1 + m) of shape (B, C) in the statistics dtype
-(float64 for float64 h, else float32) and contiguous CUDA tensors; they are plain (non-autograd) kernels.
+(float64 for float64 h, else float32) and contiguous CUDA tensors.
+
+As the fused route's ``kernels='cuda'`` backend they are custom operators (torch.library) like the Triton ones:
+dsm_fast::norm_act_cuda, whose backward is dsm_fast::norm_act_adjoint_cuda, whose backward — the second order — is
+the Triton op dsm_fast::norm_act_adjoint_backward (kernels/norm_act.py).
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ def resolve(mode: str) -> bool:
 
 
 def norm_act_forward(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """z = GELU(x̂ r s k) by csrc/norm_act.cu."""
+    """z = GELU(x̂ s k) by csrc/norm_act.cu (s = sqrt(V / (v + eps) + eps))."""
     return require().norm_act_forward(h, k)
 
 
@@ -64,3 +68,61 @@ def norm_act_adjoint(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor) -
     """(h̄, k̄) = Jᵀ ḡ of :func:`norm_act_forward` by csrc/norm_act.cu."""
     grad_h, grad_k = require().norm_act_adjoint(h, k, grad_out)
     return grad_h, grad_k
+
+
+# --- the fused route's 'cuda' backend: custom operators, second order by the Triton op ---------------------------
+@torch.library.custom_op("dsm_fast::norm_act_cuda", mutates_args=(), device_types="cuda")
+def _norm_act_cuda_op(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return norm_act_forward(h, k)
+
+
+@torch.library.custom_op("dsm_fast::norm_act_adjoint_cuda", mutates_args=(), device_types="cuda")
+def _norm_act_adjoint_cuda_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    return norm_act_adjoint(h, k, grad_out)
+
+
+@_norm_act_cuda_op.register_fake
+def _(h, k):
+    return torch.empty_like(h)
+
+
+@_norm_act_adjoint_cuda_op.register_fake
+def _(h, k, grad_out):
+    return torch.empty_like(h), torch.empty_like(k)
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _forward_backward(ctx, grad_z):
+    h, k = ctx.saved_tensors
+    return _norm_act_adjoint_cuda_op(h, k, grad_z.contiguous())
+
+
+def _adjoint_backward(ctx, grad_grad_h, grad_grad_k):
+    from .kernels.norm_act import _norm_act_adjoint_backward  # registers the Triton op
+
+    return _norm_act_adjoint_backward(ctx, grad_grad_h, grad_grad_k)
+
+
+torch.library.register_autograd("dsm_fast::norm_act_cuda", _forward_backward, setup_context=_save_inputs)
+torch.library.register_autograd("dsm_fast::norm_act_adjoint_cuda", _adjoint_backward, setup_context=_save_inputs)
+
+
+def norm_act(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+    """GELU(Normalization(h) · g · (1 + m)) by the CUDA C++ kernels, twice differentiable (as kernels.norm_act)."""
+    from .kernels.norm_act import modulated_gain
+
+    return _norm_act_cuda_op(h.contiguous(), modulated_gain(h, gain, modulation))
+
+
+def norm_act_adjoint_op(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor, grad_out: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h̄, m̄) = Jᵀ ḡ by the CUDA C++ kernels, differentiable in h, g, m and ḡ (as kernels.norm_act)."""
+    from .kernels.norm_act import modulated_gain
+
+    grad_h, grad_k = _norm_act_adjoint_cuda_op(h.contiguous(), modulated_gain(h, gain, modulation),
+                                               grad_out.contiguous())
+    return grad_h, (gain.to(grad_k.dtype) * grad_k).to(modulation.dtype)

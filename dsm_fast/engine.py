@@ -1,12 +1,13 @@
 """Engines: one interface over a single process, torch DDP and DeepSpeed ZeRO 0–3 (the only module that
 imports DeepSpeed). The trainer calls, per optimizer step::
 
+    engine.set_lr(lr)
     engine.zero_grad()
     for k in range(grad_accum):
         with engine.micro_step(last=k == grad_accum - 1):
             loss = engine.terms(x_k, t_k, eps_k)["loss"].mean()
             engine.backward(loss, last)                         # ∇ of loss / grad_accum, averaged over ranks
-    grad_norm = engine.step(lr, grad_clip)                      # None: non-finite gradients, step skipped
+    grad_norm, ok = engine.step(grad_clip, loss_finite)         # ok false: a non-finite step, update skipped
 
 so the update is that of the mean loss over the global batch on every engine. DDP and DeepSpeed wrap the
 route as a module (RouteModule): one wrapped forward per micro-step whose outputs are the loss terms, so
@@ -111,14 +112,30 @@ class SingleEngine:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
 
-    def step(self, lr: float, grad_clip: float) -> torch.Tensor | None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        if not torch.isfinite(grad_norm):
-            return None
+    def set_lr(self, lr: float) -> None:
+        """The next update's learning rate (in place where it is a tensor: a captured CUDA graph reads it)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        return grad_norm
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def step(self, grad_clip: float, loss_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, then update unless the loss or the gradient norm is non-finite: (grad_norm, ok), on the device.
+        torch's fused Adam skips on the device (its ``found_inf``): no host synchronization; other optimizers
+        read ``ok`` on the host."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        ok = self.agree(torch.isfinite(grad_norm) & loss_finite)
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~ok).float()
+            self.optimizer.step()
+        elif ok:
+            self.optimizer.step()
+        return grad_norm, ok
+
+    def agree(self, ok: torch.Tensor) -> torch.Tensor:
+        """``ok`` on every rank (one process: itself)."""
+        return ok
 
     # --- checkpoints: weights and optimizer go into the trainer's own checkpoint --------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -164,6 +181,14 @@ class DDPEngine(SingleEngine):
 
     def micro_step(self, last: bool):
         return contextlib.nullcontext() if last else self.terms.no_sync()
+
+    def agree(self, ok: torch.Tensor) -> torch.Tensor:
+        """``ok`` on every rank: a minimum all-reduced on the device (no host read), so every rank skips together."""
+        import torch.distributed as dist
+
+        flag = ok.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.bool()
 
 
 def deepspeed_stage(cfg: TrainConfig) -> int:
@@ -248,12 +273,11 @@ class DeepSpeedEngine(SingleEngine):
         if not last:
             self.ds.step()  # a micro-step: DeepSpeed counts it and steps only at the boundary
 
-    def step(self, lr: float, grad_clip: float) -> torch.Tensor:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def step(self, grad_clip: float, loss_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else float(norm))
+        grad_norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+        return grad_norm, torch.isfinite(grad_norm)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if not self.partitions_weights:

@@ -19,18 +19,23 @@ def apex_available() -> bool:
     return torch.cuda.is_available()
 
 
-def make_optimizer(params, lr: float, choice: str, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """(optimizer, a label saying which ran). ``choice``: auto | torch | apex (apex fails loudly if absent)."""
+def make_optimizer(params, lr: float, choice: str, device: torch.device, capturable: bool = False
+                   ) -> tuple[torch.optim.Optimizer, str]:
+    """(optimizer, a label saying which ran). ``choice``: auto | torch | apex (apex fails loudly if absent).
+    torch's Adam is the fused one (CPU and CUDA): it skips a non-finite step on the device. ``capturable``: its
+    learning rate is a device tensor and its step can be captured in a CUDA graph (not with apex)."""
     params = list(params)
-    use_apex = choice == "apex" or (choice == "auto" and device.type == "cuda" and apex_available())
+    use_apex = choice == "apex" or (choice == "auto" and device.type == "cuda" and apex_available() and not capturable)
     if use_apex:
         if not apex_available():
             raise ConfigError("--optimizer apex asked for, but apex.optimizers.FusedAdam is not importable on CUDA")
         from apex.optimizers import FusedAdam
 
         return FusedAdam(params, lr=lr, adam_w_mode=False), "apex FusedAdam"
-    fused = device.type == "cuda"
-    return torch.optim.Adam(params, lr=lr, fused=fused), "torch Adam (fused)" if fused else "torch Adam"
+    if capturable:
+        lr_tensor = torch.tensor(lr, device=device)
+        return torch.optim.Adam(params, lr=lr_tensor, fused=True, capturable=True), "torch Adam (fused, capturable)"
+    return torch.optim.Adam(params, lr=lr, fused=True), "torch Adam (fused)"
 
 
 def learning_rate(step: int, base_lr: float, halve_every: int, warmup_steps: int) -> float:
@@ -40,16 +45,17 @@ def learning_rate(step: int, base_lr: float, halve_every: int, warmup_steps: int
 
 
 class EMA:
-    """θ_ema ← β θ_ema + (1 − β) θ after every optimizer step."""
+    """θ_ema ← β θ_ema + (1 − β) θ after every optimizer step (``ok`` false on the device: left as it is)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.params = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, ok: torch.Tensor) -> None:
         names, current = zip(*model.named_parameters())
-        torch._foreach_lerp_([self.params[n] for n in names], [p.detach() for p in current], 1.0 - self.decay)
+        weight = (1.0 - self.decay) * ok.to(current[0].dtype)
+        torch._foreach_lerp_([self.params[n] for n in names], [p.detach() for p in current], weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.params)

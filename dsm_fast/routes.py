@@ -1,23 +1,27 @@
 """Training routes: ways of computing the per-sample objective terms, all differentiable in θ.
 
+Three orthogonal choices, each named once: the route (how ∇_y U and ∂_t U are formed), compilation
+(:class:`Compiled`, ``--compile``) and precision (autocast, applied by the caller).
+
 - ``reference``: eager autograd; ∇_y U and ∂_t U by ``autograd.grad(create_graph=True)`` and the loss's
-  backward is a double backward through the network (the paper's way, the yardstick of every test).
-- ``compiled``: the inner gradient by ``torch.func.grad`` inside ``torch.compile``, which turns the step
-  into a first-order graph that Inductor compiles (torch.compile refuses a create_graph double backward).
-- ``functional``: the same torch.func graph run eagerly (no compile time, no fallback): a first-order
-  graph, so one plain backward through any engine is the whole double backward (see dsm_fast/engine.py).
+  backward is a double backward through the network (the paper's way, the yardstick of every test). It cannot be
+  compiled: torch.compile refuses a create_graph double backward.
+- ``functional``: the inner gradient by ``torch.func.grad``: a first-order graph, so one plain backward through
+  any engine is the whole double backward (see dsm_fast/engine.py); compiled, it is method.md §6's torch.func +
+  torch.compile row.
 - ``fused``: the explicit adjoint of dsm_fast/model/adjoint.py: U, ∇_y U and ∂_t U from one ordinary forward
   graph (every layer's transposed Jacobian written out), so the loss's backward is a single first-order backward;
   NormAct and the loss terms optionally by the Triton kernels of dsm_fast.kernels.
 - ``score``: the plain denoising-score-matching step of the same UNet used as a score network
   (D = y − t f(y, t), no double backward) — what a diffusion trainer pays; for benchmarks.
+- ``auto`` (resolved by :func:`resolve_route`): fused for the UNet energy with the dual or single objective,
+  else reference; compiled on CUDA (:func:`resolve_compile`).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -28,7 +32,9 @@ from .model import adjoint
 from .model.energy import energy_and_scores
 
 Terms = dict[str, torch.Tensor]
-ROUTES = ("reference", "compiled", "functional", "fused")
+ROUTES = ("reference", "functional", "fused")
+FIRST_ORDER = ("functional", "fused", "score")  # routes whose step is a first-order graph: compilable
+COMPILE_MODES = ("auto", "on", "off")
 
 
 def noisy(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -56,52 +62,24 @@ class ReferenceRoute:
         return objective_terms(self.objective, grad_y, grad_t, eps, t, self.time_weight, logits, level)
 
 
-class CompiledRoute(ReferenceRoute):
-    """torch.compile over a torch.func inner gradient; falls back to the reference route with one warning
-    if compilation fails (``compile=False`` runs the same torch.func graph eagerly)."""
+class FunctionalRoute(ReferenceRoute):
+    """The inner gradient by torch.func (a first-order graph)."""
 
-    name = "compiled"
+    name = "functional"
 
-    def __init__(self, model: nn.Module, objective: str = "dual", time_weight: float = 1.0, compile: bool = True):
-        super().__init__(model, objective, time_weight)
-        self._step: Callable[..., Terms] = torch.compile(self._functional_terms) if compile else self._functional_terms
-        self.fell_back = False
-
-    def _functional_terms(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
         def total_energy(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.model(y, t).sum()
 
         grad_y, grad_t = torch.func.grad(total_energy, argnums=(0, 1))(noisy(x, t, eps), t)
         return objective_terms(self.objective, grad_y, grad_t, eps, t, self.time_weight)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
-        if not self.fell_back:
-            try:
-                return self._step(x, t, eps)
-            except Exception as error:  # noqa: BLE001 — Inductor/Dynamo failures surface as many types
-                self.fell_back = True
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                warnings.warn(f"compiled route failed ({first_line[:200]}); falling back to the reference route",
-                              RuntimeWarning, stacklevel=2)
-        return super().__call__(x, t, eps)
-
-
-class FunctionalRoute(CompiledRoute):
-    """The torch.func inner gradient run eagerly: a first-order graph, no compilation, no fallback."""
-
-    name = "functional"
-
-    def __init__(self, model: nn.Module, objective: str = "dual", time_weight: float = 1.0):
-        super().__init__(model, objective, time_weight, compile=False)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
-        return self._functional_terms(x, t, eps)
-
 
 class FusedRoute(ReferenceRoute):
     """The explicit-adjoint graph (first-order in θ, no create_graph). ``kernels``: 'torch' (plain PyTorch),
     'triton' (NormAct forward/adjoint and the loss terms by the Triton kernels; interpreted on the CPU, which
-    needs TRITON_INTERPRET=1) or 'auto' (Triton when the model is on CUDA and Triton is installed, else torch)."""
+    needs TRITON_INTERPRET=1), 'cuda' (NormAct forward/adjoint by the CUDA C++ extension, its second order and the
+    loss terms by Triton) or 'auto' (Triton when the model is on CUDA and Triton is installed, else torch)."""
 
     name = "fused"
 
@@ -125,20 +103,26 @@ class FusedRoute(ReferenceRoute):
 
 def resolve_kernels(kernels: str, device: torch.device) -> str:
     """'auto' → 'triton' on CUDA with Triton installed, else 'torch'; an explicit 'triton' fails loudly if it
-    cannot run here."""
+    cannot run here (on the meta device its custom ops' fake implementations trace, see dsm_fast/cost.py)."""
     has_triton = importlib.util.find_spec("triton") is not None
     if kernels == "auto":
         return "triton" if device.type == "cuda" and has_triton else "torch"
     if kernels == "triton":
         if not has_triton:
             raise RuntimeError("kernels='triton' but Triton is not installed (pip install triton)")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"kernels='triton' on {device.type} needs TRITON_INTERPRET=1 (set before Triton is "
                                "imported) to run the kernels interpreted")
         return kernels
+    if kernels == "cuda":
+        from . import cuda_ext
+
+        if not has_triton or not cuda_ext.is_available():
+            raise RuntimeError(cuda_ext.unavailable_reason() or "kernels='cuda' needs Triton for its second order")
+        return kernels
     if kernels == "torch":
         return kernels
-    raise ValueError(f"unknown kernels {kernels!r}; choose from auto, torch, triton")
+    raise ValueError(f"unknown kernels {kernels!r}; choose from auto, torch, triton, cuda")
 
 
 class ScoreRoute:
@@ -154,16 +138,68 @@ class ScoreRoute:
         return {"loss": space, "space": space}
 
 
-def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0):
-    """The route called ``name`` for ``model`` (an energy module U(y, t))."""
+class Compiled:
+    """torch.compile over a first-order route's whole terms function (network, scores, loss terms; AOTAutograd
+    derives the backward). If compilation fails, the eager route runs from then on, after one warning naming the
+    reason. ``mode`` and ``backend`` are torch.compile's ('reduce-overhead': its CUDA graphs; 'aot_eager': Dynamo and
+    AOTAutograd without Inductor's code generation, what the CPU tests use)."""
+
+    def __init__(self, route, mode: str | None = None, backend: str = "inductor"):
+        if route.name not in FIRST_ORDER:
+            raise ConfigError(f"route {route.name} cannot be compiled (torch.compile refuses its double backward); "
+                              f"use --route {' or '.join(FIRST_ORDER[:2])}")
+        self.route, self.name, self.fell_back = route, route.name, False
+        self._compiled = torch.compile(route, mode=mode, backend=backend)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
+        if not self.fell_back:
+            try:
+                return self._compiled(x, t, eps)
+            except Exception as error:  # noqa: BLE001 — Inductor/Dynamo failures surface as many types
+                self.fell_back = True
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                warnings.warn(f"torch.compile of route {self.name} failed ({first_line[:200]}); running it eagerly",
+                              RuntimeWarning, stacklevel=2)
+        return self.route(x, t, eps)
+
+
+def resolve_route(name: str, model: nn.Module, objective: str) -> str:
+    """'auto' → 'fused' for the UNet energy with the dual or single objective, else 'reference'."""
+    if name != "auto":
+        return name
+    from .model import UNetEnergy
+
+    return "fused" if isinstance(model, UNetEnergy) and objective in ("dual", "single") else "reference"
+
+
+def resolve_compile(mode: str, route: str, device: torch.device, engine: str = "single") -> bool:
+    """'auto' → compile a first-order route on CUDA (not under DeepSpeed); 'on' insists (a route that cannot be
+    compiled is refused in one line); 'off' never."""
+    if mode == "auto":
+        return device.type == "cuda" and route in FIRST_ORDER and engine != "deepspeed"
+    if mode == "on":
+        if route not in FIRST_ORDER:
+            raise ConfigError(f"--compile: route {route} cannot be compiled (torch.compile refuses its double "
+                              f"backward); use --route functional or fused")
+        return True
+    if mode == "off":
+        return False
+    raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
+
+
+def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0, kernels: str = "auto",
+               compile: bool = False, **compile_options):
+    """The route called ``name`` ('auto' resolved) for ``model`` (an energy module U(y, t)); ``kernels`` applies
+    to 'fused'; ``compile`` wraps it in :class:`Compiled`."""
+    name = resolve_route(name, model, objective)
     if objective == "diffclf" and name != "reference":
         raise ConfigError(f"objective diffclf runs on the reference route only, not {name!r}")
     if name == "reference":
-        return ReferenceRoute(model, objective, time_weight)
-    if name == "compiled":
-        return CompiledRoute(model, objective, time_weight)
-    if name == "functional":
-        return FunctionalRoute(model, objective, time_weight)
-    if name == "fused":
-        return FusedRoute(model, objective, time_weight)
-    raise ValueError(f"unknown route {name!r}; choose from {', '.join(ROUTES)}")
+        route = ReferenceRoute(model, objective, time_weight)
+    elif name == "functional":
+        route = FunctionalRoute(model, objective, time_weight)
+    elif name == "fused":
+        route = FusedRoute(model, objective, time_weight, kernels)
+    else:
+        raise ValueError(f"unknown route {name!r}; choose from auto, {', '.join(ROUTES)}")
+    return Compiled(route, **compile_options) if compile else route

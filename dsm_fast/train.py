@@ -40,13 +40,16 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, check_resume
 from .data import make_training_data
+from .data.images import pixel_statistics
 from .diffclf import with_free_energies
 from .distributed import DistributedError
 from .engine import make_engine, micro_batch
+from .graphs import GraphedStep
 from .losses import sample_noise_levels
 from .model import build_model
 from .optim import EMA, learning_rate, make_optimizer
-from .routes import make_route
+from .progress import Progress
+from .routes import make_route, resolve_compile, resolve_kernels, resolve_route
 
 
 class TrainingStopped(RuntimeError):
@@ -78,6 +81,24 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float64 if cfg.precision == "fp64" else torch.float32
 
 
+def resolve_fast_path(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> TrainConfig:
+    """``cfg`` with route, kernels and compilation resolved to what will run ('auto' decided once, written to the
+    run's config.json); a CUDA graph that cannot apply is refused in one line."""
+    route = resolve_route(cfg.route, model, cfg.objective)
+    try:
+        kernels = resolve_kernels(cfg.kernels, device) if route == "fused" else "torch"
+    except RuntimeError as error:
+        raise ConfigError(f"--kernels {cfg.kernels}: {error}") from None
+    compile_on = resolve_compile(cfg.compile, route, device, cfg.engine)
+    if cfg.cuda_graph:
+        for refused, reason in ((device.type != "cuda", "needs a CUDA device"),
+                                (cfg.engine != "single", f"runs with --engine single, not {cfg.engine}"),
+                                (cfg.optimizer == "apex", "needs torch's capturable fused Adam, not apex")):
+            if refused:
+                raise ConfigError(f"--cuda-graph {reason}")
+    return dataclasses.replace(cfg, route=route, kernels=kernels, compile="on" if compile_on else "off")
+
+
 class Trainer:
     """Trains ``cfg.model`` on ``cfg.data`` with ``cfg.objective`` through ``cfg.route``."""
 
@@ -102,7 +123,7 @@ class Trainer:
         self.data = make_training_data(cfg, self.world.rank, self.world.size)
         sample_shape = self.data.sample_shape
         self.model = build_model(cfg.model, channels=sample_shape[0], dim=sample_shape[-1],
-                                 radial_offset=cfg.radial_offset)
+                                 radial_offset=cfg.radial_offset, energy=cfg.energy)
         down = getattr(getattr(self.model, "unet", None), "downsampling", 1)
         if len(sample_shape) == 3 and sample_shape[-1] % down:
             raise ConfigError(f"image size {sample_shape[-1]} is not a multiple of {down}, which model {cfg.model} "
@@ -110,19 +131,28 @@ class Trainer:
         if (cfg.model == "radial") != (len(sample_shape) == 1):
             raise ConfigError(f"model {cfg.model} does not fit data {cfg.data}: use --model radial with --data gsm "
                               f"and a UNet preset with images")
+        if cfg.energy == "gaussian":  # μ and s² of the training pixels (a resumed run reloads the same buffers)
+            self.model.set_data_statistics(*pixel_statistics(self.data.images))
         self.model = with_free_energies(self.model, cfg)  # DiffCLF: the model also owns the free energies F_j
         self.model.to(device=self.device, dtype=self.dtype)
-        optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer, self.device)
+        self.cfg = cfg = resolve_fast_path(cfg, self.model, self.device)
+        optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg.lr, cfg.optimizer, self.device,
+                                                        capturable=cfg.cuda_graph)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.route = make_route(cfg.route, self.model, cfg.objective, cfg.time_weight)
+        self.route = make_route(cfg.route, self.model, cfg.objective, cfg.time_weight, cfg.kernels,
+                                compile=cfg.compile == "on")
         self.engine = make_engine(cfg, self.model, optimizer, self.world, self.device, self.route)
+        if cfg.cuda_graph:
+            self._update = GraphedStep(self._update)
         distributed.seed_rank(cfg.seed, self.world)
         self.noise_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)  # the same on every rank
-        self.step, self.bad_in_row, self.bad_total = 0, 0, 0
+        self.step = 0
+        self.bad_counts = torch.zeros(3, dtype=torch.long, device=self.device)  # see _update
         self._pre_step, self._in_step = self._stream_state(), False
         self.resumed = resume
         if resume:
             self._restore()
+        self.trusted_until = self.step - self.bad_in_row  # see diverged
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(cfg.to_json())
@@ -156,8 +186,10 @@ class Trainer:
     def diverged(self, reason: str) -> NoReturn:
         """Stop a diverged run: state b = step − bad_in_row came from the last finite update before the bad steps
         (or, with no bad step, the update that made the state non-finite), so the checkpoints from step b on are
-        set aside (RUN/rejected) and the message names the newest healthy one, which ``--resume`` continues."""
-        first = self.step - self.bad_in_row
+        set aside (RUN/rejected) and the message names the newest healthy one, which ``--resume`` continues.
+        The counters are read every log_every steps, so a streak may have ended before the read: b is then
+        bounded by ``trusted_until``, the step − bad_in_row of the previous read."""
+        first = min(self.step - self.bad_in_row, self.trusted_until)  # the streak may have ended before the read
         if self.world.is_main:
             for folder in list_checkpoints(self.run_dir):
                 if checkpoint_step(folder) >= first:
@@ -187,6 +219,9 @@ class Trainer:
                     print(f"warning: {error}; resuming from an earlier checkpoint", file=sys.stderr, flush=True)
         else:
             raise CheckpointError(f"{self.run_dir}: no checkpoint passes its checks; start a new run")
+        if "imported_from" in state:  # dsm-fast import-release: weights only, no optimizer or stream state
+            raise ConfigError(f"{self.run_dir} holds weights imported from {state['imported_from']}, without the "
+                              f"optimizer state a resume needs; evaluate or analyse it, or train a new run")
         distributed.barrier()  # every rank has read its checkpoint before rank 0 moves the newer ones aside
         if self.world.is_main:
             for newer in found[found.index(folder) + 1:]:
@@ -208,53 +243,81 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------------
     def autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.cfg.precision == "bf16":  # a CUDA graph replays no autocast cache
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cfg.cuda_graph)
         return contextlib.nullcontext()
 
-    def train_step(self) -> dict[str, torch.Tensor] | None:
-        """One optimizer step over the global batch; returns this rank's batch-mean terms, or None when the
-        step was skipped (a non-finite loss on any rank, or non-finite gradients)."""
-        cfg, world, micro, accum = self.cfg, self.world, self.micro_batch, self.cfg.grad_accum
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over the global batch; returns this rank's batch-mean terms, the gradient norm and
+        ``ok`` (false: a non-finite loss or gradient on some rank, the update skipped), all on the device: the
+        step never waits for the device, except under DeepSpeed (which cannot discard a partly accumulated step)."""
+        cfg, world, micro = self.cfg, self.world, self.micro_batch
         self._pre_step, self._in_step = self._stream_state(), True
         # The global batch's noise, the same on every rank; global position p = world·(k·micro + j) + rank
         # is this rank's sample j of micro-step k, as in ImageBatches' [rank::world] shards.
-        t_all = sample_noise_levels(cfg.batch_size, cfg.t_min, cfg.t_max, self.noise_generator, self.device,
-                                    self.dtype)[world.rank::world.size]
-        eps_all = torch.randn((cfg.batch_size, *self.data.sample_shape), generator=self.noise_generator,
-                              device=self.device, dtype=self.dtype)[world.rank::world.size]
+        t = sample_noise_levels(cfg.batch_size, cfg.t_min, cfg.t_max, self.noise_generator, self.device,
+                                self.dtype)[world.rank::world.size]
+        eps = torch.randn((cfg.batch_size, *self.data.sample_shape), generator=self.noise_generator,
+                          device=self.device, dtype=self.dtype)[world.rank::world.size]
+        x = torch.cat([self.data.next_batch(micro, self.device, self.dtype) for _ in range(cfg.grad_accum)])
+        lr = learning_rate(self.step, cfg.lr, cfg.lr_halve_every, cfg.warmup_steps)
+        self.engine.set_lr(lr)
+        out = self._update(x, t, eps)
+        self.step += 1
+        self._in_step = False
+        return {**out, "lr": torch.tensor(lr)}
+
+    def _update(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Micro-steps, backward, the (possibly skipped) update, the EMA and the bad-step counters, all on the
+        device; under --cuda-graph this function is what is captured and replayed (dsm_fast/graphs.py)."""
+        cfg, micro, accum = self.cfg, self.micro_batch, self.cfg.grad_accum
         self.engine.zero_grad()
         out: dict[str, torch.Tensor] = {}
-        finite = True
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         for k in range(accum):
             last, mine = k == accum - 1, slice(k * micro, (k + 1) * micro)
-            x = self.data.next_batch(micro, self.device, self.dtype)
             with self.engine.micro_step(last):
                 with self.autocast():
-                    terms = self.engine.terms(x, t_all[mine], eps_all[mine])
+                    terms = self.engine.terms(x[mine], t[mine], eps[mine])
                 loss = terms["loss"].mean()
-                finite = distributed.all_true(bool(torch.isfinite(loss)), self.device)
-                if not finite:
-                    break
+                finite = finite & torch.isfinite(loss)
+                if not self.engine.skips_non_finite and not distributed.all_true(bool(finite), self.device):
+                    self.diverged(f"non-finite loss at step {self.step}, which engine {self.engine.name} cannot skip")
                 self.engine.backward(loss, last)
             for key, value in terms.items():
                 out[key] = out.get(key, 0) + value.detach().mean() / accum
-        if not finite and not self.engine.skips_non_finite:
-            self.diverged(f"non-finite loss at step {self.step}, which engine {self.engine.name} cannot skip")
-        lr = learning_rate(self.step, cfg.lr, cfg.lr_halve_every, cfg.warmup_steps)
-        grad_norm = self.engine.step(lr, cfg.grad_clip) if finite else None
-        if grad_norm is None:
-            self.bad_in_row += 1
-            self.bad_total += 1
-            self.step += 1
-            self._in_step = False
-            return None
-        self.bad_in_row = 0
+        grad_norm, ok = self.engine.step(cfg.grad_clip, finite)
         if self.ema is not None:
-            self.ema.update(self.model)
-        self.step += 1
-        self._in_step = False
-        return {**out, "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr)}
+            self.ema.update(self.model, ok)
+        bad = (~ok).long()  # counters (in a row, total, longest run since last read), updated in place
+        in_row = (self.bad_counts[0] + 1) * bad
+        self.bad_counts.copy_(torch.stack([in_row, self.bad_counts[1] + bad, torch.maximum(self.bad_counts[2], in_row)]))
+        return {**out, "grad_norm": grad_norm.detach(), "ok": ok}
+
+    @property
+    def bad_total(self) -> int:
+        """Non-finite steps skipped so far (a read of the device counter: a synchronization)."""
+        return int(self.bad_counts[1])
+
+    @bad_total.setter
+    def bad_total(self, value: int) -> None:
+        self.bad_counts[1] = value
+
+    @property
+    def bad_in_row(self) -> int:
+        """Non-finite steps in a row up to now (a read of the device counter: a synchronization)."""
+        return int(self.bad_counts[0])
+
+    @bad_in_row.setter
+    def bad_in_row(self, value: int) -> None:
+        self.bad_counts[0] = value
+        self.bad_counts[2] = value
+
+    def longest_bad_run(self) -> int:
+        """The longest run of consecutive non-finite steps since the last call (read at log time), then reset."""
+        longest = int(self.bad_counts[2])
+        self.bad_counts[2] = self.bad_counts[0]
+        return longest
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -262,7 +325,6 @@ class Trainer:
         With several ranks a failure is not checkpointed (the peers may be gone; the last periodic checkpoint
         stands) and ends as a DistributedError naming the rank, so every rank stops with one clear line."""
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
 
         cfg, main = self.cfg, self.world.is_main
         self._in_step = False
@@ -273,20 +335,26 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) if on_main_thread else None
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) if main else None
         stats_file = (self.run_dir / "stats.jsonl").open("a") if main else None
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
-                   dynamic_ncols=True)
+        progress = Progress(cfg.steps, self.step, cfg.batch_size, enabled=cfg.progress and main,
+                            window=cfg.log_every)
         last = {"time": time.perf_counter(), "step": self.step}
         record: dict = {}
         try:
             while self.step < cfg.steps:
                 terms = self.train_step()
-                bar.update(1)
-                if self.bad_in_row >= cfg.max_bad_steps:
-                    self.diverged(f"{self.bad_in_row} non-finite losses in a row at step {self.step}")
-                if terms is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                progress.step(terms)
+                log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                checkpoint_now = self.step % cfg.checkpoint_every == 0
+                if not (log_now or checkpoint_now):
+                    continue  # values are read on the host only to log or checkpoint
+                longest = self.longest_bad_run()
+                if longest >= cfg.max_bad_steps:
+                    self.diverged(f"{longest} non-finite losses in a row at step {self.step}")
+                self.trusted_until = self.step - self.bad_in_row  # a later streak began at or after it
+                if log_now and bool(terms.pop("ok")):
                     record = self._log(distributed.average(terms), last, writer, stats_file)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-                if self.step % cfg.checkpoint_every == 0:
+                    progress.mark_logged()
+                if checkpoint_now:
                     self.save()
         except (KeyboardInterrupt, Exception) as error:
             if isinstance(error, (TrainingStopped, ConfigError)):
@@ -303,7 +371,7 @@ class Trainer:
         finally:
             if on_main_thread:
                 signal.signal(signal.SIGTERM, previous_handler)
-            bar.close()
+            progress.close()
             if main:
                 writer.close()
                 stats_file.close()
@@ -313,9 +381,11 @@ class Trainer:
         if self.engine.partitions_weights:  # ZeRO-3 left each rank a shard: keep a full copy for evaluation
             weights = self.engine.full_state_dict()
             shape = self.data.sample_shape
-            self.model = with_free_energies(build_model(cfg.model, channels=shape[0], dim=shape[-1]), cfg)
+            self.model = with_free_energies(build_model(cfg.model, channels=shape[0], dim=shape[-1],
+                                                        energy=cfg.energy), cfg)
             self.model.to(device=self.device, dtype=self.dtype).load_state_dict(weights)
-        return {"step": self.step, "skipped_steps": self.bad_total, "optimizer": self.optimizer_name, **record}
+        return {"step": self.step, "skipped_steps": self.bad_total, "optimizer": self.optimizer_name, **record,
+                "smoothed_loss": progress.smoothed(), "first_smoothed_loss": progress.first}
 
     def _log(self, terms: dict[str, torch.Tensor], last: dict, writer, stats_file) -> dict:
         now = time.perf_counter()

@@ -12,8 +12,8 @@ TOL = TOLERANCES[torch.float64]  # 1e-6
 
 
 def perturbed_model(channels: int) -> UNetEnergy:
-    """The tiny preset in float64 with every parameter moved off its initial value (the modulations start at
-    zero, which would hide the path through the noise embedding, hence ∂_t U)."""
+    """The tiny preset in float64 with every parameter moved off its initial value (gains off 1, deep layers'
+    variances off eps), so that every path, the noise embedding's to ∂_t U included, carries weight."""
     model = UNetEnergy(channels, "tiny").double()
     with torch.no_grad():
         for p in model.parameters():

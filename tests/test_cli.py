@@ -38,6 +38,10 @@ def test_every_subcommand_explains_itself(command, capsys):
     (["train", "--data", "nowhere.npy"], "data not found"),
     (["eval", "no_such_run"], "no checkpoint found"),
     (["bench", "--preset", "huge"], "unknown preset"),
+    (["train", *TINY, "--cuda-graph"], "--cuda-graph needs a CUDA device"),
+    (["train", "--route", "compiled"], "compilation is --compile"),
+    (["bench", "--routes", "reference+compile"], "route reference cannot be compiled"),
+    (["bench", "--routes", "fused+graph", "--device", "cpu"], "+graph (--cuda-graph) needs a CUDA device"),
 ])
 def test_user_mistakes_end_in_one_line_with_exit_code_2(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -62,6 +66,8 @@ def test_train_eval_resume_end_to_end(tmp_path):
     proc = run_cli("train", "--config", str(tmp_path / "run.toml"), *TINY, "--out", out, "--eval-images", "16",
                    "--ema-decay", "0.5")
     assert "held-out NLL:" in proc.stdout
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())  # what ran, 'auto' decided once
+    assert (resolved["route"], resolved["kernels"], resolved["compile"]) == ("fused", "torch", "off")
     run_cli("train", "--config", str(tmp_path / "run.toml"), *TINY, "--out", out, "--steps", "6", "--resume",
             "--eval-images", "0", "--ema-decay", "0.5")
     proc = run_cli("eval", out, "--images", "12", "--ema", "--denoise", "--per-image", str(tmp_path / "logp.csv"),

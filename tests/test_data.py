@@ -38,8 +38,11 @@ def test_folder_and_npy_loaders_validate(tmp_path):
     np.save(tmp_path / "float.npy", images.astype(np.float32))
     with pytest.raises(DataError, match="uint8"):
         load_images(tmp_path / "float.npy", 3, 16)
-    with pytest.raises(DataError, match=r"shape \(3, 16, 16\)"):
-        load_images(tmp_path / "ok.npy", 1, 16)
+    gray = load_images(tmp_path / "ok.npy", 1, 16)  # a colour array seen through the luma, as folders are read
+    assert gray.shape == (3, 1, 16, 16) and np.array_equal(np.asarray(gray), load_images(folder, 1, 16))
+    np.save(tmp_path / "gray.npy", np.asarray(gray))
+    with pytest.raises(DataError, match=r"shape \(1, 16, 16\)"):
+        load_images(tmp_path / "gray.npy", 3, 16)
     with pytest.raises(DataError, match="not found"):
         load_images(tmp_path / "missing.npy", 3, 16)
 

@@ -2,11 +2,20 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from dsm_fast.data import GaussianScaleMixture
-from dsm_fast.evaluate import bootstrap_interval, denoising_psnr, evaluate_nll, uniform_dequantize
+from dsm_fast.evaluate import (
+    bootstrap_interval,
+    denoising_psnr,
+    energies,
+    evaluate_nll,
+    nll_bits_per_dim,
+    uniform_dequantize,
+    variance_per_dim,
+)
 
 
 class ExactMixtureEnergy(nn.Module):
@@ -62,3 +71,79 @@ def test_denoising_psnr_of_the_exact_gaussian_denoiser():
     for row in rows:
         expected = -10 * math.log10(s2 * row["t"] / (s2 + row["t"]))
         assert abs(row["output_psnr"] - expected) < 0.2
+
+
+class QuadraticEnergy(nn.Module):
+    """U(y, t) = ‖y − 0.5‖² / (2 (s² + t)) + w·t: cheap, and every sample's U differs."""
+
+    def __init__(self, s2: float = 0.05):
+        super().__init__()
+        self.s2 = s2
+        self.w = nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+    def forward(self, y, t):
+        return (y - 0.5).reshape(len(y), -1).square().sum(1) / (2 * (self.s2 + t)) + self.w * t
+
+
+def test_uint8_arrays_and_float_images_give_the_same_protocol():
+    """A uint8 array read batch by batch (how eval reads a memory-mapped split) = the float images at once."""
+    images = np.random.default_rng(0).integers(0, 256, (70, 1, 8, 8), dtype=np.uint8)
+    model = QuadraticEnergy()
+    floats = torch.from_numpy(images).double() / 255
+    for dequantize in (False, True):
+        a = evaluate_nll(model, images, True, 1e3, dequantize, seed=4, batch_size=16)
+        b = evaluate_nll(model, floats, True, 1e3, dequantize, seed=4, batch_size=32)
+        assert a["log_normalizer"] == pytest.approx(b["log_normalizer"], rel=1e-12)
+        np.testing.assert_allclose(a["log_p"], b["log_p"], rtol=1e-12)
+    deq = uniform_dequantize(floats, torch.Generator().manual_seed(5))  # the same dequantized x in C and log p
+    expected = -(energies(model, deq, 0.0) + a["log_normalizer"]).numpy()
+    np.testing.assert_allclose(a["log_p"], expected, rtol=1e-12)
+
+
+def test_train_nll_uses_the_constant_of_the_test_samples(seed):
+    mixture = GaussianScaleMixture(dim=100, sigmas=(0.5, 1.0))
+    g = torch.Generator().manual_seed(seed)
+    test, train = mixture.sample(300, g, dtype=torch.float64), mixture.sample(200, g, dtype=torch.float64)
+    model = ExactMixtureEnergy(mixture, 321.0)
+    result = evaluate_nll(model, test, False, 1e3, data_variance=mixture.variance_per_dim, seed=seed, train_x=train)
+    log_p_train = -(energies(model, train, 0.0) + result["log_normalizer"])
+    want = float(nll_bits_per_dim(log_p_train, 100, False).mean())
+    assert result["train"]["n"] == 200 and result["train"]["nll_bits_per_dim"] == pytest.approx(want, rel=1e-12)
+    alone = evaluate_nll(model, train, False, 1e3, data_variance=mixture.variance_per_dim, seed=seed + 1)
+    assert alone["log_normalizer"] != result["log_normalizer"]  # its own C would differ: the test's C is used
+    exact = float(nll_bits_per_dim(mixture.log_prob(train), 100, False).mean())
+    assert abs(result["train"]["nll_bits_per_dim"] - exact) < 5 * math.sqrt(50 / 300) / (100 * math.log(2))
+
+
+def test_blocked_bootstrap_and_streamed_variance_match_the_direct_formulas():
+    values = np.random.default_rng(1).normal(2.0, 1.0, 20_000)  # blocks of 500 resamples
+    rng = np.random.default_rng(0)
+    means = values[rng.integers(0, len(values), size=(2000, len(values)))].mean(axis=1)
+    assert bootstrap_interval(values) == (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+    images = np.random.default_rng(2).integers(0, 256, (50, 3, 4, 4), dtype=np.uint8)
+    direct = float((torch.from_numpy(images).double() / 255).var(dim=0).mean())
+    assert variance_per_dim(images, batch_size=7) == pytest.approx(direct, rel=1e-10)
+
+
+def test_eval_command_all_images_train_nll_and_gray_from_colour(tmp_path, capsys):
+    """eval --images all --train-images all on a grayscale run whose data is a colour .npy (read through the luma)."""
+    import json
+
+    from dsm_fast.cli import main
+    from dsm_fast.data.images import holdout_split
+
+    colour = np.random.default_rng(3).integers(0, 256, (60, 3, 16, 16), dtype=np.uint8)
+    np.save(tmp_path / "colour.npy", colour)
+    run = tmp_path / "run"
+    main(["train", "--data", str(tmp_path / "colour.npy"), "--channels", "1", "--image-size", "16", "--model", "tiny",
+          "--steps", "0", "--eval-images", "0", "--device", "cpu", "--progress", "false", "--out", str(run)])
+    main(["eval", str(run), "--images", "all", "--train-images", "all", "--json", str(tmp_path / "e.json")])
+    result = json.loads((tmp_path / "e.json").read_text())
+    train_rows, test_rows = holdout_split(60)
+    assert result["n"] == len(test_rows) and result["train"]["n"] == len(train_rows) and result["dim"] == 256
+    assert np.isfinite(result["train"]["nll_bits_per_dim"]) and "train NLL" in capsys.readouterr().out
+    main(["eval", str(run), "--images", "2", "--train-images", "3", "--json", str(tmp_path / "f.json")])
+    assert json.loads((tmp_path / "f.json").read_text())["train"]["n"] == 3
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(run), "--images", "0"])
+    assert exit_info.value.code == 2 and "expected a positive number or 'all'" in capsys.readouterr().err

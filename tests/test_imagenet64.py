@@ -247,3 +247,75 @@ def test_cli_prepare_verify_and_one_line_errors(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "val_labels.npy" in cli("verify", out, "--no-progress").stderr
+
+
+def test_a_partial_set_needs_train_files_and_says_so_everywhere(tmp_path, capsys):
+    from dsm_fast.cli import main
+
+    batches = official_batches()
+    write_official(tmp_path / "src", {k: v for k, v in batches.items() if k in ("train_data_batch_1",
+                                                                                "train_data_batch_2", "val_data")})
+    with pytest.raises(DataError, match="missing train_data_batch_3, .*train_data_batch_10 .*--train-files 1,2"):
+        prepare(tmp_path / "src", tmp_path / "out", progress=False)
+    with pytest.raises(DataError, match="missing train_data_batch_3 "):
+        prepare(tmp_path / "src", tmp_path / "out", progress=False, train_files=(1, 3))
+    manifest, written = prepare(tmp_path / "src", tmp_path / "out", progress=False, train_files=(1, 2))
+    assert written and manifest["train_files"] == [1, 2] and manifest["splits"]["train"]["count"] == 4 + 3
+    images, _ = load_split(tmp_path / "out", "train")
+    names = ["train_data_batch_1", "train_data_batch_2"]
+    np.testing.assert_array_equal(images, np.concatenate([batches[n]["data"] for n in names]).reshape(-1, 3, 64, 64))
+    assert prepare(tmp_path / "src", tmp_path / "out", progress=False, train_files=(1, 2))[1] is False
+    manifest, written = prepare(tmp_path / "src", tmp_path / "out", progress=False, train_files=(2,))
+    assert written and manifest["train_files"] == [2] and manifest["splits"]["train"]["count"] == 3
+
+    out = str(tmp_path / "out")
+    assert main(["data", "prepare", "--src", str(tmp_path / "src"), "--out", out, "--train-files", "1,2",
+                 "--no-progress"]) == 0
+    assert main(["data", "verify", out, "--no-progress"]) == 0
+    assert main(["train", "--data", out, "--model", "tiny", "--batch-size", "2", "--steps", "1", "--eval-images", "0",
+                 "--plots", "false", "--progress", "false", "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--images", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed if "partial: train_data_batch 1, 2 of 10" in line] == \
+        ["prepared:", "ok:", "data:"]  # prepare, verify, eval
+    for bad in ("0,1", "1,1", "x"):
+        with pytest.raises(SystemExit) as stop:
+            main(["data", "prepare", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o2"), "--train-files",
+                  bad])
+        error = capsys.readouterr().err
+        assert stop.value.code == 2 and len(error.strip().splitlines()) == 1 and "--train-files" in error
+
+
+def test_a_full_prepare_records_all_ten_train_files(tmp_path):
+    src = write_official(tmp_path / "src", official_batches())
+    manifest, _ = prepare(src, tmp_path / "out", progress=False)
+    assert manifest["train_files"] == list(range(1, 11))
+
+
+def test_luma_is_pils_convert_L_for_every_colour():
+    """All 2^24 RGB colours: luma (and the folder/demo reader to_channels) give exactly PIL's convert('L')."""
+    from dsm_fast.data.images import luma, to_channels
+
+    v = np.arange(1 << 24, dtype=np.uint32)
+    rgb = np.stack([v >> 16, (v >> 8) & 255, v & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
+    want = np.asarray(Image.fromarray(rgb).convert("L"))
+    np.testing.assert_array_equal(luma(rgb, axis=2)[:, :, 0], want)
+    np.testing.assert_array_equal(to_channels(rgb[:64, :64], 1)[0], want[:64, :64])
+    rounded = np.rint(rgb[:64].astype(np.float64) @ [0.299, 0.587, 0.114])  # what a float formula would give
+    assert (rounded != want[:64]).any()  # so the test above could fail
+
+
+def test_gray_view_of_a_prepared_colour_split(tmp_path, monkeypatch):
+    from dsm_fast.data.images import GrayView, check_images
+
+    prepare(write_official(tmp_path / "src", official_batches()), tmp_path / "out", progress=False)
+    colour, _ = load_split(tmp_path / "out", "train")
+    gray = check_images(GrayView(colour), "train", 1, 64)
+    want = np.stack([np.asarray(Image.fromarray(img.transpose(1, 2, 0)).convert("L"))[None] for img in colour])
+    assert gray.shape == (len(colour), 1, 64, 64) and len(gray) == len(colour)
+    np.testing.assert_array_equal(np.asarray(gray), want)
+    np.testing.assert_array_equal(gray[np.array([5, 0, 5])], want[[5, 0, 5]])
+    np.testing.assert_array_equal(gray[3], want[3])
+    assert isinstance(gray[2:9], GrayView) and np.array_equal(np.asarray(gray[2:9]), want[2:9])
+    monkeypatch.setattr(GrayView, "BLOCK", 4)  # converted in blocks of 4 rows: the same array
+    np.testing.assert_array_equal(np.asarray(gray), want)

@@ -119,3 +119,28 @@ def test_training_on_a_prepared_set_resumes_bit_exactly(prepared, loader, tmp_pa
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), name
     assert straight.data.state_dict() == resumed.data.state_dict()
+
+
+@pytest.mark.parametrize("loader", ["cpu", pytest.param("dali", marks=needs_dali)])
+def test_grayscale_run_on_a_prepared_colour_set(prepared, loader, tmp_path):
+    """--channels 1 reads the colour files through PIL's luma: training batches, evaluation images, a short run."""
+    from PIL import Image
+
+    from dsm_fast.train import Trainer
+
+    train, _ = load_split(prepared, "train")
+    stream = make_training_data(config(prepared, channels=1, loader=loader, seed=2))
+    assert stream.sample_shape == (1, 64, 64)
+    colour = MemmapBatches(train, seed=2).next_batch(9)  # the same rows and flips, in colour
+    want = [np.asarray(Image.fromarray(np.round(img.numpy() * 255).astype(np.uint8).transpose(1, 2, 0)).convert("L"))
+            for img in colour]
+    assert torch.equal(stream.next_batch(9), torch.from_numpy(np.stack(want)[:, None]).float() / 255)
+    x, _ = make_test_data(config(prepared, channels=1), 2)
+    val, _ = load_split(prepared, "val")
+    assert torch.equal(x[0, 0], torch.from_numpy(np.array(Image.fromarray(val[0].transpose(1, 2, 0)).convert("L")))
+                       .float() / 255)
+    if loader == "cpu":  # the trainer takes either stream the same way
+        cfg = config(prepared, channels=1, loader=loader, model="tiny", batch_size=4, steps=2, progress=False,
+                     out=str(tmp_path / "gray"), eval_images=0).validate()
+        trainer = Trainer(cfg)
+        assert trainer.model.unet.channels == 1 and np.isfinite(trainer.run()["loss"])

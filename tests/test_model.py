@@ -33,10 +33,11 @@ def test_energy_is_one_scalar_per_image_and_denoiser_matches_tweedie(channels, s
     f = model.unet(y, t)
     torch.testing.assert_close(energy, 0.5 * (y * f).sum(dim=(1, 2, 3)))
     torch.testing.assert_close(denoise(model, y, t), y - t[:, None, None, None] * grad_y)
-    # ∂_t U by a central finite difference in float64
-    h = 1e-6 * t
-    fd = (model(y, t + h) - model(y, t - h)) / (2 * h)
-    torch.testing.assert_close(grad_t, fd, rtol=1e-5, atol=1e-8)
+    # ∂_t U by a five-point central difference in float64 (truncation O(h⁴); h = 1e-4 t keeps round-off ~1e-12 U / t)
+    h = 1e-4 * t
+    fd = (8 * (model(y, t + h) - model(y, t - h)) - (model(y, t + 2 * h) - model(y, t - 2 * h))) / (12 * h)
+    assert grad_t.abs().min() > 0  # the modulations (default init) make U depend on t
+    torch.testing.assert_close(grad_t, fd, rtol=1e-5, atol=1e-10)
 
 
 def test_normalization_matches_its_definition(seed):
@@ -44,11 +45,39 @@ def test_normalization_matches_its_definition(seed):
     gain, mod = torch.rand(5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
     out = normalize_ref(h, gain, mod)
     mean, var = h.mean(dim=(2, 3), keepdim=True), h.var(dim=(2, 3), unbiased=False, keepdim=True)
-    expected = (h - mean) / torch.sqrt(var + 1e-5) * torch.sqrt(var.mean(dim=1, keepdim=True) + 1e-5)
+    # the released code's scale: sqrt(V / (v_c + eps) + eps), V the channel mean of v_c without eps
+    expected = (h - mean) * torch.sqrt(var.mean(dim=1, keepdim=True) / (var + 1e-5) + 1e-5)
     expected = expected * gain[None, :, None, None] * (1 + mod[:, :, None, None])
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=0)
     # no batch statistics: an image's output does not depend on the others in the batch
     torch.testing.assert_close(normalize_ref(h[:1], gain, mod[:1]), out[:1])
+
+
+@pytest.mark.parametrize("spread", [1e-22, 1e-3], ids=["V<<eps, denormal V", "V~eps"])
+def test_normalization_in_float32_where_the_variance_is_tiny(spread, seed):
+    """Deep layers at initialization have V ≪ eps (1e-44 in the release): float32 statistics stay finite and
+    follow the float64 result to float32 precision (s_c → sqrt(eps), no division by zero)."""
+    h = torch.randn(2, 6, 5, 7, dtype=torch.float64) * torch.rand(1, 6, 1, 1, dtype=torch.float64) * spread
+    gain, mod = 1 + 0.3 * torch.randn(6, dtype=torch.float64), 0.3 * torch.randn(2, 6, dtype=torch.float64)
+    out32 = normalize_ref(h.float(), gain.float(), mod.float()).double()
+    out64 = normalize_ref(h.float().double(), gain.float().double(), mod.float().double())
+    assert torch.isfinite(out32).all()
+    assert ((out32 - out64).abs().max() / out64.abs().max()).item() < 1e-6
+
+
+def test_initialization_follows_the_release():
+    """Modulation linears keep PyTorch's default init (uniform ±1/sqrt(fan_in), not zero), gains start at 1, and the
+    embedding frequencies are exp(−linspace(log 1, log 100, 32)) in float32."""
+    unet = EnergyUNet(3, "paper")
+    norm = unet.encoder[0][0].norm_act
+    bound = 1 / 256 ** 0.5
+    assert norm.modulation.weight.abs().max() <= bound and norm.modulation.weight.std() > 0.8 * bound / 3 ** 0.5
+    assert norm.modulation.bias.abs().max() <= bound and norm.modulation.bias.abs().max() > 0
+    assert torch.equal(norm.gain, torch.ones(64))
+    t = torch.ones(1)
+    freqs = torch.exp(-torch.linspace(0.0, float(torch.log(torch.tensor(100.0, dtype=torch.float64))), 32))
+    assert torch.equal(unet.embedding.frequencies(t), freqs) and freqs[0] == 1
+    assert unet.embedding.frequencies(t.double()).dtype == torch.float64
 
 
 def test_unet_rejects_sizes_it_cannot_downsample():

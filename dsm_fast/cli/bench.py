@@ -10,14 +10,23 @@ def add_bench(sub) -> None:
                        formatter_class=Formatter, epilog=examples(
                            "dsm-fast bench --preset paper --batch-size 128",
                            "dsm-fast bench --preset tiny --batch-size 8 --image-size 32 --device cpu --json b.json",
+                           "dsm-fast bench --routes score+compile,reference,fused,fused+compile,fused+compile+graph "
+                           "--precision bf16",
                            "dsm-fast bench --data data/imagenet64 --loader cpu --batch-size 128 --steps 200"),
                        description="Median ms/step of the plain score-network DSM step ('score'), and of the dual "
-                                   "score matching routes, with img/s, peak memory and ratios, all in one run.")
+                                   "score matching routes, with img/s, peak memory, the first step's seconds "
+                                   "(compilation, capture) and ratios, all in one run. A route may carry modifiers: "
+                                   "ROUTE+compile (torch.compile), ROUTE+reduce-overhead (torch.compile's CUDA graphs), "
+                                   "ROUTE+graph (the whole step captured in one CUDA graph).")
     p.add_argument("--preset", default="paper", help="UNet preset")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    p.add_argument("--routes", default=None, help="comma-separated routes (default: score and every dual route)")
+    p.add_argument("--routes", default=None, help="comma-separated route specs (default: score and every dual route)")
+    p.add_argument("--compile", action="store_true", help="add +compile to every first-order route of --routes")
+    p.add_argument("--cuda-graph", action="store_true", help="add +graph to every route of --routes (CUDA)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cuda"),
+                   help="the fused route's kernels (auto: triton on CUDA; cuda: the CUDA C++ NormAct, built)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per route")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp64"))
@@ -43,32 +52,59 @@ def run_bench(args) -> int:
         write_json(args.json, {"config": vars(args), "versions": {"torch": torch.__version__}, "rows": [row]})
         return 0
 
-    from ..bench import bench_routes, format_table
+    from ..bench import bench_routes, format_table, parse_spec
     from ..model import PRESETS
-    from ..routes import ROUTES
+    from ..routes import FIRST_ORDER, ROUTES, resolve_kernels
     from ..train import resolve_device
 
     if args.preset not in PRESETS:
         raise ConfigError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     routes = args.routes.split(",") if args.routes else ["score", *ROUTES]
-    unknown = [r for r in routes if r not in ("score", *ROUTES)]
+    try:
+        parsed = [parse_spec(r) for r in routes]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    unknown = [name for name, _ in parsed if name not in ("score", *ROUTES)]
     if unknown:
         raise ConfigError(f"unknown route(s) {', '.join(unknown)}; choose from score, {', '.join(ROUTES)}")
+    if args.compile:
+        routes = [r + "+compile" if name in FIRST_ORDER and not mods & {"compile", "reduce-overhead"} else r
+                  for r, (name, mods) in zip(routes, parsed)]
+    if args.cuda_graph:
+        routes = [r if "graph" in mods else r + "+graph" for r, (_, mods) in zip(routes, parsed)]
+    refused = [r for r in routes if parse_spec(r)[0] == "reference" and {"compile", "reduce-overhead"} & parse_spec(r)[1]]
+    if refused:
+        raise ConfigError(f"route reference cannot be compiled (torch.compile refuses its double backward): "
+                          f"{', '.join(refused)}")
     if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
         raise ConfigError("--batch-size and --steps must be positive, --warmup ≥ 0")
     down = 2 ** (len(PRESETS[args.preset].widths) - 1)
     if args.image_size % down:
         raise ConfigError(f"--image-size must be a multiple of {down} for preset {args.preset}")
     device = resolve_device(args.device)
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
+    try:
+        resolve_kernels(args.kernels, device)
+    except RuntimeError as error:
+        raise ConfigError(f"--kernels {args.kernels}: {error}") from None
+    if device.type != "cuda" and any("graph" in parse_spec(r)[1] for r in routes):
+        raise ConfigError("+graph (--cuda-graph) needs a CUDA device")
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version(),
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     print(f"bench: preset {args.preset}, batch {args.batch_size}, {args.channels}×{args.image_size}², "
           f"{args.precision}, {versions['device']}, torch {versions['torch']}", flush=True)
     rows = bench_routes(routes, args.preset, args.batch_size, args.image_size, args.channels, args.steps,
-                        args.warmup, device, args.precision, progress=True)
+                        args.warmup, device, args.precision, progress=True, kernels=args.kernels)
     print(format_table(rows))
     write_json(args.json, {"config": vars(args) | {"routes": routes}, "versions": versions, "rows": rows})
     return 0
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 COMMANDS = {"bench": (add_bench, run_bench)}

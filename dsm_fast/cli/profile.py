@@ -10,12 +10,15 @@ def add_profile(sub) -> None:
                        formatter_class=Formatter, epilog=examples(
                            "dsm-fast profile --preset paper --batch-size 128",
                            "dsm-fast profile --preset tiny --batch-size 4 --image-size 16 --device cpu",
-                           "dsm-fast profile --cuda on --trace fused.json --json profile.json"),
+                           "dsm-fast profile --cuda on --trace fused.json --json profile.json",
+                           "dsm-fast profile --cost --json cost.json   # no GPU needed"),
                        description="Per op (NormAct forward, NormAct adjoint, dual-score loss terms), side by side: the "
                                    "PyTorch reference, the Triton kernel and the CUDA C++ kernel where built — median "
                                    "ms, achieved GB/s (ideal traffic over time) and relative error to float64. Then the "
                                    "fused route's step by phase beside the reference route's step. On the CPU only the "
-                                   "PyTorch rows and the step run; the report says what needs a GPU.")
+                                   "PyTorch rows and the step run; the report says what needs a GPU. --cost instead "
+                                   "traces one step of each route on the meta device (no GPU, seconds) and prints "
+                                   "kernels, FLOPs, bytes moved and saved, and a roofline estimate for H100 and H200.")
     p.add_argument("--preset", default="paper", help="UNet preset of the step breakdown")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=64)
@@ -29,6 +32,9 @@ def add_profile(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-step", dest="step", action="store_false", help="kernel rows only")
     p.add_argument("--trace", metavar="PATH", help="write a torch.profiler Chrome trace of a few fused steps")
+    p.add_argument("--cost", action="store_true",
+                   help="the cost report: one step per route on the meta device, counted and roofline-predicted "
+                        "(uses --preset, --batch-size, --image-size, --channels, --json)")
     p.add_argument("--json", metavar="PATH", help="write the tables as JSON")
 
 
@@ -45,8 +51,10 @@ def run_profile(args) -> int:
     if min(args.batch_size, args.repeat, args.width, args.image_size) <= 0:
         raise ConfigError("--batch-size, --repeat, --width and --image-size must be positive")
     down = 2 ** (len(PRESETS[args.preset].widths) - 1)
-    if args.step and args.image_size % down:
+    if (args.step or args.cost) and args.image_size % down:
         raise ConfigError(f"--image-size must be a multiple of {down} for preset {args.preset}")
+    if args.cost:
+        return run_cost(args)
     device = resolve_device(args.device)
     try:
         use_cuda = cuda_ext.resolve(args.cuda) and device.type == "cuda"
@@ -82,6 +90,24 @@ def run_profile(args) -> int:
         print(f"note: {note}")
     write_json(args.json, {"config": vars(args), "device": name, "torch": torch.__version__, "kernels": kernels,
                            "step": steps, "notes": notes})
+    return 0
+
+
+def run_cost(args) -> int:
+    """``profile --cost``: counts and predictions per route; the fused route with each kernel set it can trace."""
+    import torch
+
+    from ..cost import cost_report, format_cost_report, traceable_kernels
+
+    kernels = traceable_kernels()
+    print(f"cost report: preset {args.preset}, batch {args.batch_size}, {args.channels}×{args.image_size}², fp32, "
+          f"one steady-state step on the meta device (torch {torch.__version__})")
+    report = cost_report(preset=args.preset, batch=args.batch_size, image_size=args.image_size,
+                         channels=args.channels, kernels=kernels)
+    print(format_cost_report(report))
+    write_json(args.json, {"config": vars(args), "torch": torch.__version__,
+                           **{k: v for k, v in report.items() if k != "rows"},
+                           "routes": {r["route"]: {k: v for k, v in r.items() if k != "route"} for r in report["rows"]}})
     return 0
 
 

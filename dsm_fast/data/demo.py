@@ -51,7 +51,8 @@ def make_demo_patches(channels: int = 3, size: int = 64, split: str = "train") -
 
 def demo_patches(channels: int = 3, size: int = 64, split: str = "train") -> np.ndarray:
     """The cached demo patches of one split, made (and written atomically) on first use."""
-    path = cache_dir() / f"demo_{split}_c{channels}_s{size}.npy"
+    tag = "_l601" if channels == 1 else ""  # gray patches by PIL's integer luma (earlier caches rounded floats)
+    path = cache_dir() / f"demo_{split}_c{channels}_s{size}{tag}.npy"
     if path.is_file():
         try:
             return np.load(path, allow_pickle=False)

@@ -26,14 +26,52 @@ def check_images(images: np.ndarray, origin: str, channels: int, size: int) -> n
     return images
 
 
+def luma(rgb: np.ndarray, axis: int) -> np.ndarray:
+    """ITU-R 601 luma of uint8 RGB along ``axis`` (kept, of size 1), exactly as PIL's ``convert('L')``:
+    L = R·299/1000 + G·587/1000 + B·114/1000 in 16-bit fixed point, (19595 R + 38470 G + 7471 B + 2¹⁵) >> 16."""
+    r, g, b = (np.take(rgb, [i], axis=axis).astype(np.uint32) for i in range(3))
+    return ((19595 * r + 38470 * g + 7471 * b + 0x8000) >> 16).astype(np.uint8)
+
+
+class GrayView:
+    """A uint8 (N, 3, H, W) array (e.g. a memory map) seen as (N, 1, H, W) by :func:`luma`: slices stay lazy views,
+    index arrays and ``np.asarray`` convert just the rows they read (in blocks), never a gray copy of the whole."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+    BLOCK = 4096  # rows converted at a time by np.asarray
+
+    def __init__(self, rgb: np.ndarray):
+        self.rgb = rgb
+        self.shape = (rgb.shape[0], 1, *rgb.shape[2:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return GrayView(self.rgb[index])
+        return luma(self.rgb[index], axis=1 if np.ndim(index) else 0)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=np.uint8)
+        for start in range(0, len(self), self.BLOCK):
+            out[start:start + self.BLOCK] = luma(self.rgb[start:start + self.BLOCK], axis=1)
+        return out if dtype is None else out.astype(dtype)
+
+
+def as_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """A colour uint8 (N, 3, H, W) array as the run's ``channels``: a :class:`GrayView` for 1, unchanged otherwise."""
+    return GrayView(images) if channels == 1 and images.ndim == 4 and images.shape[1] == 3 else images
+
+
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """(H, W) or (H, W, C≥3) uint8 → (channels, H, W); colour to gray by ITU-R 601 luma."""
+    """(H, W) or (H, W, C≥3) uint8 → (channels, H, W); colour to gray by ITU-R 601 luma (:func:`luma`)."""
     if image.ndim == 2:
         image = image[:, :, None]
     image = image[:, :, :3]
     if channels == 1 and image.shape[2] == 3:
-        luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        image = np.clip(np.rint(luma), 0, 255).astype(np.uint8)[:, :, None]
+        image = luma(image, axis=2)
     elif channels == 3 and image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     return np.ascontiguousarray(image.transpose(2, 0, 1))
@@ -92,7 +130,7 @@ def load_images(path: str | Path, channels: int, size: int) -> np.ndarray:
         images = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as error:
         raise DataError(f"{path}: cannot read as .npy ({error})") from None
-    return check_images(images, str(path), channels, size)
+    return check_images(as_channels(images, channels), str(path), channels, size)
 
 
 def holdout_split(n: int, fraction: float = 0.05, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +138,15 @@ def holdout_split(n: int, fraction: float = 0.05, seed: int = 1234) -> tuple[np.
     order = np.random.default_rng(seed).permutation(n)
     held = min(max(1, round(fraction * n)), n - 1) if n >= 2 else 0
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+def pixel_statistics(images, count: int = 4096) -> tuple[float, float]:
+    """(mean, variance) of the pixel values x = k/255 over ``count`` evenly spaced images of a uint8 (N, C, H, W)
+    array, tensor or row reader (float64; a few thousand images pin both to about 1%)."""
+    n = images.shape[0]
+    index = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
+    x = torch.as_tensor(np.asarray(images[index])).double() / 255.0
+    return float(x.mean()), float(x.var())
 
 
 class ImageBatches:

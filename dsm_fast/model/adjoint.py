@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from .energy import UNetEnergy, sum_per_sample
-from .layers import NORM_EPS, ConvNormAct, NoiseEmbedding
+from .layers import NORM_EPS, ConvNormAct, NoiseEmbedding, normalization_scale
 
-KERNELS = ("torch", "triton")
+KERNELS = ("torch", "triton", "cuda")
 
 
 def conv_forward(layer: ConvNormAct, h: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,8 @@ def statistics_dtype(h: torch.Tensor) -> torch.dtype:
 
 
 def norm_act_forward(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """z = GELU(a),  a_c = (h_c − μ_c) r_c s k_c,  r_c = (v_c + eps)^−½,  s = (mean_c' v_c' + eps)^½,  k = g (1 + m).
+    """z = GELU(a),  a_c = (h_c − μ_c) s_c k_c,  s_c = sqrt(V w_c + eps),  w_c = 1 / (v_c + eps),  V = mean_c v_c,
+    k = g (1 + m).
 
     h: (B, C, H, W) conv output; gain g: (C,); modulation m: (B, C). Returns z in h's dtype and what the adjoint
     needs.
@@ -78,27 +79,36 @@ def norm_act_forward(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tens
     k = gain.to(h32.dtype) * (1.0 + modulation.to(h32.dtype))
     xhat = h32 - h32.mean(dim=(2, 3), keepdim=True)
     var = xhat.square().mean(dim=(2, 3), keepdim=True)
-    r = torch.rsqrt(var + NORM_EPS)
-    s = torch.sqrt(var.mean(dim=1, keepdim=True) + NORM_EPS)
+    big_v = var.mean(dim=1, keepdim=True)
+    w = 1.0 / (var + NORM_EPS)
+    s = normalization_scale(var)
     kk = k[:, :, None, None]
-    scale = r * s * kk
+    scale = s * kk
     a = xhat * scale
-    return F.gelu(a).to(h.dtype), (xhat, r, s, kk, scale, a, gain)
+    return F.gelu(a).to(h.dtype), (xhat, w, s, big_v, kk, scale, a, gain)
 
 
 def norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̄, m̄) = Jᵀ ḡ of :func:`norm_act_forward`, per image b and channel c over the n positions:
+    """(h̄, m̄) = Jᵀ ḡ of :func:`norm_act_forward`, per image b and channel c over the n positions.
 
-        ā = ḡ GELU'(a),   Q_c = Σ ā x̂_c,   k̄_c = s r_c Q_c,   m̄_c = g_c k̄_c,   s̄ = Σ_c k_c r_c Q_c,
-        h̄_c = s r_c k_c (ā − mean ā) + (−r_c³ s k_c Q_c / n + s̄ / (s C n)) x̂_c.
+    Derivation. a_c = x̂_c s_c k_c with s_c² = V w_c + eps, so ∂s_c/∂V = w_c / (2 s_c) and ∂s_c/∂v_c (V fixed)
+    = −V w_c² / (2 s_c); V = mean_c v_c, v_c = mean x̂_c², and x̂_c = h_c − μ_c centres (Σ x̂_c = 0, hence
+    ∂v_c/∂h_c = 2 x̂_c / n). With ā = ḡ GELU'(a) and Q_c = Σ ā x̂_c:
+
+        k̄_c = s_c Q_c,   m̄_c = g_c k̄_c,   s̄_c = k_c Q_c,   u_c = s̄_c / s_c
+        v̄_c = ½ (−V w_c² u_c + mean_c' w_c' u_c')          (the second term: V's share, spread over the C channels)
+        h̄_c = s_c k_c (ā − mean ā) + (2 v̄_c / n) x̂_c
+            = s_c k_c (ā − mean ā) + (−V w_c² u_c + mean_c' w_c' u_c') / n · x̂_c
+
+    s_c ≥ sqrt(eps) and w_c ≤ 1 / eps: no division by zero, also where V ≪ eps.
     """
-    xhat, r, s, kk, scale, a, gain = saved
-    n, channels = xhat.shape[2] * xhat.shape[3], xhat.shape[1]
+    xhat, w, s, big_v, kk, scale, a, gain = saved
+    n = xhat.shape[2] * xhat.shape[3]
     abar = g.to(a.dtype) * gelu_derivative(a)
     q = (abar * xhat).sum(dim=(2, 3), keepdim=True)
-    grad_k = s * r * q
-    grad_s = (kk * r * q).sum(dim=1, keepdim=True)
-    coef_x = -r.square() * scale * q / n + grad_s / (s * channels * n)
+    grad_k = s * q
+    u = kk * q / s
+    coef_x = (-big_v * w.square() * u + (w * u).mean(dim=1, keepdim=True)) / n
     grad_h = scale * (abar - abar.mean(dim=(2, 3), keepdim=True)) + coef_x * xhat
     return grad_h.to(g.dtype), gain.to(grad_k.dtype) * grad_k[:, :, 0, 0]
 
@@ -118,13 +128,29 @@ def triton_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor
     return adjoint(*saved, g)
 
 
+def cuda_norm_act_forward(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor
+                          ) -> tuple[torch.Tensor, tuple]:
+    """:func:`norm_act_forward` by the CUDA C++ kernels (csrc/, dsm_fast/cuda_ext.py)."""
+    from ..cuda_ext import norm_act
+
+    return norm_act(h, gain, modulation), (h, gain, modulation)
+
+
+def cuda_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`norm_act_adjoint` by the CUDA C++ kernels; its backward (second order) by the Triton op."""
+    from ..cuda_ext import norm_act_adjoint_op
+
+    return norm_act_adjoint_op(*saved, g)
+
+
 NORM_ACT_OPS = {"torch": (norm_act_forward, norm_act_adjoint),
-                "triton": (triton_norm_act_forward, triton_norm_act_adjoint)}
+                "triton": (triton_norm_act_forward, triton_norm_act_adjoint),
+                "cuda": (cuda_norm_act_forward, cuda_norm_act_adjoint)}
 
 
 def embedding_forward(emb: NoiseEmbedding, t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """e = SiLU(z₂), z₂ = W₂ SiLU(z₁) + b₂, z₁ = W₁ [cos(t f), sin(t f)] + b₁ (as NoiseEmbedding.forward)."""
-    freqs = emb.freqs.to(t.dtype)
+    freqs = emb.frequencies(t)
     phase = t[:, None] * freqs
     z1 = emb.fc1(torch.cat([torch.cos(phase), torch.sin(phase)], dim=1))
     z2 = emb.fc2(F.silu(z1))
@@ -146,7 +172,8 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
     """(U, ∇_y U, ∂_t U) of ``model`` at (y, t), all differentiable in θ through one first-order graph.
 
     U = ½ ⟨y, f⟩, ∇_y U = ½ (f + J_fᵀ y), ∂_t U = ½ t̄ with t̄ the embedding adjoint of the modulations' share.
-    ``kernels``: 'torch' (the explicit adjoint in plain PyTorch) or 'triton' (NormAct by kernels/norm_act.py).
+    ``kernels``: 'torch' (the explicit adjoint in plain PyTorch), 'triton' (NormAct by kernels/norm_act.py) or 'cuda'
+    (NormAct by csrc/, second order by the Triton op).
     """
     if not isinstance(model, UNetEnergy):
         raise TypeError(f"the explicit adjoint needs a UNetEnergy, got {type(model).__name__}")
@@ -172,7 +199,7 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
         layer, saved = tape.pop()
         if saved is not None:  # m = W emb + b  ⇒  ēmb += m̄ W
             g, m_bar = adjoint(saved, g)
-            e_bar = e_bar + m_bar.to(emb.dtype) @ layer.norm_act.modulation.weight.to(emb.dtype)
+            e_bar = torch.addmm(e_bar, m_bar.to(emb.dtype), layer.norm_act.modulation.weight.to(emb.dtype))
         return conv_adjoint(layer, g)
 
     # forward: encoder (skips saved), middle, decoder (skip concatenated before each scale)

@@ -5,6 +5,8 @@ Every convolution is bias-free; every convolution but the last is followed by
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,27 +15,42 @@ NORM_EPS = 1e-5
 
 
 class NoiseEmbedding(nn.Module):
-    """emb(t) = SiLU(W2 · SiLU(W1 · [cos(t f_k), sin(t f_k)]_k)),  f_k log-spaced from 1 to 0.01.
+    """emb(t) = SiLU(W2 · SiLU(W1 · [cos(t f_k), sin(t f_k)]_k)),  f = exp(−linspace(log 1, log 100, n)).
 
     ``t`` is the raw noise variance (not log t), shape (B,); returns (B, dim).
     """
 
     def __init__(self, n_freqs: int = 32, dim: int = 256):
         super().__init__()
-        self.register_buffer("freqs", torch.logspace(0.0, -2.0, n_freqs), persistent=False)
+        self.n_freqs = n_freqs
         self.fc1 = nn.Linear(2 * n_freqs, dim)
         self.fc2 = nn.Linear(dim, dim)
 
+    def frequencies(self, t: torch.Tensor) -> torch.Tensor:
+        """f_k = exp(−linspace(log 1, log 100, n)_k), computed in float32 on t's device at each call as the released
+        code does (torch.logspace(0, −2, n) differs from it by one float32 ulp in some f_k), then cast to t's dtype."""
+        grid = torch.linspace(0.0, math.log(100.0), self.n_freqs, dtype=torch.float32, device=t.device)
+        return torch.exp(-grid).to(t.dtype)
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        phase = t[:, None] * self.freqs.to(t.dtype)
+        phase = t[:, None] * self.frequencies(t)
         features = torch.cat([torch.cos(phase), torch.sin(phase)], dim=1)
         return F.silu(self.fc2(F.silu(self.fc1(features))))
 
 
-def normalize_ref(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-    """The paper's Normalization, per image and channel c over the spatial positions:
+def normalization_scale(var: torch.Tensor) -> torch.Tensor:
+    """s_c = sqrt(V / (v_c + eps) + eps), V = mean_c v_c (no eps on V): the released normalization's scale.
 
-        out_c = (h_c − μ_c) / sqrt(v_c + eps) · sqrt(mean_c' v_c' + eps) · g_c · (1 + m_c)
+    var: (B, C, 1, 1) per-channel variances v_c, in the statistics dtype. s_c ≥ sqrt(eps) and v_c + eps ≥ eps, so
+    nothing divides by zero, even where V ≪ eps (deep layers at initialization; V underflows to 0 harmlessly).
+    """
+    return torch.sqrt(var.mean(dim=1, keepdim=True) / (var + NORM_EPS) + NORM_EPS)
+
+
+def normalize_ref(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+    """The paper's Normalization (the released code's), per image and channel c over the spatial positions:
+
+        out_c = x̂_c · sqrt(V / (v_c + eps) + eps) · g_c · (1 + m_c),   x̂_c = h_c − μ_c,  v_c = mean x̂_c²,  V = mean_c v_c
 
     h: (B, C, H, W); gain g: (C,); modulation m: (B, C). Statistics in float32 at least.
     """
@@ -42,21 +59,21 @@ def normalize_ref(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor)
     mean = h32.mean(dim=(2, 3), keepdim=True)
     centred = h32 - mean
     var = centred.square().mean(dim=(2, 3), keepdim=True)
-    global_scale = torch.sqrt(var.mean(dim=1, keepdim=True) + NORM_EPS)
-    scale = global_scale * torch.rsqrt(var + NORM_EPS) * gain.to(h32.dtype)[None, :, None, None]
+    scale = normalization_scale(var) * gain.to(h32.dtype)[None, :, None, None]
     scale = scale * (1.0 + modulation.to(h32.dtype))[:, :, None, None]
     return (centred * scale).to(dtype)
 
 
 class NormAct(nn.Module):
-    """GELU(Normalization(h) · g · (1 + Linear(emb))): the layer every hidden convolution feeds."""
+    """GELU(Normalization(h) · g · (1 + Linear(emb))): the layer every hidden convolution feeds.
+
+    Initialization as in the released code: gains 1, the modulation Linear with PyTorch's default init (not zero).
+    """
 
     def __init__(self, channels: int, emb_dim: int):
         super().__init__()
         self.gain = nn.Parameter(torch.ones(channels))
         self.modulation = nn.Linear(emb_dim, channels)
-        nn.init.zeros_(self.modulation.weight)
-        nn.init.zeros_(self.modulation.bias)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return F.gelu(normalize_ref(h, self.gain, self.modulation(emb)))

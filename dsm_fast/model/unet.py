@@ -31,7 +31,11 @@ PRESETS: dict[str, UNetPreset] = {
 
 
 class EnergyUNet(nn.Module):
-    """f_θ(y, t): (B, C, H, W) × (B,) → (B, C, H, W); H and W must be multiples of 2^(len(widths) − 1)."""
+    """f_θ(y, t): (B, C, H, W) × (B,) → (B, C, H, W); H and W must be multiples of 2^(len(widths) − 1).
+
+    Layers are built in the released code's order (embedding, encoder, middle, decoder deepest first, each block
+    first layer first) with PyTorch's default inits, so one seed gives the release's initial weights.
+    """
 
     def __init__(self, channels: int = 3, preset: UNetPreset | str = "paper"):
         super().__init__()
@@ -59,9 +63,9 @@ class EnergyUNet(nn.Module):
         self.decoder = nn.ModuleList()
         for scale in reversed(range(len(enc_widths))):
             w = enc_widths[scale]
-            last = (ConvNormAct(w, enc_widths[scale - 1], e, kind="up") if scale > 0
-                    else ConvNormAct(w, channels, e, act=False))
-            layers = [ConvNormAct(2 * w, w, e)] + [ConvNormAct(w, w, e) for _ in range(n - 2)] + [last]
+            layers = [ConvNormAct(2 * w, w, e)] + [ConvNormAct(w, w, e) for _ in range(n - 2)]
+            layers.append(ConvNormAct(w, enc_widths[scale - 1], e, kind="up") if scale > 0
+                          else ConvNormAct(w, channels, e, act=False))
             self.decoder.append(nn.ModuleList(layers))
 
     @property

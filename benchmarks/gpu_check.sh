@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One GPU check in one device call (≤ 8 minutes on an H100/H200): install (with the CUDA C++ extension), the CUDA
+# tests, the step benchmark of score / reference / fused eager / fused compiled / fused compiled + CUDA graph (and
+# torch.compile's reduce-overhead) at the paper preset, batch 128, fp32 and bf16, `profile`, the cost report, and
+# a markdown table for benchmarks/RESULTS.md printed last. Every part has its own time limit and log under $OUT, so
+# one that fails or runs long does not cost the others; the limits add up to 470 s (typical total: less).
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine (device `run`), writes $OUT/*
+#   DRY_RUN=1 bash benchmarks/gpu_check.sh  # on the CPU: every part at the tiny preset, graph rows left out
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  PRESET=tiny BATCH=4 SIZE=16 STEPS=3 WARMUP=1 DEVICE=cpu GRAPH="" EAGER_S=600 COMPILED_S=900
+  INSTALL="echo dry run: no install"
+  TESTS="$PY -m pytest -q tests/test_fast_path_cuda.py tests/test_custom_ops.py --benchmark-disable -x"
+  export TRITON_INTERPRET=1
+else
+  PRESET=paper BATCH=128 SIZE=64 STEPS=20 WARMUP=3 DEVICE=cuda GRAPH=",fused+compile+graph,fused+reduce-overhead"
+  EAGER_S=40 COMPILED_S=100
+  INSTALL="env DSM_FAST_BUILD_CUDA=1 $PY -m pip install -q --no-deps --no-build-isolation -e ."
+  TESTS="$PY -m pytest -q tests/test_fast_path_cuda.py tests/test_csrc.py \
+         tests/test_adjoint.py::test_fused_route_on_the_gpu_matches_the_float64_reference \
+         tests/test_parity_release.py::test_triton_route_agrees_with_the_release_on_cuda \
+         --benchmark-disable -p no:cacheprovider"
+fi
+EAGER="score,reference,fused"
+COMPILED="score+compile,fused+compile$GRAPH"  # after the eager rows: a compile that hangs costs only its own part
+status() { echo "[$(date +%H:%M:%S)] $1: exit $2" | tee -a "$OUT/status.txt"; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU";
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)";
+  git log -1 --format='commit %h %cs'; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+timeout 90 $INSTALL > "$OUT/install.log" 2>&1; status install $?
+$PY -c "from dsm_fast import cuda_ext; print('cuda extension:', cuda_ext.unavailable_reason() or 'available')" \
+  >> "$OUT/env.txt" 2>&1
+timeout 60 $TESTS > "$OUT/tests.log" 2>&1; status tests $?
+for precision in fp32 bf16; do
+  [ "$DEVICE" = cpu ] && [ "$precision" = bf16 ] && continue  # bf16 autocast is CUDA-only
+  for part in eager compiled; do
+    if [ $part = eager ]; then routes=$EAGER limit=$EAGER_S; else routes=$COMPILED limit=$COMPILED_S; fi
+    timeout "$limit" $PY -m dsm_fast bench --preset $PRESET --batch-size $BATCH --image-size $SIZE --steps $STEPS \
+      --warmup $WARMUP --device $DEVICE --precision $precision --routes "$routes" \
+      --json "$OUT/bench_${precision}_$part.json" > "$OUT/bench_${precision}_$part.log" 2>&1
+    status "bench $precision $part" $?
+  done
+done
+timeout 20 $PY -m dsm_fast profile --preset $PRESET --batch-size $BATCH --image-size $SIZE --device $DEVICE \
+  --repeat 10 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1; status profile $?
+timeout 20 $PY -m dsm_fast profile --cost --json "$OUT/cost.json" > "$OUT/cost.log" 2>&1; status "profile --cost" $?
+$PY benchmarks/gpu_table.py "$OUT" > "$OUT/table.md" 2>&1; status table $?
+tail -n 3 "$OUT/tests.log"
+cat "$OUT/table.md"

@@ -1,0 +1,116 @@
+"""The fast path on CUDA (skipped without a GPU; benchmarks/gpu_check.sh runs it): the custom ops' second order on
+the device, the 'cuda' backend, Inductor's compiled fused step in float32 and bf16, the captured CUDA graph step
+against eager steps, a non-finite step skipped inside the graph, and a training step that never synchronizes."""
+import dataclasses
+
+import pytest
+import torch
+
+from dsm_fast import cuda_ext
+from dsm_fast.config import TrainConfig
+from dsm_fast.model import UNetEnergy
+from dsm_fast.routes import ReferenceRoute, make_route
+from dsm_fast.testing import TOLERANCES, assert_rel_close
+from dsm_fast.train import Trainer
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def perturbed_model() -> UNetEnergy:
+    model = UNetEnergy(3, "tiny").double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def draw(n=4, size=16):
+    x = torch.rand(n, 3, size, size, dtype=torch.float64)
+    t = torch.logspace(-9, 3, n, dtype=torch.float64)
+    return x, t, torch.randn_like(x)
+
+
+def gradients(model, route, x, t, eps):
+    model.zero_grad(set_to_none=True)
+    route(x, t, eps)["loss"].mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def reference_and_gpu_model():
+    """The float64 reference gradients on the CPU and a float32 CUDA copy of the same weights."""
+    model = perturbed_model()
+    x, t, eps = draw()
+    expected = gradients(model, ReferenceRoute(model), x, t, eps)
+    gpu = UNetEnergy(3, "tiny").cuda()
+    gpu.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    return expected, gpu, [v.float().cuda() for v in (x, t, eps)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_second_order_kernels_on_the_device(dtype, seed):
+    from dsm_fast.kernels import norm_act as na
+
+    h = torch.randn(3, 5, 37, 29, device="cuda", dtype=dtype) * 2 + 0.5
+    k = 1 + 0.3 * torch.randn(3, 5, device="cuda", dtype=dtype)
+    g, hh, kk = torch.randn_like(h), torch.randn_like(h), torch.randn_like(k)
+    inputs = [x.detach().double().requires_grad_() for x in (h, k, g)]
+    expected = torch.autograd.grad(na.scaled_norm_act_adjoint_ref(*inputs), inputs, (hh.double(), kk.double()))
+    actual = na.norm_act_adjoint_backward_launch(h, k, g, hh, kk)
+    assert_rel_close([a.double() for a in actual], list(expected), TOLERANCES[dtype], "second order", seed)
+    torch.library.opcheck(torch.ops.dsm_fast.norm_act_adjoint_backward.default, (h, k, g, hh, kk))
+
+
+@pytest.mark.skipif(not cuda_ext.is_available(), reason="needs the built extension dsm_fast._cuda")
+def test_cuda_backend_gradients_match_the_reference(seed):
+    expected, gpu, batch = reference_and_gpu_model()
+    actual = gradients(gpu, make_route("fused", gpu, kernels="cuda"), *batch)
+    assert_rel_close(actual, expected, TOLERANCES[torch.float32], "fused (cuda) gradients", seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inductor_compiled_fused_step_matches_the_reference(dtype, seed):
+    expected, gpu, batch = reference_and_gpu_model()
+    route = make_route("fused", gpu, kernels="triton", compile=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        actual = gradients(gpu, route, *batch)
+    assert not route.fell_back, "Inductor failed to compile the fused step"
+    assert_rel_close(actual, expected, TOLERANCES[dtype], f"compiled fused ({dtype}) gradients", seed)
+
+
+def tiny_config(out, **changes) -> TrainConfig:
+    base = TrainConfig(model="tiny", image_size=16, batch_size=4, steps=8, out=str(out), progress=False,
+                       log_every=4, checkpoint_every=100, ema_decay=0.9, eval_images=0, device="cuda",
+                       compile="off")
+    return dataclasses.replace(base, **changes).validate()
+
+
+def test_cuda_graph_steps_equal_eager_steps_and_skip_a_non_finite_one(tmp_path, monkeypatch):
+    runs = {}
+    for graph in (False, True):
+        trainer = Trainer(tiny_config(tmp_path / str(graph), cuda_graph=graph))
+        real_next = trainer.data.next_batch
+
+        def poisoned(n, device, dtype, trainer=trainer, real_next=real_next):
+            x = real_next(n, device, dtype)
+            return x * float("nan") if trainer.step == 5 else x  # after capture (3 warm-up steps, then step 3)
+
+        monkeypatch.setattr(trainer.data, "next_batch", poisoned)
+        trainer.run()
+        assert trainer.bad_total == 1 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+        runs[graph] = [p.detach().clone() for p in trainer.model.parameters()]
+    assert_rel_close(runs[True], runs[False], 1e-5, "CUDA graph vs eager weights after 8 steps")
+
+
+def test_a_training_step_never_synchronizes_the_host(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "sync", route="fused", kernels="triton"))
+    x = torch.rand(4, 3, 16, 16, device="cuda")
+    t, eps = torch.logspace(-9, 3, 4, device="cuda"), torch.randn_like(x)
+    trainer._update(x, t, eps)  # the first step creates the optimizer's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            out = trainer._update(x, t, eps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(out["ok"]) and torch.isfinite(out["loss"])
