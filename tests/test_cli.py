@@ -109,7 +109,7 @@ def cli_error(argv, capsys) -> str:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--route", "bogus"], "route must be one of reference"),
+    (["--route", "bogus"], "route must be auto, reference"),
     (["--model", "bogus"], "model must be one of paper"),
     (["--device", "bogus"], "device must be auto, cpu"),
     (["--gsm-dim", "0"], "gsm_dim must be positive"),
@@ -139,7 +139,8 @@ def test_bad_paths_and_data_end_in_one_line(tmp_path, capsys):
 
 def test_resume_takes_the_runs_options_and_refuses_changes(tmp_path, capsys):
     out = str(tmp_path / "r")
-    assert main(["train", *TINY, "--steps", "1", "--eval-images", "0", "--progress", "false", "--out", out]) == 0
+    assert main(["train", *TINY, "--steps", "1", "--eval-images", "0", "--progress", "false", "--plots", "false",
+                 "--out", out]) == 0
     # the --help example: everything else comes from config.json (was a 77-line size-mismatch traceback)
     assert main(["train", "--out", out, "--steps", "2", "--lr", "1e-4", "--resume"]) == 0
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
