@@ -74,9 +74,12 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         from .losses import OBJECTIVES
         from .model import PRESETS
+        from .routes import ROUTES
 
+        routes = ("auto", *ROUTES)
         checks = [
             (self.model in (*PRESETS, "radial"), f"model must be one of {', '.join((*PRESETS, 'radial'))}"),
+            (self.route in routes, f"route must be one of {', '.join(routes)} (compilation is --compile)"),
             (valid_device(self.device), "device must be auto, cpu, cuda or cuda:N"),
             (1 <= self.image_size <= MAX_IMAGE_SIZE, f"image_size must be in 1 … {MAX_IMAGE_SIZE}"),
             (self.gsm_dim > 0, "gsm_dim must be positive"),
@@ -97,8 +100,6 @@ class TrainConfig:
             (self.diffclf_levels >= 2, "diffclf_levels must be at least 2"),
             (self.objective != "diffclf" or self.route in ("auto", "reference"),
              "objective diffclf needs --route reference"),
-            (self.route in ("auto", "reference", "functional", "fused"),
-             "route must be auto, reference, functional or fused (compilation is --compile)"),
             (self.kernels in ("auto", "torch", "triton", "cuda"), "kernels must be auto, torch, triton or cuda"),
             (self.compile in ("auto", "on", "off"), "compile must be auto, on or off"),
             (self.subset == "" or parse_subset(self.subset) is not None, "subset must be 'first:N' or 'last:N', N > 0"),

@@ -283,7 +283,8 @@ class Trainer:
                 finite = finite & torch.isfinite(loss)
                 if not self.engine.skips_non_finite and not distributed.all_true(bool(finite), self.device):
                     self.diverged(f"non-finite loss at step {self.step}, which engine {self.engine.name} cannot skip")
-                self.engine.backward(loss, last)
+                if loss.requires_grad:  # (a loss independent of θ, e.g. a constant NaN, has no backward)
+                    self.engine.backward(loss, last)
             for key, value in terms.items():
                 out[key] = out.get(key, 0) + value.detach().mean() / accum
         grad_norm, ok = self.engine.step(cfg.grad_clip, finite)
