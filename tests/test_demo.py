@@ -3,35 +3,54 @@ below a flat energy's; and the pictures of a run (RUN/plots/) are written at the
 import json
 import math
 
+import numpy as np
 import pytest
+import torch
 
+from dsm_fast.analysis.report import loss_per_noise_level
 from dsm_fast.cli import main
 from dsm_fast.config import PRESETS, resolve_config
+from dsm_fast.data import make_test_data
 from dsm_fast.train import Trainer
 
-STEPS = 60  # of the preset's 1,200; about 15 s on one core
+STEPS = 150  # of the preset's 1,000, on 16×16 patches (a quarter of its pixels): about 10 s on one core
+
+
+def held_out_loss(model, x, cfg) -> float:
+    """The dual loss of held-out images averaged over 13 log-spaced t of [t_min, t_max] — the expected loss under
+    the training's log-uniform t — with the same noise draws at every call."""
+    levels = np.geomspace(cfg.t_min, cfg.t_max, 13)
+    curve = loss_per_noise_level(model, x, levels, torch.Generator().manual_seed(0))
+    return float(np.mean(curve["space"]) + np.mean(curve["time"]))
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    cfg = resolve_config(overrides={"steps": STEPS, "log_every": 10, "eval_images": 0, "progress": False,
-                                    "checkpoint_every": STEPS, "out": str(out), "device": "cpu"}, preset="demo")
+    cfg = resolve_config(overrides={"steps": STEPS, "image_size": 16, "log_every": 10, "eval_images": 0,
+                                    "progress": False, "checkpoint_every": STEPS, "out": str(out), "device": "cpu"},
+                         preset="demo")
     trainer = Trainer(cfg)
-    return trainer, trainer.run()
+    x = make_test_data(cfg, 1024)[0][::32]  # 32 held-out patches spread over 1,024
+    before = held_out_loss(trainer.model, x, cfg)
+    summary = trainer.run()
+    return trainer, summary, before, held_out_loss(trainer.model, x, cfg)
 
 
 def test_the_demo_preset_is_named_and_learns_in_a_shortened_run(demo):
-    trainer, summary = demo
+    trainer, summary, before, after = demo
     cfg = trainer.cfg
-    assert (cfg.model, cfg.energy, cfg.image_size, cfg.channels) == ("tiny", "gaussian", 32, 1)
+    assert (cfg.model, cfg.energy, cfg.channels, PRESETS["demo"]["image_size"]) == ("tiny", "gaussian", 1, 32)
+    assert (cfg.t_min, cfg.t_max, cfg.objective) == (1e-9, 1e3, "dual")  # the paper's noise levels and loss
     assert PRESETS["paper"] == {} and resolve_config(preset="paper") == resolve_config()
-    first, last = summary["first_smoothed_loss"], summary["smoothed_loss"]
-    assert last <= 0.92 * first, (first, last)  # the full preset: ≥ 40% (README); 60 steps already ≥ 8%
+    # the full preset: −30% on the smoothed training loss (README); here the held-out loss falls by 6% or more
+    # (measured: 0.635 → 0.56 after 150 steps; 40 steps are not enough, the zero-initialized last layer grows first)
+    assert after <= 0.94 * before, (before, after)
+    assert math.isfinite(summary["smoothed_loss"]) and summary["first_smoothed_loss"] is not None
 
 
 def test_pictures_of_a_run_on_demand(demo, tmp_path, capsys):
-    trainer, _ = demo
+    trainer = demo[0]
     assert main(["plots", str(trainer.run_dir), "--images", "16", "--device", "cpu"]) == 0
     folder = trainer.run_dir / "plots"
     assert "denoise.png" in capsys.readouterr().out
