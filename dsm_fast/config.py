@@ -1,5 +1,5 @@
-"""Run configuration: one frozen dataclass, resolved once from defaults ← config file ← command line,
-and written next to the run as ``config.json``."""
+"""Run configuration: one frozen dataclass, resolved once from defaults ← named preset ← config file ← command
+line, and written next to the run as ``config.json``."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # model
     model: str = "paper"  # UNet preset (paper, small, tiny) or 'radial' for the analytic data set
+    energy: str = "paper"  # paper (U = ½⟨y, f⟩) | gaussian (starts at the data's Gaussian: model/gaussian.py)
     # data
     data: str = "demo"  # 'demo' (embedded photographs), 'gsm' (Gaussian scale mixture), folder, .npy, prepared ImageNet64
     loader: str = "auto"  # auto (DALI when installed, CUDA and a prepared dataset; else cpu) | cpu | dali
@@ -60,6 +61,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     eval_images: int = 256  # held-out images for the NLL printed when training ends; 0 skips it
     progress: bool = True
+    plots: bool = True  # write RUN/plots/ (loss curve, loss per noise level, denoising grid) when training ends
     # distributed (see dsm_fast/engine.py); batch_size is the global batch: each optimizer step sees
     # batch_size images, split over world size × grad_accum micro-batches
     engine: str = "single"  # single | ddp | deepspeed
@@ -115,6 +117,9 @@ class TrainConfig:
              "offload and deepspeed_config need --engine deepspeed"),
             (self.dist_timeout > 0 and not math.isnan(self.dist_timeout), "dist_timeout must be positive"),
             (self.radial_offset == 0 or self.model == "radial", "radial_offset needs --model radial"),
+            (self.energy in ("paper", "gaussian"), "energy must be paper or gaussian"),
+            (self.energy == "paper" or self.model != "radial", "energy gaussian needs a UNet preset, not radial"),
+            (self.energy == "paper" or self.route != "fused", "energy gaussian needs a route other than fused"),
         ]
         for ok, message in checks:
             if not ok:
@@ -130,7 +135,7 @@ MAX_IMAGE_SIZE = 1024  # beyond it the paper's UNet does not fit in memory at an
 # What a resumed run may change: how long it trains, how it logs and checkpoints, when it gives up, the learning
 # rate, and where and how it runs. Everything else comes from the run's config.json (see check_resume).
 RESUME_MAY_CHANGE = ("steps", "lr", "log_every", "checkpoint_every", "max_bad_steps", "eval_images", "progress",
-                     "device", "dist_timeout", "out")
+                     "plots", "device", "dist_timeout", "out")
 
 
 def valid_device(name: str) -> bool:
@@ -141,18 +146,30 @@ def resume_flags() -> str:
     return ", ".join("--" + key.replace("_", "-") for key in RESUME_MAY_CHANGE if key != "out")
 
 
-AUTO_RESOLVED = ("route", "kernels", "compile")  # 'auto' is written to config.json as what it resolved to
+RESOLVED_AT_START = ("route", "kernels", "compile")  # 'auto' is decided once and config.json holds the decision
 
 
 def check_resume(saved: TrainConfig, values: dict[str, Any]) -> None:
     """Refuse, naming it, an option of ``values`` that differs from the run's and may not change on resume
-    ('auto' for an option in AUTO_RESOLVED agrees with what the run resolved it to)."""
+    ('auto' for an option decided at the start agrees with the run's decision)."""
     for key, value in values.items():
-        if key in AUTO_RESOLVED and value == "auto":
+        if key in RESOLVED_AT_START and value == "auto":
             continue
         if key not in RESUME_MAY_CHANGE and value != getattr(saved, key):
             raise ConfigError(f"--resume: {key} is {value!r}, the run was made with {getattr(saved, key)!r}; "
                               f"a resumed run may change only {resume_flags()}")
+
+
+# Named settings (``train --preset NAME``): values over the defaults, under a config file and the command line.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The main job: a few minutes on a 2-core CPU that visibly learns (README, set-up). 32×32 grayscale patches
+    # of the embedded photographs, the tiny UNet started at the data's Gaussian (--energy gaussian); the paper's
+    # noise levels and loss.
+    "demo": {"data": "demo", "model": "tiny", "energy": "gaussian", "channels": 1, "image_size": 32,
+             "batch_size": 32, "steps": 1000, "lr": 2e-3, "checkpoint_every": 1000},
+    # The paper's run (method.md): the defaults, named.
+    "paper": {},
+}
 
 
 def parse_subset(subset: str) -> tuple[str, int] | None:
@@ -198,11 +215,16 @@ def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
         raise ConfigError(f"{origin}: {field.name} expects {kind}, got {value!r}") from None
 
 
-def given_options(file: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The options set explicitly: config file ← overrides (None values in overrides are ignored), coerced."""
+def given_options(file: str | None = None, overrides: dict[str, Any] | None = None,
+                  preset: str | None = None) -> dict[str, Any]:
+    """The options set explicitly: preset ← config file ← overrides (None values in overrides are ignored), coerced."""
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     known = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
-    for origin, source in ((str(file), read_config_file(file) if file else {}), ("command line", overrides or {})):
+    sources = ((f"preset {preset}", PRESETS[preset] if preset else {}),
+               (str(file), read_config_file(file) if file else {}), ("command line", overrides or {}))
+    for origin, source in sources:
         for key, value in source.items():
             key = key.replace("-", "_")
             if key not in known:
@@ -212,6 +234,7 @@ def given_options(file: str | None = None, overrides: dict[str, Any] | None = No
     return values
 
 
-def resolve_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """defaults ← config file ← overrides (None values in overrides are ignored)."""
-    return TrainConfig(**given_options(file, overrides)).validate()
+def resolve_config(file: str | None = None, overrides: dict[str, Any] | None = None,
+                   preset: str | None = None) -> TrainConfig:
+    """defaults ← preset ← config file ← overrides (None values in overrides are ignored)."""
+    return TrainConfig(**given_options(file, overrides, preset)).validate()

@@ -292,7 +292,7 @@ class DeepSpeedEngine(SingleEngine):
 
     def non_finite_state(self) -> list[str]:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps torch Adam over fp32 partitions
-        return non_finite({"optimizer": inner.state_dict()["state"],
+        return non_finite({"optimizer": list(inner.state.values()),
                            "master": [p for group in inner.param_groups for p in group["params"]]})
 
     def save_native(self, run_dir: Path, step: int) -> list[Path]:

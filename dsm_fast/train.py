@@ -40,6 +40,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, check_resume
 from .data import make_training_data
+from .data.images import pixel_statistics
 from .diffclf import with_free_energies
 from .distributed import DistributedError
 from .engine import make_engine, micro_batch
@@ -47,6 +48,7 @@ from .graphs import GraphedStep
 from .losses import sample_noise_levels
 from .model import build_model
 from .optim import EMA, learning_rate, make_optimizer
+from .progress import Progress
 from .routes import make_route, resolve_compile, resolve_kernels, resolve_route
 
 
@@ -121,7 +123,7 @@ class Trainer:
         self.data = make_training_data(cfg, self.world.rank, self.world.size)
         sample_shape = self.data.sample_shape
         self.model = build_model(cfg.model, channels=sample_shape[0], dim=sample_shape[-1],
-                                 radial_offset=cfg.radial_offset)
+                                 radial_offset=cfg.radial_offset, energy=cfg.energy)
         down = getattr(getattr(self.model, "unet", None), "downsampling", 1)
         if len(sample_shape) == 3 and sample_shape[-1] % down:
             raise ConfigError(f"image size {sample_shape[-1]} is not a multiple of {down}, which model {cfg.model} "
@@ -129,6 +131,8 @@ class Trainer:
         if (cfg.model == "radial") != (len(sample_shape) == 1):
             raise ConfigError(f"model {cfg.model} does not fit data {cfg.data}: use --model radial with --data gsm "
                               f"and a UNet preset with images")
+        if cfg.energy == "gaussian":  # μ and s² of the training pixels (a resumed run reloads the same buffers)
+            self.model.set_data_statistics(*pixel_statistics(self.data.images))
         self.model = with_free_energies(self.model, cfg)  # DiffCLF: the model also owns the free energies F_j
         self.model.to(device=self.device, dtype=self.dtype)
         self.cfg = cfg = resolve_fast_path(cfg, self.model, self.device)
@@ -148,6 +152,7 @@ class Trainer:
         self.resumed = resume
         if resume:
             self._restore()
+        self.trusted_until = self.step - self.bad_in_row  # see diverged
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(cfg.to_json())
@@ -181,8 +186,10 @@ class Trainer:
     def diverged(self, reason: str) -> NoReturn:
         """Stop a diverged run: state b = step − bad_in_row came from the last finite update before the bad steps
         (or, with no bad step, the update that made the state non-finite), so the checkpoints from step b on are
-        set aside (RUN/rejected) and the message names the newest healthy one, which ``--resume`` continues."""
-        first = self.step - self.bad_in_row
+        set aside (RUN/rejected) and the message names the newest healthy one, which ``--resume`` continues.
+        The counters are read every log_every steps, so a streak may have ended before the read: b is then
+        bounded by ``trusted_until``, the step − bad_in_row of the previous read."""
+        first = min(self.step - self.bad_in_row, self.trusted_until)  # the streak may have ended before the read
         if self.world.is_main:
             for folder in list_checkpoints(self.run_dir):
                 if checkpoint_step(folder) >= first:
@@ -275,10 +282,7 @@ class Trainer:
                 loss = terms["loss"].mean()
                 finite = finite & torch.isfinite(loss)
                 if not self.engine.skips_non_finite and not distributed.all_true(bool(finite), self.device):
-                    self.save(streams=self._pre_step)
-                    raise TrainingStopped(f"non-finite loss at step {self.step}; engine {self.engine.name} cannot "
-                                          f"discard a partly accumulated step (lower --lr or set --grad-clip, then "
-                                          f"--resume)")
+                    self.diverged(f"non-finite loss at step {self.step}, which engine {self.engine.name} cannot skip")
                 if loss.requires_grad:  # (a loss independent of θ, e.g. a constant NaN, has no backward)
                     self.engine.backward(loss, last)
             for key, value in terms.items():
@@ -322,7 +326,6 @@ class Trainer:
         With several ranks a failure is not checkpointed (the peers may be gone; the last periodic checkpoint
         stands) and ends as a DistributedError naming the rank, so every rank stops with one clear line."""
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
 
         cfg, main = self.cfg, self.world.is_main
         self._in_step = False
@@ -333,22 +336,26 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) if on_main_thread else None
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) if main else None
         stats_file = (self.run_dir / "stats.jsonl").open("a") if main else None
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
-                   dynamic_ncols=True)
+        progress = Progress(cfg.steps, self.step, cfg.batch_size, enabled=cfg.progress and main,
+                            window=cfg.log_every)
         last = {"time": time.perf_counter(), "step": self.step}
         record: dict = {}
         try:
             while self.step < cfg.steps:
                 terms = self.train_step()
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:  # the only reads on the host
-                    longest = self.longest_bad_run()
-                    if longest >= cfg.max_bad_steps:
-                        self.diverged(f"{longest} non-finite losses in a row at step {self.step}")
-                    if bool(terms.pop("ok")):
-                        record = self._log(distributed.average(terms), last, writer, stats_file)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-                if self.step % cfg.checkpoint_every == 0:
+                progress.step(terms)
+                log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                checkpoint_now = self.step % cfg.checkpoint_every == 0
+                if not (log_now or checkpoint_now):
+                    continue  # values are read on the host only to log or checkpoint
+                longest = self.longest_bad_run()
+                if longest >= cfg.max_bad_steps:
+                    self.diverged(f"{longest} non-finite losses in a row at step {self.step}")
+                self.trusted_until = self.step - self.bad_in_row  # a later streak began at or after it
+                if log_now and bool(terms.pop("ok")):
+                    record = self._log(distributed.average(terms), last, writer, stats_file)
+                    progress.mark_logged()
+                if checkpoint_now:
                     self.save()
         except (KeyboardInterrupt, Exception) as error:
             if isinstance(error, (TrainingStopped, ConfigError)):
@@ -365,7 +372,7 @@ class Trainer:
         finally:
             if on_main_thread:
                 signal.signal(signal.SIGTERM, previous_handler)
-            bar.close()
+            progress.close()
             if main:
                 writer.close()
                 stats_file.close()
@@ -375,9 +382,11 @@ class Trainer:
         if self.engine.partitions_weights:  # ZeRO-3 left each rank a shard: keep a full copy for evaluation
             weights = self.engine.full_state_dict()
             shape = self.data.sample_shape
-            self.model = with_free_energies(build_model(cfg.model, channels=shape[0], dim=shape[-1]), cfg)
+            self.model = with_free_energies(build_model(cfg.model, channels=shape[0], dim=shape[-1],
+                                                        energy=cfg.energy), cfg)
             self.model.to(device=self.device, dtype=self.dtype).load_state_dict(weights)
-        return {"step": self.step, "skipped_steps": self.bad_total, "optimizer": self.optimizer_name, **record}
+        return {"step": self.step, "skipped_steps": self.bad_total, "optimizer": self.optimizer_name, **record,
+                "smoothed_loss": progress.smoothed(), "first_smoothed_loss": progress.first}
 
     def _log(self, terms: dict[str, torch.Tensor], last: dict, writer, stats_file) -> dict:
         now = time.perf_counter()

@@ -93,6 +93,11 @@ def test_non_finite_weights_with_matching_digests_and_bad_config_are_refused(run
     (newest / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="holds non-finite weights"):
         load_checkpoint(newest)
+    for analysis in ("eval", "denoise", "sample"):  # was "NLL nan"
+        with pytest.raises(SystemExit) as exit_info:
+            main([analysis, str(copy), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "non-finite weights" in err, err
     (copy / "config.json").write_text("{ not json")
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(copy), "--images", "4", "--device", "cpu"])

@@ -97,3 +97,81 @@ def test_eval_on_the_analytic_data_prints_the_exact_nll(tmp_path):
     result = json.loads((tmp_path / "e.json").read_text())
     assert "exact NLL of the same samples" in proc.stdout and result["dim"] == 50
     assert 0 < result["exact_nll_bits_per_dim"] < 5 and np.isfinite(result["nll_bits_per_dim"])
+
+
+def cli_error(argv, capsys) -> str:
+    """Run ``main(argv)`` in-process; it must end with exit code 2 and one line on stderr, which is returned."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--route", "bogus"], "route must be auto, reference"),
+    (["--model", "bogus"], "model must be one of paper"),
+    (["--device", "bogus"], "device must be auto, cpu"),
+    (["--gsm-dim", "0"], "gsm_dim must be positive"),
+    (["--gsm-sigmas=-1,0"], "gsm_sigmas must be positive"),
+    (["--image-size", "0"], "image_size must be in 1"),
+    (["--image-size", "-8"], "image_size must be in 1"),
+    (["--image-size", "4096"], "image_size must be in 1"),
+    (["--t-max", "inf"], "t_max < inf"),
+    (["--time-weight", "nan"], "time_weight must be ≥ 0 and finite"),
+    (["--warmup-steps", "-5"], "warmup_steps must be ≥ 0"),
+    (["--grad-clip", "-1"], "grad_clip must be ≥ 0"),
+    (["--eval-images", "-1"], "eval_images must be ≥ 0"),
+    (["--optimizer", "apex"], "--optimizer apex asked for"),
+])
+def test_bad_option_values_end_in_one_line(args, message, tmp_path, capsys):
+    err = cli_error(["train", *TINY, "--eval-images", "0", "--out", str(tmp_path / "r"), *args], capsys)
+    assert message in err
+
+
+def test_bad_paths_and_data_end_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert "is a file" in cli_error(["train", *TINY, "--out", str(tmp_path / "file")], capsys)
+    np.save(tmp_path / "one.npy", np.zeros((1, 3, 16, 16), dtype=np.uint8))
+    err = cli_error(["train", *TINY, "--data", str(tmp_path / "one.npy"), "--out", str(tmp_path / "r")], capsys)
+    assert "no held-out images" in err and not (tmp_path / "r").exists()
+
+
+def test_resume_takes_the_runs_options_and_refuses_changes(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert main(["train", *TINY, "--steps", "1", "--eval-images", "0", "--progress", "false", "--plots", "false",
+                 "--out", out]) == 0
+    # the --help example: everything else comes from config.json (was a 77-line size-mismatch traceback)
+    assert main(["train", "--out", out, "--steps", "2", "--lr", "1e-4", "--resume"]) == 0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (saved["model"], saved["image_size"], saved["steps"], saved["lr"]) == ("tiny", 16, 2, 1e-4)
+    assert "image_size is 32, the run was made with 16" in cli_error(
+        ["train", "--out", out, "--image-size", "32", "--resume"], capsys)
+    assert "batch_size is 8" in cli_error(["train", "--out", out, "--batch-size", "8", "--resume"], capsys)
+    assert "holds no run to resume" in cli_error(["train", "--out", str(tmp_path / "none"), "--resume"], capsys)
+    assert not (tmp_path / "none").exists()
+    assert json.loads((tmp_path / "r" / "config.json").read_text()) == saved
+    assert "--batch-size must be positive" in cli_error(["eval", out, "--batch-size", "0"], capsys)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "dsm_fast", "train", *TINY, "--steps", "100000", "--log-every", "1",
+                             "--checkpoint-every", "100000", "--eval-images", "0", "--progress", "false", "--out",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((out / "stats.jsonl").is_file()
+                                               and (out / "stats.jsonl").read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM at step" in lines[0] and "checkpoint saved at" in lines[0], err
+    from dsm_fast.checkpoint import list_checkpoints, load_checkpoint
+
+    step = int(lines[0].split("SIGTERM at step ")[1].split(":")[0])
+    assert step >= 2 and load_checkpoint(list_checkpoints(out)[-1])[1]["step"] == step

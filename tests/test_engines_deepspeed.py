@@ -36,19 +36,28 @@ def test_zero_1_2_3_equal_one_process_and_resume_after_a_kill(tmp_path):
         {"name": "z2_accum1", "changes": {**ds, "zero_stage": 2, "grad_accum": 1}},
         {"name": "z2_reference", "changes": {**ds, "zero_stage": 2, "route": "reference"}},
         {"name": "z3", "changes": z3},
+        {"name": "crafted", "changes": {**ds, "zero_stage": 2}},
         {"name": "killed", "changes": {**ds, "zero_stage": 2}, "die": (1, 3)},
     ]
     # a rank dies in the last job of each launch; the resumed runs go first in the next one
     codes = [launch(2, jobs, tmp_path),
              launch(2, [{"name": "killed+resumed", "changes": {**ds, "zero_stage": 2}, "resume": True},
                         {"name": "killed3", "changes": z3, "die": (1, 3)}], tmp_path)]
-    launch(2, [{"name": "killed3+resumed", "changes": z3, "resume": True}], tmp_path)
+    marker = craft_model_states(tmp_path / "crafted")
+    launch(2, [{"name": "killed3+resumed", "changes": z3, "resume": True},
+               {"name": "crafted+resumed", "changes": {**ds, "zero_stage": 2}, "resume": True}], tmp_path)
+    # a crafted DeepSpeed file whose digest was forged to match is still refused, and its code never ran
+    assert not marker.exists()
+    refused = errors(tmp_path, "crafted+resumed")
+    assert sorted(refused) == [0, 1], refused
+    for text in refused.values():
+        assert text.startswith("CheckpointError: ") and "refused, it holds objects other than tensors" in text, text
     for name, exit_codes in zip(("killed", "killed3"), codes):
         assert exit_codes[1] == 3, exit_codes
         assert errors(tmp_path, name)[0].startswith("DistributedError: rank 0/2 stopped at step 3:")
-        # DeepSpeed's own checkpoints: step 2 (before the kill) and step 4 (written by the resumed run)
-        assert sorted(p.name for p in (tmp_path / name / "deepspeed").glob("step_*")) == ["step_00000002",
-                                                                                       "step_00000004"]
+        # DeepSpeed's own checkpoints: steps 0 and 2 (before the kill) and 4 (written by the resumed run)
+        assert sorted(p.name for p in (tmp_path / name / "deepspeed").glob("step_*")) == [
+            "step_00000000", "step_00000002", "step_00000004"]
 
     start = initial_weights(tmp_path / "init")
     want = single_run(tmp_path / "single")
@@ -61,6 +70,31 @@ def test_zero_1_2_3_equal_one_process_and_resume_after_a_kill(tmp_path):
     for name in ("z3", "killed3+resumed"):
         assert not errors(tmp_path, name), errors(tmp_path, name)
         assert_same_weights(torch.load(tmp_path / f"{name}.pt"), want_fused, start)
+
+
+class _RunsCode:
+    """Unpickles to a call of exec: what a hostile checkpoint file does to a ``weights_only=False`` loader."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def craft_model_states(run: Path) -> Path:
+    """Replace the newest DeepSpeed model file of ``run`` by one that runs code when unpickled, and forge its
+    digest in our manifest (so the refusal below is the unpickler's, not the digest check's)."""
+    from dsm_fast.checkpoint import file_digest, list_checkpoints
+
+    newest = list_checkpoints(run)[-1]
+    target = run / "deepspeed" / newest.name / "mp_rank_00_model_states.pt"
+    marker = run.parent / "code_ran"
+    torch.save({"module": _RunsCode(marker)}, target)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["native"][target.relative_to(run).as_posix()] = file_digest(target)
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    return marker
 
 
 def _pitfalls(folder: str, port: int) -> None:

@@ -249,6 +249,49 @@ def test_cli_prepare_verify_and_one_line_errors(tmp_path):
     assert "val_labels.npy" in cli("verify", out, "--no-progress").stderr
 
 
+def test_a_partial_set_needs_train_files_and_says_so_everywhere(tmp_path, capsys):
+    from dsm_fast.cli import main
+
+    batches = official_batches()
+    write_official(tmp_path / "src", {k: v for k, v in batches.items() if k in ("train_data_batch_1",
+                                                                                "train_data_batch_2", "val_data")})
+    with pytest.raises(DataError, match="missing train_data_batch_3, .*train_data_batch_10 .*--train-files 1,2"):
+        prepare(tmp_path / "src", tmp_path / "out", progress=False)
+    with pytest.raises(DataError, match="missing train_data_batch_3 "):
+        prepare(tmp_path / "src", tmp_path / "out", progress=False, train_files=(1, 3))
+    manifest, written = prepare(tmp_path / "src", tmp_path / "out", progress=False, train_files=(1, 2))
+    assert written and manifest["train_files"] == [1, 2] and manifest["splits"]["train"]["count"] == 4 + 3
+    images, _ = load_split(tmp_path / "out", "train")
+    names = ["train_data_batch_1", "train_data_batch_2"]
+    np.testing.assert_array_equal(images, np.concatenate([batches[n]["data"] for n in names]).reshape(-1, 3, 64, 64))
+    assert prepare(tmp_path / "src", tmp_path / "out", progress=False, train_files=(1, 2))[1] is False
+    manifest, written = prepare(tmp_path / "src", tmp_path / "out", progress=False, train_files=(2,))
+    assert written and manifest["train_files"] == [2] and manifest["splits"]["train"]["count"] == 3
+
+    out = str(tmp_path / "out")
+    assert main(["data", "prepare", "--src", str(tmp_path / "src"), "--out", out, "--train-files", "1,2",
+                 "--no-progress"]) == 0
+    assert main(["data", "verify", out, "--no-progress"]) == 0
+    assert main(["train", "--data", out, "--model", "tiny", "--batch-size", "2", "--steps", "1", "--eval-images", "0",
+                 "--plots", "false", "--progress", "false", "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--images", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed if "partial: train_data_batch 1, 2 of 10" in line] == \
+        ["prepared:", "ok:", "data:"]  # prepare, verify, eval
+    for bad in ("0,1", "1,1", "x"):
+        with pytest.raises(SystemExit) as stop:
+            main(["data", "prepare", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o2"), "--train-files",
+                  bad])
+        error = capsys.readouterr().err
+        assert stop.value.code == 2 and len(error.strip().splitlines()) == 1 and "--train-files" in error
+
+
+def test_a_full_prepare_records_all_ten_train_files(tmp_path):
+    src = write_official(tmp_path / "src", official_batches())
+    manifest, _ = prepare(src, tmp_path / "out", progress=False)
+    assert manifest["train_files"] == list(range(1, 11))
+
+
 def test_luma_is_pils_convert_L_for_every_colour():
     """All 2^24 RGB colours: luma (and the folder/demo reader to_channels) give exactly PIL's convert('L')."""
     from dsm_fast.data.images import luma, to_channels

@@ -96,9 +96,31 @@ def test_divergence_keeps_the_healthy_checkpoint_and_resume_recovers(tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ["step_00000001", "step_00000002", "step_00000003"]
 
 
+def test_a_streak_that_ended_between_reads_still_rolls_back_before_it(tmp_path, monkeypatch):
+    """Counters read every 4 steps: bad steps from states 3, 4, 5, a good one from 6, the read at 8 sees the
+    streak of 3 with none in a row now; the checkpoint of step 4 (inside the streak) must not be named."""
+    trainer = Trainer(tiny_config(tmp_path / "r", steps=12, max_bad_steps=3, log_every=4, checkpoint_every=4))
+    real_call = trainer.route.__class__.__call__
+
+    def nan_from_3_to_5(self, x, t, eps):
+        terms = real_call(self, x, t, eps)
+        return {**terms, "loss": terms["loss"] * float("nan")} if 3 <= trainer.step <= 5 else terms
+
+    monkeypatch.setattr(trainer.route.__class__, "__call__", nan_from_3_to_5)
+    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row at step 8: the update to step 3 diverged"
+                                              ".*continues from the newest healthy one, step 0 "):
+        trainer.run()
+
+
 def test_a_run_of_only_skipped_steps_fails(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path / "r", steps=2, max_bad_steps=5))
-    monkeypatch.setattr(trainer.route.__class__, "__call__", lambda self, x, t, eps: {"loss": x.sum() * float("nan")})
+    real_call = trainer.route.__class__.__call__
+
+    def always_nan(self, x, t, eps):
+        terms = real_call(self, x, t, eps)
+        return {**terms, "loss": terms["loss"] * float("nan")}
+
+    monkeypatch.setattr(trainer.route.__class__, "__call__", always_nan)
     with pytest.raises(TrainingStopped, match="all 2 steps of this run were skipped"):
         trainer.run()
 

@@ -37,3 +37,13 @@ def plot_psnr(rows: list[dict[str, float]], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def denoise_grid(model: nn.Module, x: torch.Tensor, input_psnrs, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The rows of a denoising picture: 'noisy, P dB' and 'denoised, P dB' per input PSNR P, then 'clean'."""
+    rows = {}
+    for example in denoise_examples(model, x, input_psnrs, generator):
+        rows[f"noisy, {example['input_psnr']:g} dB"] = example["noisy"]
+        rows[f"denoised, {example['input_psnr']:g} dB"] = example["denoised"]
+    rows["clean"] = x
+    return rows

@@ -44,7 +44,7 @@ def load_run(path: str | Path, device: str = "auto", ema: bool = False) -> Loade
     if ema and ema_weights is None:
         raise ConfigError(f"{checkpoint} has no EMA weights (train with --ema-decay)")
     dim = cfg.gsm_dim if cfg.data == "gsm" else cfg.image_size
-    model = with_free_energies(build_model(cfg.model, channels=cfg.channels, dim=dim), cfg)
+    model = with_free_energies(build_model(cfg.model, channels=cfg.channels, dim=dim, energy=cfg.energy), cfg)
     dtype = compute_dtype(cfg)
     model.to(device, dtype)
     model.load_state_dict(ema_weights if ema else weights)

@@ -151,7 +151,7 @@ def add_denoise(sub) -> None:
 def run_denoise(args) -> int:
     import torch
 
-    from ..analysis.denoising import denoise_examples, plot_psnr
+    from ..analysis.denoising import denoise_grid, plot_psnr
     from ..analysis.plots import save_image_rows
     from ..analysis.runs import evaluation_images, load_run
     from ..evaluate import denoising_psnr
@@ -166,11 +166,7 @@ def run_denoise(args) -> int:
         print(f"{row['input_psnr']:>16.1f}{row['t']:>12.3g}{row['output_psnr']:>18.2f}")
     if x.dim() == 4:
         shown = x[:args.show]
-        grid = {}
-        for example in denoise_examples(run.model, shown, psnrs, torch.Generator().manual_seed(args.seed + 1)):
-            grid[f"noisy, {example['input_psnr']:g} dB"] = example["noisy"]
-            grid[f"denoised, {example['input_psnr']:g} dB"] = example["denoised"]
-        grid["clean"] = shown
+        grid = denoise_grid(run.model, shown, psnrs, torch.Generator().manual_seed(args.seed + 1))
         save_image_rows(out_path(args, "denoise.png"), grid, columns=len(shown))
         print(f"images written to {out_path(args, 'denoise.png')}")
     write_json(args.json, {"checkpoint": str(run.checkpoint), "images": len(x), "rows": rows})

@@ -70,6 +70,7 @@ def run_eval(args) -> int:
 
     from ..checkpoint import load_checkpoint, resolve_checkpoint
     from ..data import GaussianScaleMixture
+    from ..data.imagenet64 import is_prepared, partial_note, read_manifest
     from ..diffclf import with_free_energies
     from ..evaluate import clean_noise_level, denoising_psnr, evaluate_nll, sample_dim, variance_per_dim
     from ..model import build_model
@@ -87,7 +88,7 @@ def run_eval(args) -> int:
     if args.ema and ema is None:
         raise ConfigError(f"{checkpoint} has no EMA weights (train with --ema-decay)")
     x, train_x, quantized = evaluation_sets(cfg, args.images, args.train_images, args.seed)
-    model = with_free_energies(build_model(cfg.model, channels=x.shape[1], dim=sample_dim(x)), cfg)
+    model = with_free_energies(build_model(cfg.model, channels=x.shape[1], dim=sample_dim(x), energy=cfg.energy), cfg)
     model.to(device, compute_dtype(cfg))
     model.load_state_dict(ema if args.ema else weights)
     exact = None
@@ -100,6 +101,9 @@ def run_eval(args) -> int:
     low, high = result["ci95"]
     density = "dequantized" if args.dequantize else "continuous density at the data points"
     print(f"checkpoint {checkpoint} (step {state['step']}{', EMA' if args.ema else ''})")
+    if is_prepared(cfg.data) and (note := partial_note(read_manifest(cfg.data))):
+        print(f"data: {cfg.data} ({note})")
+        result["data_note"] = note
     print(f"NLL {result['nll_bits_per_dim']:.4f} bits/dim, 95% CI [{low:.4f}, {high:.4f}], {result['n']} samples, "
           f"{density}")
     if "train" in result:

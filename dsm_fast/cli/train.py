@@ -1,15 +1,20 @@
-"""``dsm-fast train``: train U(y, t) from defaults ← --config FILE ← the command line."""
+"""``dsm-fast train``: train U(y, t) from defaults ← --preset NAME ← --config FILE ← the command line; at the end, the
+loss it started from and reached, the held-out NLL beside the untrained level, and the run's pictures."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 
-from ..config import ConfigError, TrainConfig, resume_flags
+from ..config import PRESETS, ConfigError, TrainConfig, resume_flags
 from .common import Formatter, examples
 
 FIELD_HELP = {
     "model": "UNet preset (paper, small, tiny) or 'radial' for --data gsm",
+    "energy": "paper (U = ½<y, f(y, t)>, the paper's) or gaussian (U starts at the data's Gaussian energy and the UNet "
+              "learns the difference; see dsm_fast/model/gaussian.py)",
+    "plots": "write RUN/plots/ (loss curve, loss per noise level, denoising grid, plots.json) when training ends",
     "data": "'demo' (photographs shipped with scikit-image), 'gsm' (Gaussian scale mixture), a folder or a .npy",
     "gsm_sigmas": "comma-separated standard deviations of the mixture components",
     "radial_offset": "radial model: start mis-normalized, log p_t off by -a*log t nats/dim (normalization uses 0.02)",
@@ -47,7 +52,8 @@ FIELD_HELP = {
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train an energy model by dual (or single) score matching",
                        formatter_class=Formatter, epilog=examples(
-                           "dsm-fast train --model small --steps 300 --batch-size 16 --out runs/demo",
+                           "dsm-fast train --preset demo --out runs/demo",
+                           "dsm-fast train --model small --steps 300 --batch-size 16 --out runs/small",
                            "dsm-fast train --config run.yaml --lr 2e-4",
                            "dsm-fast train --out runs/demo --steps 600 --resume",
                            "dsm-fast train --data gsm --model radial --t-min 1e-2 --t-max 1e2 --out runs/gsm",
@@ -55,7 +61,10 @@ def add_train(sub) -> None:
                            "deepspeed --num_gpus 8 -m dsm_fast train --engine deepspeed --zero-stage 2 "
                            "--route functional"),
                        description="Train U(y, t) on images (or the analytic GSM data). Options come from the "
-                                   "defaults, then --config FILE (YAML or TOML), then the command line.")
+                                   "defaults, then --preset NAME, then --config FILE (YAML or TOML), then the command "
+                                   "line.")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="named settings (dsm_fast/config.py): demo (the main job: "
+                   "minutes on a 2-core CPU, visibly learning), paper (the defaults)")
     p.add_argument("--config", help="YAML or TOML file of the options below (keys with underscores)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest healthy checkpoint, with the run's own options "
@@ -75,12 +84,11 @@ def run_train(args) -> int:
     from ..config import check_resume, given_options, resolve_config
     from ..data import make_test_data
     from ..distributed import stop
-    from ..evaluate import clean_noise_level, evaluate_nll
     from ..train import Trainer, config_from_run
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if args.resume:  # the run's resolved options ← the few a resume may change
-        given = given_options(args.config, overrides)
+        given = given_options(args.config, overrides, args.preset)
         run_dir = Path(given.get("out", TrainConfig.out))
         if not (run_dir / "config.json").is_file():
             raise ConfigError(f"--resume: {run_dir} holds no run to resume (no config.json); drop --resume to start one")
@@ -88,31 +96,64 @@ def run_train(args) -> int:
         check_resume(saved, given)
         cfg = dataclasses.replace(saved, **given).validate()
     else:
-        cfg = resolve_config(args.config, overrides)
+        cfg = resolve_config(args.config, overrides, args.preset)
     if cfg.eval_images > 0:
         make_test_data(cfg, 1)  # a data set too small to hold out images is refused before training, not after
     try:
         trainer = Trainer(cfg, resume=args.resume, local_rank=args.local_rank)
         cfg = trainer.cfg  # route, kernels and compilation resolved
+        start = held_out_nll(trainer, cfg) if trainer.world.is_main and not trainer.engine.partitions_weights else None
         if trainer.world.is_main:
-            print(f"training {cfg.model} on {cfg.data} ({cfg.objective} score matching, route {cfg.route}, kernels "
-                  f"{cfg.kernels}, compile {cfg.compile}{', CUDA graph' if cfg.cuda_graph else ''}, "
-                  f"{trainer.optimizer_name}, engine {cfg.engine} × {trainer.world.size}, {trainer.device}) → "
-                  f"{trainer.run_dir}", flush=True)
+            print(f"training {cfg.model} on {cfg.data}{f' (preset {args.preset})' if args.preset else ''} "
+                  f"({cfg.objective} score matching, energy {cfg.energy}, route {cfg.route}, kernels {cfg.kernels}, "
+                  f"compile {cfg.compile}{', CUDA graph' if cfg.cuda_graph else ''}, {trainer.optimizer_name}, "
+                  f"engine {cfg.engine} × {trainer.world.size}, {trainer.device}) → {trainer.run_dir}", flush=True)
+        first_step, began = trainer.step, time.perf_counter()
         summary = trainer.run()
     finally:
         stop()
     if not trainer.world.is_main:  # rank 0 reports and evaluates
         return 0
-    print(f"done: step {summary['step']}, loss {summary.get('loss', float('nan')):.4f}, "
-          f"{summary['skipped_steps']} skipped steps", flush=True)
-    if cfg.eval_images > 0:
-        x, quantized = make_test_data(cfg, cfg.eval_images)
-        result = evaluate_nll(trainer.model, x, quantized, cfg.t_max, seed=cfg.seed, t_eval=clean_noise_level(cfg))
-        low, high = result["ci95"]
-        print(f"held-out NLL: {result['nll_bits_per_dim']:.4f} bits/dim (95% CI {low:.4f}–{high:.4f}, "
-              f"{result['n']} samples)")
+    report(trainer, cfg, summary, start, first_step, time.perf_counter() - began)
     return 0
+
+
+def held_out_nll(trainer, cfg) -> dict | None:
+    """The NLL of ``trainer.model`` on ``cfg.eval_images`` held-out samples, or None when there are none."""
+    from ..data import make_test_data
+    from ..evaluate import clean_noise_level, evaluate_nll
+
+    if cfg.eval_images <= 0:
+        return None
+    x, quantized = make_test_data(cfg, cfg.eval_images)
+    return evaluate_nll(trainer.model, x, quantized, cfg.t_max, seed=cfg.seed, t_eval=clean_noise_level(cfg))
+
+
+def report(trainer, cfg, summary: dict, start: dict | None, first_step: int, seconds: float) -> None:
+    """What the run did: steps and speed, the smoothed loss it started from and reached, the NLL beside the level it
+    started at and a flat energy's, and where its pictures are."""
+    import math
+
+    steps = summary["step"] - first_step
+    print(f"done: step {summary['step']} in {seconds / 60:.1f} min ({steps / max(seconds, 1e-9):.2f} steps/s), "
+          f"{summary['skipped_steps']} skipped steps", flush=True)
+    first, last = summary.get("first_smoothed_loss"), summary.get("smoothed_loss", float("nan"))
+    if first is not None and math.isfinite(last):
+        print(f"loss (smoothed over ~{cfg.log_every} steps): {first:.4f} at the first logged step → {last:.4f} now "
+              f"({100 * (last / first - 1):+.1f}%)")
+    result = held_out_nll(trainer, cfg)
+    if result is not None:
+        low, high = result["ci95"]
+        flat = 0.5 * math.log2(2 * math.pi * math.e * cfg.t_max) + (8.0 if result["quantized_data"] else 0.0)
+        before = f"at step {first_step}: {start['nll_bits_per_dim']:.4f}; " if start else ""
+        print(f"held-out NLL: {result['nll_bits_per_dim']:.4f} bits/dim (95% CI {low:.4f}–{high:.4f}, "
+              f"{result['n']} samples; {before}a flat energy: {flat:.4f})")
+    if cfg.plots:
+        from ..analysis.report import pictures_line, write_run_plots
+        from ..data import make_test_data
+
+        print(pictures_line(write_run_plots(trainer.run_dir, trainer.model, cfg, make_test_data(cfg, 1024)[0],
+                                            seed=cfg.seed)))
 
 
 COMMANDS = {"train": (add_train, run_train)}

@@ -135,8 +135,26 @@ class Source:
             raise DataError(f"{self.origin}: corrupt zip member ({error})") from None
 
 
-def find_official(src: Path) -> list[Source]:
-    """The official batches under ``src`` (loose or in zip archives), train 1…10 then val; each exactly once."""
+def parse_train_files(text: str) -> tuple[int, ...]:
+    """'1,2' → (1, 2): the official train batches of a partial dataset, each in 1…10, sorted, no repeats."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() and 1 <= int(item) <= TRAIN_BATCHES for item in items) or len(set(items)) < len(items):
+        raise DataError(f"--train-files takes distinct numbers in 1…{TRAIN_BATCHES}, comma-separated, e.g. 1,2; "
+                        f"got {text!r}")
+    return tuple(sorted(int(item) for item in items))
+
+
+def partial_note(manifest: dict) -> str:
+    """'' for a full dataset, else e.g. 'partial: train_data_batch 1, 2 of 10 (--train-files)'."""
+    batches = manifest.get("train_files")
+    if not batches or len(batches) == TRAIN_BATCHES:
+        return ""
+    return f"partial: train_data_batch {', '.join(map(str, batches))} of {TRAIN_BATCHES} (--train-files)"
+
+
+def find_official(src: Path, train_files: tuple[int, ...] | None = None) -> list[Source]:
+    """The official batches under ``src`` (loose or in zip archives), train 1…10 then val; each exactly once.
+    ``train_files`` (e.g. (1, 2)) asks for those train batches only; the other train batches are not read."""
     found: dict[str, Source] = {}
 
     def add(source: Source) -> None:
@@ -158,12 +176,17 @@ def find_official(src: Path) -> list[Source]:
                 add(Source(Path(member).name, path, member))
     if not found:
         return []
-    expected = [f"train_data_batch_{i}" for i in range(1, TRAIN_BATCHES + 1)] + ["val_data"]
+    numbers = train_files or range(1, TRAIN_BATCHES + 1)
+    expected = [f"train_data_batch_{i}" for i in numbers] + ["val_data"]
     missing = [name for name in expected if name not in found]
     if missing:
-        raise DataError(f"{src}: missing {', '.join(missing)} (expected train_data_batch_1…{TRAIN_BATCHES} and "
-                        f"val_data, loose or in Imagenet64_*.zip)")
-    return sorted(found.values(), key=lambda s: (s.split != "train", s.order))
+        wanted = f"train_data_batch_{', '.join(map(str, numbers))}" if train_files else \
+            f"train_data_batch_1…{TRAIN_BATCHES}"
+        hint = "" if train_files else "; --train-files 1,2 prepares a partial set"
+        raise DataError(f"{src}: missing {', '.join(missing)} (expected {wanted} and val_data, loose or in "
+                        f"Imagenet64_*.zip{hint})")
+    chosen = [found[name] for name in expected]
+    return sorted(chosen, key=lambda s: (s.split != "train", s.order))
 
 
 def find_image_folders(src: Path) -> dict[str, list[tuple[Path, int]]]:

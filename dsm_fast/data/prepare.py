@@ -3,7 +3,8 @@
 Atomic: everything is written into a hidden temporary folder beside ``out`` that is renamed into place
 only once complete, manifest last; a crash leaves at most that hidden folder, which the next run deletes.
 Idempotent: when ``out`` already holds a dataset prepared from sources of the same names, sizes and
-sha256, nothing is done.
+sha256 (and the same ``train_files``), nothing is done. ``train_files`` prepares a partial ImageNet64 from some of
+the ten official train batches, for prototyping; the manifest records which.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .imagenet64 import (
     MANIFEST,
     SIZE,
     SPLITS,
+    TRAIN_BATCHES,
     find_image_folders,
     find_official,
     read_image,
@@ -149,17 +151,24 @@ def describe_outputs(tmp: Path) -> dict:
     return splits
 
 
-def prepare(src: str | Path, out: str | Path, progress: bool = True) -> tuple[dict, bool]:
-    """Prepare ``src`` into ``out``; returns (manifest, whether anything was written)."""
+def prepare(src: str | Path, out: str | Path, progress: bool = True,
+            train_files: tuple[int, ...] | None = None) -> tuple[dict, bool]:
+    """Prepare ``src`` into ``out``; returns (manifest, whether anything was written). ``train_files`` (official
+    sources only): the numbers of the train batches to read, e.g. (1, 2); None reads all ten."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError(f"source folder not found: {src}")
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} exists and is not a prepared dataset; choose an empty or new --out")
-    official = find_official(src)
+    official = find_official(src, train_files)
+    if train_files and not official:
+        raise DataError(f"{src}: --train-files selects official train batches, and none are there")
     folders = None if official else find_image_folders(src)
     sources = official_sources(official) if official else folder_sources(folders, src)
+    batches = list(train_files or range(1, TRAIN_BATCHES + 1)) if official else None
     old = read_manifest(out) if (out / MANIFEST).is_file() else None
+    if old and old.get("train_files", list(range(1, TRAIN_BATCHES + 1)) if official else None) != batches:
+        old = None  # another choice of train batches: prepare again
     if old and outputs_present(out, old) and same_sources(old["sources"], sources, ("name", "size", "mtime_ns", "files")):
         return old, False
     if official:  # contents decide when timestamps differ (a copied download)
@@ -185,6 +194,8 @@ def prepare(src: str | Path, out: str | Path, progress: bool = True) -> tuple[di
         manifest = {"format": FORMAT, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                     "source_kind": "official" if official else "image folders", "image_shape": [CHANNELS, SIZE, SIZE],
                     "splits": describe_outputs(tmp), "sources": sources}
+        if batches is not None:
+            manifest["train_files"] = batches
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_folder(tmp, out)
     except BaseException as error:

@@ -1,10 +1,15 @@
 """Energy networks: the paper's UNet, the energy wrappers and the radial model for analytic data."""
 from .energy import RadialEnergy, UNetEnergy, denoise, energy_and_scores, sum_per_sample
+from .gaussian import GaussianStartEnergy
 from .unet import PRESETS, EnergyUNet, UNetPreset
 
+ENERGIES = ("paper", "gaussian")
+
 __all__ = [
+    "ENERGIES",
     "PRESETS",
     "EnergyUNet",
+    "GaussianStartEnergy",
     "RadialEnergy",
     "UNetEnergy",
     "UNetPreset",
@@ -15,13 +20,16 @@ __all__ = [
 ]
 
 
-def build_model(name: str, channels: int = 3, dim: int = 1000, radial_offset: float = 0.0):
+def build_model(name: str, channels: int = 3, dim: int = 1000, radial_offset: float = 0.0, energy: str = "paper"):
     """An energy model by name: a UNet preset (``paper``, ``small``, ``tiny``) or ``radial`` (vectors of ``dim``,
-    initial mis-normalization ``radial_offset``)."""
+    initial mis-normalization ``radial_offset``). ``energy``: 'paper' (U = ½⟨y, f_θ(y, t)⟩) or 'gaussian' (the
+    Gaussian start of model/gaussian.py, UNet presets only)."""
+    if energy not in ENERGIES:
+        raise ValueError(f"unknown energy {energy!r}; choose from {', '.join(ENERGIES)}")
     if name == "radial":
         model = RadialEnergy(dim, time_offset=radial_offset)
     elif name in PRESETS:
-        model = UNetEnergy(channels, name)
+        model = UNetEnergy(channels, name) if energy == "paper" else GaussianStartEnergy(channels, name)
     else:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join([*PRESETS, 'radial'])}")
     return model
