@@ -79,7 +79,7 @@ class TrainConfig:
         routes = ("auto", *ROUTES)
         checks = [
             (self.model in (*PRESETS, "radial"), f"model must be one of {', '.join((*PRESETS, 'radial'))}"),
-            (self.route in routes, f"route must be one of {', '.join(routes)} (compilation is --compile)"),
+            (self.route in routes, f"route must be {', '.join(routes[:-1])} or {routes[-1]} (compilation is --compile)"),
             (valid_device(self.device), "device must be auto, cpu, cuda or cuda:N"),
             (1 <= self.image_size <= MAX_IMAGE_SIZE, f"image_size must be in 1 … {MAX_IMAGE_SIZE}"),
             (self.gsm_dim > 0, "gsm_dim must be positive"),

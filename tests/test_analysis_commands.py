@@ -11,7 +11,7 @@ from dsm_fast.data import make_training_data
 from dsm_fast.data.demo import demo_patches
 
 TINY = ["--model", "tiny", "--image-size", "16", "--steps", "2", "--batch-size", "4", "--eval-images", "0",
-        "--progress", "false", "--device", "cpu"]
+        "--plots", "false", "--progress", "false", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
                  "--out", str(root / "last")]) == 0
     assert main(["train", "--data", "gsm", "--model", "radial", "--gsm-dim", "50", "--t-min", "1e-2", "--t-max",
                  "1e2", "--steps", "2", "--batch-size", "8", "--eval-images", "0", "--progress", "false",
-                 "--out", str(root / "gsm")]) == 0
+                 "--plots", "false", "--out", str(root / "gsm")]) == 0
     return root
 
 

@@ -94,7 +94,7 @@ def evenly_spaced(x: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def write_run_plots(run_dir: str | Path, model: nn.Module, cfg, x: torch.Tensor, seed: int = 0,
-                    images: int = 64, levels: int = 25, show: int = 8) -> Path:
+                    images: int = 32, levels: int = 25, show: int = 8) -> Path:
     """Write the three pictures and plots.json into RUN/plots/ for ``model`` trained as ``cfg``, evaluated on
     ``images`` (and ``show`` in the grid) of the held-out samples ``x`` (images in [0, 1], or GSM vectors), spread
     over x; returns the folder."""

@@ -13,7 +13,7 @@ def add_plots(sub) -> None:
                                    "over log t), denoise.png (noisy / denoised / clean at 30, 20, 10, 0 dB) and "
                                    "plots.json with the numbers. train writes the same when it ends.")
     p.add_argument("run", help="a run folder (its newest checkpoint) or one checkpoint folder")
-    p.add_argument("--images", type=int, default=64, help="held-out images (spread over the first 1024) for the "
+    p.add_argument("--images", type=int, default=32, help="held-out images (spread over the first 1024) for the "
                    "per-level curve and the PSNRs")
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
