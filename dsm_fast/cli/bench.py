@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..config import ConfigError
-from .common import Formatter, examples, write_json
+from .common import Formatter, add_step_shape, check_step_shape, examples, write_json
 
 
 def add_bench(sub) -> None:
@@ -18,10 +18,7 @@ def add_bench(sub) -> None:
                                    "(compilation, capture) and ratios, all in one run. A route may carry modifiers: "
                                    "ROUTE+compile (torch.compile), ROUTE+reduce-overhead (torch.compile's CUDA graphs), "
                                    "ROUTE+graph (the whole step captured in one CUDA graph).")
-    p.add_argument("--preset", default="paper", help="UNet preset")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    add_step_shape(p)
     p.add_argument("--routes", default=None, help="comma-separated route specs (default: score and every dual route)")
     p.add_argument("--compile", action="store_true", help="add +compile to every first-order route of --routes")
     p.add_argument("--cuda-graph", action="store_true", help="add +graph to every route of --routes (CUDA)")
@@ -53,12 +50,10 @@ def run_bench(args) -> int:
         return 0
 
     from ..bench import bench_routes, format_table, parse_spec
-    from ..model import PRESETS
     from ..routes import FIRST_ORDER, ROUTES, resolve_kernels
     from ..train import resolve_device
 
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    check_step_shape(args)
     routes = args.routes.split(",") if args.routes else ["score", *ROUTES]
     try:
         parsed = [parse_spec(r) for r in routes]
@@ -78,9 +73,6 @@ def run_bench(args) -> int:
                           f"{', '.join(refused)}")
     if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
         raise ConfigError("--batch-size and --steps must be positive, --warmup ≥ 0")
-    down = 2 ** (len(PRESETS[args.preset].widths) - 1)
-    if args.image_size % down:
-        raise ConfigError(f"--image-size must be a multiple of {down} for preset {args.preset}")
     device = resolve_device(args.device)
     try:
         resolve_kernels(args.kernels, device)

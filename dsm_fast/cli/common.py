@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..config import ConfigError
+
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows an option's default once: not when the help already names it, nor for None or on/off flags."""
@@ -23,3 +25,23 @@ def write_json(path: str | None, payload) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
+
+
+def add_step_shape(p: argparse.ArgumentParser, preset_help: str = "UNet preset") -> None:
+    """The UNet preset and the (batch, channels, size) of the synthetic images a timed step runs on."""
+    p.add_argument("--preset", default="paper", help=preset_help)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+
+
+def check_step_shape(args, size: bool = True) -> None:
+    """Refuse an unknown --preset, and (with ``size``) an --image-size that the preset's 2^(scales − 1)
+    downsampling does not divide."""
+    from ..model import PRESETS
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    down = 2 ** (len(PRESETS[args.preset].widths) - 1)
+    if size and args.image_size % down:
+        raise ConfigError(f"--image-size must be a multiple of {down} for preset {args.preset}")

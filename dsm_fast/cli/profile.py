@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..config import ConfigError
-from .common import Formatter, examples, write_json
+from .common import Formatter, add_step_shape, check_step_shape, examples, write_json
 
 
 def add_profile(sub) -> None:
@@ -19,10 +19,7 @@ def add_profile(sub) -> None:
                                    "PyTorch rows and the step run; the report says what needs a GPU. --cost instead "
                                    "traces one step of each route on the meta device (no GPU, seconds) and prints "
                                    "kernels, FLOPs, bytes moved and saved, and a roofline estimate for H100 and H200.")
-    p.add_argument("--preset", default="paper", help="UNet preset of the step breakdown")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    add_step_shape(p, "UNet preset of the step breakdown and the cost report")
     p.add_argument("--width", type=int, default=64, help="channels of the NormAct input timed per kernel")
     p.add_argument("--repeat", type=int, default=20, help="timed calls per row")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp64"),
@@ -42,17 +39,12 @@ def run_profile(args) -> int:
     import torch
 
     from .. import cuda_ext
-    from ..model import PRESETS
     from ..profile import format_kernel_table, format_step_table, profile_kernels, profile_step, trace_steps
     from ..train import resolve_device
 
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    check_step_shape(args, size=args.step or args.cost)
     if min(args.batch_size, args.repeat, args.width, args.image_size) <= 0:
         raise ConfigError("--batch-size, --repeat, --width and --image-size must be positive")
-    down = 2 ** (len(PRESETS[args.preset].widths) - 1)
-    if (args.step or args.cost) and args.image_size % down:
-        raise ConfigError(f"--image-size must be a multiple of {down} for preset {args.preset}")
     if args.cost:
         return run_cost(args)
     device = resolve_device(args.device)
