@@ -22,7 +22,7 @@ else
   EAGER_S=40 COMPILED_S=95 PROFILE_S=25
   INSTALL="env DSM_FAST_BUILD_CUDA=1 $PY -m pip install -q --no-deps --no-build-isolation -e ."
   TESTS="$PY -m pytest -q tests/test_fast_path_cuda.py tests/test_csrc.py \
-         tests/test_adjoint.py::test_fused_route_on_the_gpu_matches_the_float64_reference \
+         tests/test_adjoint.py::test_fused_triton_route_in_the_trainers_precisions \
          tests/test_parity_release.py::test_triton_route_agrees_with_the_release_on_cuda \
          --benchmark-disable -p no:cacheprovider"
 fi
