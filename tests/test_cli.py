@@ -175,3 +175,13 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
 
     step = int(lines[0].split("SIGTERM at step ")[1].split(":")[0])
     assert step >= 2 and load_checkpoint(list_checkpoints(out)[-1])[1]["step"] == step
+
+
+def test_bench_channels_last_rows_train_the_same_network(tmp_path):
+    """+channels-last changes the memory layout only: the same weights and batches give the same losses."""
+    run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--image-size", "16", "--steps", "2", "--warmup", "1",
+            "--routes", "score,score+channels-last,fused,fused+channels-last", "--device", "cpu",
+            "--json", str(tmp_path / "b.json"))
+    losses = {r["route"]: r["final_loss"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert losses["score+channels-last"] == pytest.approx(losses["score"], rel=1e-4)
+    assert losses["fused+channels-last"] == pytest.approx(losses["fused"], rel=1e-4)
