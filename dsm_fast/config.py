@@ -119,7 +119,6 @@ class TrainConfig:
             (self.radial_offset == 0 or self.model == "radial", "radial_offset needs --model radial"),
             (self.energy in ("paper", "gaussian"), "energy must be paper or gaussian"),
             (self.energy == "paper" or self.model != "radial", "energy gaussian needs a UNet preset, not radial"),
-            (self.energy == "paper" or self.route != "fused", "energy gaussian needs a route other than fused"),
         ]
         for ok, message in checks:
             if not ok:

@@ -14,7 +14,7 @@ Three orthogonal choices, each named once: the route (how ∇_y U and ∂_t U ar
   NormAct and the loss terms optionally by the Triton kernels of dsm_fast.kernels.
 - ``score``: the plain denoising-score-matching step of the same UNet used as a score network
   (D = y − t f(y, t), no double backward) — what a diffusion trainer pays; for benchmarks.
-- ``auto`` (resolved by :func:`resolve_route`): fused for the UNet energy with the dual or single objective,
+- ``auto`` (resolved by :func:`resolve_route`): fused for the UNet energies with the dual or single objective,
   else reference; compiled on CUDA (:func:`resolve_compile`).
 """
 from __future__ import annotations
@@ -164,12 +164,14 @@ class Compiled:
 
 
 def resolve_route(name: str, model: nn.Module, objective: str) -> str:
-    """'auto' → 'fused' for the UNet energy with the dual or single objective, else 'reference'."""
+    """'auto' → 'fused' for the UNet energies (paper or Gaussian start) with the dual or single objective, else
+    'reference'."""
     if name != "auto":
         return name
-    from .model import UNetEnergy
+    from .model import GaussianStartEnergy, UNetEnergy
 
-    return "fused" if isinstance(model, UNetEnergy) and objective in ("dual", "single") else "reference"
+    unet = isinstance(model, (UNetEnergy, GaussianStartEnergy))
+    return "fused" if unet and objective in ("dual", "single") else "reference"
 
 
 def resolve_compile(mode: str, route: str, device: torch.device, engine: str = "single") -> bool:

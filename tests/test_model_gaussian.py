@@ -1,5 +1,6 @@
 """--energy gaussian: at initialization the model is exactly the energy of N(μ, (s² + t) I), with its scores; the
-statistics are the training pixels' and travel with the checkpoint; the options it cannot take are refused."""
+explicit adjoint's chain rule around it equals autograd; the statistics are the training pixels' and travel with
+the checkpoint; the options it cannot take are refused."""
 import math
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 
 from dsm_fast.config import ConfigError, TrainConfig
 from dsm_fast.evaluate import evaluate_nll
-from dsm_fast.model import GaussianStartEnergy, build_model
+from dsm_fast.model import GaussianStartEnergy, adjoint, build_model
 from dsm_fast.model.energy import energy_and_scores
+from dsm_fast.routes import FusedRoute, ReferenceRoute, make_route
+from dsm_fast.testing import TOLERANCES, assert_rel_close
 
 
 def test_it_starts_as_the_gaussian_energy_with_its_scores():
@@ -48,9 +51,35 @@ def test_statistics_and_weights_survive_a_state_dict_round_trip():
 
 @pytest.mark.parametrize("changes, message", [
     ({"model": "radial", "data": "gsm"}, "UNet preset"),
-    ({"route": "fused"}, "route other than fused"),
     ({"energy": "flat"}, "energy must be"),
 ])
 def test_options_it_cannot_take_are_refused(changes, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(energy=changes.pop("energy", "gaussian"), **changes).validate()
+
+
+def test_fused_route_equals_the_reference_in_float64(seed):
+    """Every weight moved off its initial value (the last convolution off zero), data statistics off the defaults,
+    t at 1e-9, 1 and 1e3: U, ∇_y U, ∂_t U and the dual loss's parameter gradients of the explicit adjoint's chain
+    rule equal autograd's (the reference route's double backward); the chain rule does not depend on the NormAct
+    kernels, whose own equality tests/test_adjoint.py checks."""
+    model = GaussianStartEnergy(1, "tiny").double()
+    model.set_data_statistics(0.41, 0.07)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    t, eps = torch.tensor([1e-9, 1.0, 1e3], dtype=torch.float64), torch.randn_like(x)
+    y = x + t.sqrt().view(-1, 1, 1, 1) * eps
+    for name, a, e in zip(("U", "∇_y U", "∂_t U"), adjoint.energy_and_scores(model, y, t),
+                          energy_and_scores(model, y, t)):
+        assert_rel_close(a, e, TOLERANCES[torch.float64], name, seed)
+
+    def gradients(route):
+        model.zero_grad(set_to_none=True)
+        route(x, t, eps)["loss"].mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    assert_rel_close(gradients(FusedRoute(model, kernels="torch")), gradients(ReferenceRoute(model)),
+                     TOLERANCES[torch.float64], "parameter gradients", seed)
+    assert make_route("auto", model).name == "fused"

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .energy import UNetEnergy, sum_per_sample
+from .gaussian import T_FLOOR, GaussianStartEnergy, noise_input
 from .layers import NORM_EPS, ConvNormAct, NoiseEmbedding, normalization_scale
 
 KERNELS = ("torch", "triton", "cuda")
@@ -167,16 +168,40 @@ def embedding_adjoint(emb: NoiseEmbedding, saved: tuple, e_bar: torch.Tensor) ->
     return (freqs * (-cos_bar * torch.sin(phase) + sin_bar * torch.cos(phase))).sum(dim=1)
 
 
-def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kernels: str = "torch"
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gaussian_start_energy_and_scores(model: GaussianStartEnergy, y: torch.Tensor, t: torch.Tensor,
+                                     kernels: str = "torch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, ∇_y U, ∂_t U) of the Gaussian start (model/gaussian.py) by the chain rule around the inner UNet energy V:
+
+        U = ‖c‖² / (2a²) + (d/2) log a² + V(ỹ, τ),   c = y − μ,  a² = t + s²,  ỹ = c / a,  τ = log(1 + t/δ)
+        ∇_y U = c / a² + ∇_ỹ V / a
+        ∂_t U = −‖c‖² / (2a⁴) + d / (2a²) − ⟨ỹ, ∇_ỹ V⟩ / (2a²) + ∂_τ V / (t + δ)     (∂ỹ/∂t = −ỹ / (2a²))
+    """
+    a2 = t + model.data_variance.to(t.dtype)
+    centred = y - model.data_mean.to(y.dtype)
+    a2_image = a2.view(-1, *([1] * (y.dim() - 1))).to(y.dtype)
+    whitened = centred / torch.sqrt(a2_image)
+    inner_u, inner_grad_y, inner_grad_tau = energy_and_scores(model.inner, whitened, noise_input(t), kernels)
+    squares, d = sum_per_sample(centred.square()).to(t.dtype), y[0].numel()
+    energy = (squares / (2 * a2) + 0.5 * d * torch.log(a2)).to(y.dtype) + inner_u
+    grad_y = centred / a2_image + inner_grad_y / torch.sqrt(a2_image)
+    grad_t = (-squares / (2 * a2.square()) + d / (2 * a2) - sum_per_sample(whitened * inner_grad_y).to(t.dtype) / (2 * a2)
+              + inner_grad_tau / (t + T_FLOOR))
+    return energy, grad_y, grad_t
+
+
+def energy_and_scores(model: UNetEnergy | GaussianStartEnergy, y: torch.Tensor, t: torch.Tensor,
+                      kernels: str = "torch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, ∇_y U, ∂_t U) of ``model`` at (y, t), all differentiable in θ through one first-order graph.
 
-    U = ½ ⟨y, f⟩, ∇_y U = ½ (f + J_fᵀ y), ∂_t U = ½ t̄ with t̄ the embedding adjoint of the modulations' share.
+    U = ½ ⟨y, f⟩, ∇_y U = ½ (f + J_fᵀ y), ∂_t U = ½ t̄ with t̄ the embedding adjoint of the modulations' share (the
+    Gaussian start: :func:`gaussian_start_energy_and_scores` around it).
     ``kernels``: 'torch' (the explicit adjoint in plain PyTorch), 'triton' (NormAct by kernels/norm_act.py) or 'cuda'
     (NormAct by csrc/, second order by the Triton op).
     """
+    if isinstance(model, GaussianStartEnergy):
+        return gaussian_start_energy_and_scores(model, y, t, kernels)
     if not isinstance(model, UNetEnergy):
-        raise TypeError(f"the explicit adjoint needs a UNetEnergy, got {type(model).__name__}")
+        raise TypeError(f"the explicit adjoint needs a UNetEnergy or GaussianStartEnergy, got {type(model).__name__}")
     if kernels not in NORM_ACT_OPS:
         raise ValueError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNELS)}")
     forward, adjoint = NORM_ACT_OPS[kernels]
