@@ -111,7 +111,8 @@ def bench_routes(routes=("score", "reference", "fused"), preset: str = "paper", 
         ms = time_steps(step, [data[i % len(data)] for i in range(steps)], device)
         median = statistics.median(ms)
         route_name = parse_spec(spec)[0]
-        rows.append({"route": spec if not getattr(route, "fell_back", False) else f"{spec} (fell back)",
+        fell_back = getattr(route, "fallback", None)  # routes.Compiled: why torch.compile fell back to eager
+        rows.append({"route": f"{spec} (fell back)" if fell_back else spec, "compile_fell_back": fell_back,
                      "kernels": resolve_kernels(kernels, device) if route_name == "fused" else "torch",
                      "ms_per_step": median, "img_per_s": 1e3 * batch_size / median, "first_step_s": first,
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -133,4 +134,6 @@ def format_table(rows: list[dict]) -> str:
         ratio = f"{r['speedup_vs_reference']:.2f}" if r["speedup_vs_reference"] else "n/a"
         lines.append(f"{r['route']:<32}{r['kernels']:>8}{r['ms_per_step']:>10.2f}{r['img_per_s']:>10.1f}{peak:>10}"
                      f"{r['first_step_s']:>11.1f}{ratio:>8}")
+    lines += [f"{r['route']}: torch.compile failed ({r['compile_fell_back']}); timed eagerly"
+              for r in rows if r.get("compile_fell_back")]
     return "\n".join(lines)

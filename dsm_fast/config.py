@@ -147,6 +147,9 @@ def resume_flags() -> str:
 
 
 RESOLVED_AT_START = ("route", "kernels", "compile")  # 'auto' is decided once and config.json holds the decision
+# What config.json records about the run beside its options: 'compile_fell_back' ("step N: reason") when torch.compile
+# failed and the step ran eagerly (routes.Compiled); not an option, so --resume ignores it (and compiles again).
+RUN_RECORD = ("compile_fell_back",)
 
 
 def check_resume(saved: TrainConfig, values: dict[str, Any]) -> None:

@@ -37,8 +37,9 @@ from .checkpoint import (
     read_manifest,
     reject,
     save_checkpoint,
+    write_run_config,
 )
-from .config import ConfigError, TrainConfig, check_resume
+from .config import RUN_RECORD, ConfigError, TrainConfig, check_resume
 from .data import make_training_data
 from .data.images import pixel_statistics
 from .diffclf import with_free_energies
@@ -153,9 +154,20 @@ class Trainer:
         if resume:
             self._restore()
         self.trusted_until = self.step - self.bad_in_row  # see diverged
+        self.compile_fell_back: str | None = None  # "step N: reason" once torch.compile fell back (routes.Compiled)
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(cfg.to_json())
+            write_run_config(self.run_dir, dataclasses.asdict(cfg))
+
+    def _record_compile_fallback(self) -> None:
+        """Once torch.compile has fallen back to eager (``Compiled.fallback``), config.json says so, beside the
+        options (config.RUN_RECORD): the run's compile stays "on", a --resume compiles again."""
+        reason = getattr(self.route, "fallback", None)
+        if reason is None or self.compile_fell_back is not None:
+            return
+        self.compile_fell_back = f"step {self.step - 1}: {reason}"
+        if self.world.is_main:
+            write_run_config(self.run_dir, {**dataclasses.asdict(self.cfg), "compile_fell_back": self.compile_fell_back})
 
     # --- state -----------------------------------------------------------------------------------
     def _stream_state(self) -> dict:
@@ -343,6 +355,7 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 terms = self.train_step()
+                self._record_compile_fallback()
                 progress.step(terms)
                 log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
                 checkpoint_now = self.step % cfg.checkpoint_every == 0
@@ -386,7 +399,8 @@ class Trainer:
                                                         energy=cfg.energy), cfg)
             self.model.to(device=self.device, dtype=self.dtype).load_state_dict(weights)
         return {"step": self.step, "skipped_steps": self.bad_total, "optimizer": self.optimizer_name, **record,
-                "smoothed_loss": progress.smoothed(), "first_smoothed_loss": progress.first}
+                "smoothed_loss": progress.smoothed(), "first_smoothed_loss": progress.first,
+                "compile_fell_back": self.compile_fell_back}
 
     def _log(self, terms: dict[str, torch.Tensor], last: dict, writer, stats_file) -> dict:
         now = time.perf_counter()
@@ -425,7 +439,7 @@ def config_from_run(run_dir: str | Path, **changes) -> TrainConfig:
     """The TrainConfig a run was made with, optionally changed (e.g. ``device``)."""
     from .checkpoint import run_config
 
-    values = run_config(run_dir)
+    values = {key: value for key, value in run_config(run_dir).items() if key not in RUN_RECORD}
     try:
         if "gsm_sigmas" in values:
             values["gsm_sigmas"] = tuple(values["gsm_sigmas"])
