@@ -1,6 +1,5 @@
 """Float32 subnormals flushed on the CPU (dsm_fast/subnormals.py): on every intra-op thread, only inside a float32 run,
 restored after, and without changing the step beyond float32 rounding."""
-import dataclasses
 import json
 
 import torch
