@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 
 import torch
 
@@ -38,12 +39,13 @@ def flushing() -> bool:
 
 @functools.cache
 def _openmp_parallel():
-    """GOMP_parallel(fn, data, num_threads, flags) of the libgomp this process loaded (torch's), or None."""
+    """GOMP_parallel(fn, data, num_threads, flags) of the libgomp this process loaded (torch's first), or None."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "/libgomp" in line})
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
     except OSError:
         return None
+    paths = sorted(paths, key=lambda path: (not path.startswith(os.path.dirname(torch.__file__)), path))
     for path in paths:
         try:
             parallel = ctypes.CDLL(path).GOMP_parallel
