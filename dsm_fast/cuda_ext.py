@@ -72,22 +72,22 @@ def norm_act_adjoint(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor) -
 
 # --- the fused route's 'cuda' backend: custom operators, second order by the Triton op ---------------------------
 @torch.library.custom_op("dsm_fast::norm_act_cuda", mutates_args=(), device_types="cuda")
-def _norm_act_cuda_op(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def norm_act_cuda_op(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return norm_act_forward(h, k)
 
 
 @torch.library.custom_op("dsm_fast::norm_act_adjoint_cuda", mutates_args=(), device_types="cuda")
-def _norm_act_adjoint_cuda_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
+def norm_act_adjoint_cuda_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     return norm_act_adjoint(h, k, grad_out)
 
 
-@_norm_act_cuda_op.register_fake
+@norm_act_cuda_op.register_fake
 def _(h, k):
     return torch.empty_like(h)
 
 
-@_norm_act_adjoint_cuda_op.register_fake
+@norm_act_adjoint_cuda_op.register_fake
 def _(h, k, grad_out):
     return torch.empty_like(h), torch.empty_like(k)
 
@@ -98,7 +98,7 @@ def _save_inputs(ctx, inputs, output) -> None:
 
 def _forward_backward(ctx, grad_z):
     h, k = ctx.saved_tensors
-    return _norm_act_adjoint_cuda_op(h, k, grad_z.contiguous())
+    return norm_act_adjoint_cuda_op(h, k, grad_z.contiguous())
 
 
 def _adjoint_backward(ctx, grad_grad_h, grad_grad_k):
@@ -109,20 +109,3 @@ def _adjoint_backward(ctx, grad_grad_h, grad_grad_k):
 
 torch.library.register_autograd("dsm_fast::norm_act_cuda", _forward_backward, setup_context=_save_inputs)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint_cuda", _adjoint_backward, setup_context=_save_inputs)
-
-
-def norm_act(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-    """GELU(Normalization(h) · g · (1 + m)) by the CUDA C++ kernels, twice differentiable (as kernels.norm_act)."""
-    from .kernels.norm_act import modulated_gain
-
-    return _norm_act_cuda_op(h.contiguous(), modulated_gain(h, gain, modulation))
-
-
-def norm_act_adjoint_op(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor, grad_out: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̄, m̄) = Jᵀ ḡ by the CUDA C++ kernels, differentiable in h, g, m and ḡ (as kernels.norm_act)."""
-    from .kernels.norm_act import modulated_gain
-
-    grad_h, grad_k = _norm_act_adjoint_cuda_op(h.contiguous(), modulated_gain(h, gain, modulation),
-                                               grad_out.contiguous())
-    return grad_h, (gain.to(grad_k.dtype) * grad_k).to(modulation.dtype)

@@ -62,8 +62,7 @@ def implementations(device: torch.device, use_triton: bool, use_cuda: bool) -> d
     from .kernels import norm_act as na
 
     def k_of(x):  # k = g (1 + m) in the statistics dtype, as the kernels take it
-        dtype = torch.float64 if x["h"].dtype == torch.float64 else torch.float32
-        return (x["gain"].to(dtype) * (1 + x["modulation"].to(dtype))).contiguous()
+        return na.modulated_gain(x["h"], x["gain"], x["modulation"])
 
     ops = {
         "norm_act forward": {"torch (ref)": lambda x: na.norm_act_ref(x["h"], x["gain"], x["modulation"])},

@@ -54,12 +54,22 @@ def dual_score_loss_backward_ref(grad_y, grad_t, eps, t, space_bar, time_bar):
 
 # --- Triton kernels ---------------------------------------------------------------------------------------------
 @triton.jit
-def _dual_loss_sums_kernel(g_ptr, e_ptr, sqrt_t_ptr, sums_ptr, d, BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
-    """One program per image. g, ε: (B, d); √t: (B,) sum dtype; sums: (B, 3) ← (Σ res², Σ ε², Σ res·g);
-    N_BLOCKS = ⌈d/BLOCK⌉ (a constexpr: a plain int in the interpreter of every Triton version)."""
+def _rho(t, grad_t, sum_e2, d):
+    """ρ = t g_t / d − ½ + Σ ε² / (2d)."""
+    return t * grad_t / d - 0.5 + sum_e2 / (2 * d)
+
+
+@triton.jit
+def _dual_loss_fwd_kernel(g_ptr, e_ptr, t_ptr, gt_ptr, space_ptr, time_ptr, sums_ptr, d, t_stride, gt_stride,
+                          BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
+    """One program per image. g, ε: (B, d); t, g_t, space, time: (B,); sums: (B, 3) sum dtype ← (Σ res², Σ ε²,
+    Σ res·g); space = Σ res² / d, time = ρ²; t and g_t read with their strides (a gradient may be an expanded
+    scalar). N_BLOCKS = ⌈d/BLOCK⌉ (a constexpr: a plain int in the interpreter of
+    every Triton version)."""
     b = tl.program_id(0)
     acc_ty = sums_ptr.dtype.element_ty
-    sqrt_t = tl.load(sqrt_t_ptr + b)
+    t = tl.load(t_ptr + b * t_stride).to(acc_ty)
+    sqrt_t = tl.sqrt(t)
     s1 = tl.zeros([BLOCK], dtype=acc_ty)
     s2 = tl.zeros([BLOCK], dtype=acc_ty)
     s3 = tl.zeros([BLOCK], dtype=acc_ty)
@@ -72,26 +82,42 @@ def _dual_loss_sums_kernel(g_ptr, e_ptr, sqrt_t_ptr, sums_ptr, d, BLOCK: tl.cons
         s1 += res * res
         s2 += e * e
         s3 += res * g
-    tl.store(sums_ptr + 3 * b, tl.sum(s1, axis=0))
-    tl.store(sums_ptr + 3 * b + 1, tl.sum(s2, axis=0))
+    sum_res2, sum_e2 = tl.sum(s1, axis=0), tl.sum(s2, axis=0)
+    tl.store(sums_ptr + 3 * b, sum_res2)
+    tl.store(sums_ptr + 3 * b + 1, sum_e2)
     tl.store(sums_ptr + 3 * b + 2, tl.sum(s3, axis=0))
+    rho = _rho(t, tl.load(gt_ptr + b * gt_stride).to(acc_ty), sum_e2, d)
+    tl.store(space_ptr + b, (sum_res2 / d).to(space_ptr.dtype.element_ty))
+    tl.store(time_ptr + b, (rho * rho).to(time_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _dual_loss_bwd_kernel(g_ptr, e_ptr, coef_ptr, grad_g_ptr, grad_e_ptr, d, BLOCK: tl.constexpr):
-    """Grid (B, ⌈d/BLOCK⌉). g, ε, ḡ, ε̄: (B, d); coef: (B, 4) ← (√t, 2σ̄√t/d, −2σ̄/d, 2τ̄ρ/d).
-    ḡ = coef₁ res, ε̄ = coef₂ res + coef₃ ε with res = √t g − ε."""
+def _dual_loss_bwd_kernel(g_ptr, e_ptr, t_ptr, gt_ptr, space_bar_ptr, time_bar_ptr, sums_ptr, grad_g_ptr, grad_e_ptr,
+                          grad_gt_ptr, grad_tt_ptr, d, t_stride, gt_stride, space_bar_stride, time_bar_stride,
+                          BLOCK: tl.constexpr):
+    """Grid (B, ⌈d/BLOCK⌉). g, ε, ḡ, ε̄: (B, d); t, g_t, σ̄, τ̄, ḡ_t, t̄: (B,); sums: (B, 3) from the forward.
+    ḡ = (2σ̄√t/d) res, ε̄ = (−2σ̄/d) res + (2τ̄ρ/d) ε with res = √t g − ε; the first block of each image also writes
+    ḡ_t = 2τ̄ρt/d and t̄ = σ̄ Σ res·g / (d√t) + 2τ̄ρ g_t / d. The (B,) inputs are read with their strides."""
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
-    acc_ty = coef_ptr.dtype.element_ty
+    acc_ty = sums_ptr.dtype.element_ty
+    t, grad_t = tl.load(t_ptr + b * t_stride).to(acc_ty), tl.load(gt_ptr + b * gt_stride).to(acc_ty)
+    space_bar = tl.load(space_bar_ptr + b * space_bar_stride).to(acc_ty)
+    time_bar = tl.load(time_bar_ptr + b * time_bar_stride).to(acc_ty)
+    sqrt_t = tl.sqrt(t)
+    rho2 = 2 * _rho(t, grad_t, tl.load(sums_ptr + 3 * b + 1), d)
     g = tl.load(g_ptr + b.to(tl.int64) * d + offs, mask=mask, other=0.0).to(acc_ty)
     e = tl.load(e_ptr + b.to(tl.int64) * d + offs, mask=mask, other=0.0).to(acc_ty)
-    res = tl.load(coef_ptr + 4 * b) * g - e
-    grad_g = tl.load(coef_ptr + 4 * b + 1) * res
-    grad_e = tl.load(coef_ptr + 4 * b + 2) * res + tl.load(coef_ptr + 4 * b + 3) * e
+    res = sqrt_t * g - e
+    grad_g = (2 * space_bar * sqrt_t / d) * res
+    grad_e = (-2 * space_bar / d) * res + (time_bar * rho2 / d) * e
     tl.store(grad_g_ptr + b.to(tl.int64) * d + offs, grad_g.to(grad_g_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_e_ptr + b.to(tl.int64) * d + offs, grad_e.to(grad_e_ptr.dtype.element_ty), mask=mask)
+    if tl.program_id(1) == 0:
+        tl.store(grad_gt_ptr + b, (time_bar * rho2 * t / d).to(grad_gt_ptr.dtype.element_ty))
+        grad_tt = space_bar * tl.load(sums_ptr + 3 * b + 2) / (d * sqrt_t) + time_bar * rho2 * grad_t / d
+        tl.store(grad_tt_ptr + b, grad_tt.to(grad_tt_ptr.dtype.element_ty))
 
 
 # --- launchers --------------------------------------------------------------------------------------------------
@@ -99,31 +125,30 @@ def _sum_dtype(eps: torch.Tensor) -> torch.dtype:
     return torch.float64 if eps.dtype == torch.float64 else torch.float32
 
 
-def dual_loss_sums_launch(grad_y: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """(B, 3) sums (Σ res², Σ ε², Σ res·g) of contiguous grad_y, eps (B, …) in one pass."""
+def _block(d: int) -> int:
+    return min(MAX_BLOCK, triton.next_power_of_2(d))
+
+
+def dual_loss_forward_launch(grad_y: torch.Tensor, grad_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(space, time, sums) for contiguous grad_y, eps (B, …) and grad_t, t (B,) of any stride: one launch."""
     b, d = eps.shape[0], eps[0].numel()
     sums = torch.empty(b, 3, device=eps.device, dtype=_sum_dtype(eps))
-    block = min(MAX_BLOCK, triton.next_power_of_2(d))
-    _dual_loss_sums_kernel[(b,)](grad_y, eps, torch.sqrt(t.to(sums.dtype)), sums, d, BLOCK=block,
-                                 N_BLOCKS=triton.cdiv(d, block))
-    return sums
+    space, time = eps.new_empty(b), eps.new_empty(b)
+    _dual_loss_fwd_kernel[(b,)](grad_y, eps, t, grad_t, space, time, sums, d, t.stride(0), grad_t.stride(0),
+                                BLOCK=_block(d), N_BLOCKS=triton.cdiv(d, _block(d)))
+    return space, time, sums
 
 
 def dual_loss_backward_launch(grad_y, grad_t, eps, t, space_bar, time_bar, sums):
-    """(ḡ, ḡ_t, ε̄, t̄) for incoming (σ̄, τ̄), with the forward's sums; the image-sized ones in one pass."""
+    """(ḡ, ḡ_t, ε̄, t̄) for incoming (σ̄, τ̄), with the forward's sums: one launch."""
     b, d = eps.shape[0], eps[0].numel()
-    dtype = sums.dtype
-    t, grad_t32 = t.to(dtype), grad_t.to(dtype)
-    space_bar, time_bar = space_bar.to(dtype), time_bar.to(dtype)
-    sqrt_t = torch.sqrt(t)
-    rho = t * grad_t32 / d - 0.5 + sums[:, 1] / (2 * d)
-    coef = torch.stack([sqrt_t, 2 * space_bar * sqrt_t / d, -2 * space_bar / d, 2 * time_bar * rho / d], dim=1)
     grad_g, grad_e = torch.empty_like(grad_y), torch.empty_like(eps)
-    block = min(MAX_BLOCK, triton.next_power_of_2(d))
-    _dual_loss_bwd_kernel[(b, triton.cdiv(d, block))](grad_y, eps, coef.contiguous(), grad_g, grad_e, d, BLOCK=block)
-    grad_gt = time_bar * 2 * rho * t / d
-    grad_tt = space_bar * sums[:, 2] / (d * sqrt_t) + time_bar * 2 * rho * grad_t32 / d
-    return grad_g, grad_gt.to(grad_t.dtype), grad_e, grad_tt
+    grad_gt, grad_tt = grad_t.new_empty(b), t.new_empty(b)
+    _dual_loss_bwd_kernel[(b, triton.cdiv(d, _block(d)))](
+        grad_y, eps, t, grad_t, space_bar, time_bar, sums, grad_g, grad_e, grad_gt, grad_tt, d, t.stride(0),
+        grad_t.stride(0), space_bar.stride(0), time_bar.stride(0), BLOCK=_block(d))
+    return grad_g, grad_gt, grad_e, grad_tt
 
 
 # --- custom operators (torch.library): fake implementations for meta/fake tensors, autograd by the next op -----
@@ -131,10 +156,7 @@ def dual_loss_backward_launch(grad_y, grad_t, eps, t, space_bar, time_bar, sums)
 def _dual_score_loss_op(grad_y: torch.Tensor, grad_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(space, time, sums) per image; ``sums`` (B, 3) is kept for the backward (no gradient of its own)."""
-    sums = dual_loss_sums_launch(grad_y, eps, t)
-    d = eps[0].numel()
-    rho = t.to(sums.dtype) * grad_t.to(sums.dtype) / d - 0.5 + sums[:, 1] / (2 * d)
-    return (sums[:, 0] / d).to(eps.dtype), rho.square().to(eps.dtype), sums
+    return dual_loss_forward_launch(grad_y, grad_t, eps, t)
 
 
 @torch.library.custom_op("dsm_fast::dual_score_loss_backward", mutates_args=())
@@ -142,8 +164,7 @@ def _dual_score_loss_backward_op(grad_y: torch.Tensor, grad_t: torch.Tensor, eps
                                  space_bar: torch.Tensor, time_bar: torch.Tensor, sums: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ḡ, ḡ_t, ε̄, t̄) by the backward kernel."""
-    grad_g, grad_gt, grad_e, grad_tt = dual_loss_backward_launch(grad_y, grad_t, eps, t, space_bar, time_bar, sums)
-    return grad_g, grad_gt, grad_e, grad_tt.to(t.dtype)
+    return dual_loss_backward_launch(grad_y, grad_t, eps, t, space_bar, time_bar, sums)
 
 
 @_dual_score_loss_op.register_fake
@@ -154,7 +175,8 @@ def _(grad_y, grad_t, eps, t):
 
 @_dual_score_loss_backward_op.register_fake
 def _(grad_y, grad_t, eps, t, space_bar, time_bar, sums):
-    return torch.empty_like(grad_y), torch.empty_like(grad_t), torch.empty_like(eps), torch.empty_like(t)
+    b = eps.shape[0]
+    return torch.empty_like(grad_y), grad_t.new_empty(b), torch.empty_like(eps), t.new_empty(b)
 
 
 def _save_forward(ctx, inputs, output) -> None:
@@ -198,10 +220,10 @@ def _loss_backward_backward(ctx, *grad_grads):
 torch.library.register_autograd("dsm_fast::dual_score_loss", _loss_backward, setup_context=_save_forward)
 torch.library.register_autograd("dsm_fast::dual_score_loss_backward", _loss_backward_backward,
                                 setup_context=_save_inputs)
-# Per op and call: (kernels launched: Triton + the (B,)-sized torch ops beside it; full passes over a ∇_y U-sized
-# tensor), what dsm-fast profile --cost counts for an op it sees only from outside (tests/test_custom_ops.py recounts
-# the kernels). Forward: read ∇_y U and ε; backward: read both, write ḡ and ε̄.
-LAUNCHES = {"dsm_fast.dual_score_loss": (1 + 8, 2), "dsm_fast.dual_score_loss_backward": (1 + 27, 4)}
+# Per op and call: (kernels launched, all Triton; full passes over a ∇_y U-sized tensor), what dsm-fast profile
+# --cost counts for an op it sees only from outside (tests/test_custom_ops.py recounts the kernels). Forward: read
+# ∇_y U and ε; backward: read both, write ḡ and ε̄.
+LAUNCHES = {"dsm_fast.dual_score_loss": (1, 2), "dsm_fast.dual_score_loss_backward": (1, 4)}
 
 
 # --- public function --------------------------------------------------------------------------------------------

@@ -431,36 +431,36 @@ def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, grad_out:
 
 # --- custom operators (torch.library): fake implementations for meta/fake tensors, autograd by the next op -----
 @torch.library.custom_op("dsm_fast::norm_act", mutates_args=())
-def _norm_act_op(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def norm_act_op(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """z = GELU(x̂ s k); backward = dsm_fast::norm_act_adjoint."""
     return norm_act_forward_launch(h, k)
 
 
 @torch.library.custom_op("dsm_fast::norm_act_adjoint", mutates_args=())
-def _norm_act_adjoint_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
+def norm_act_adjoint_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, k̄) = Jᵀ ḡ; backward = dsm_fast::norm_act_adjoint_backward."""
     return norm_act_adjoint_launch(h, k, grad_out)
 
 
 @torch.library.custom_op("dsm_fast::norm_act_adjoint_backward", mutates_args=())
-def _norm_act_adjoint_backward_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor, grad_grad_h: torch.Tensor,
+def norm_act_adjoint_backward_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor, grad_grad_h: torch.Tensor,
                                   grad_grad_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dk, dḡ): the second derivatives; differentiating it again raises."""
     return norm_act_adjoint_backward_launch(h, k, grad_out, grad_grad_h, grad_grad_k)
 
 
-@_norm_act_op.register_fake
+@norm_act_op.register_fake
 def _(h, k):
     return torch.empty_like(h)
 
 
-@_norm_act_adjoint_op.register_fake
+@norm_act_adjoint_op.register_fake
 def _(h, k, grad_out):
     return torch.empty_like(h), torch.empty_like(k)
 
 
-@_norm_act_adjoint_backward_op.register_fake
+@norm_act_adjoint_backward_op.register_fake
 def _(h, k, grad_out, grad_grad_h, grad_grad_k):
     return torch.empty_like(h), torch.empty_like(k), torch.empty_like(grad_out)
 
@@ -471,7 +471,7 @@ def _save_inputs(ctx, inputs, output) -> None:
 
 def _norm_act_backward(ctx, grad_z):
     h, k = ctx.saved_tensors
-    return _norm_act_adjoint_op(h, k, grad_z.contiguous())
+    return norm_act_adjoint_op(h, k, grad_z.contiguous())
 
 
 def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -480,7 +480,7 @@ def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 def _norm_act_adjoint_backward(ctx, grad_grad_h, grad_grad_k):
     h, k, grad_out = ctx.saved_tensors
-    return _norm_act_adjoint_backward_op(h, k, grad_out, _or_zeros(grad_grad_h, h), _or_zeros(grad_grad_k, k))
+    return norm_act_adjoint_backward_op(h, k, grad_out, _or_zeros(grad_grad_h, h), _or_zeros(grad_grad_k, k))
 
 
 def _third_order(ctx, *grads):
@@ -506,11 +506,11 @@ def modulated_gain(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor
 
 def norm_act(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
     """GELU(Normalization(h) · g · (1 + m)) by the Triton kernels; h: (B, C, H, W), g: (C,), m: (B, C)."""
-    return _norm_act_op(h.contiguous(), modulated_gain(h, gain, modulation))
+    return norm_act_op(h.contiguous(), modulated_gain(h, gain, modulation))
 
 
 def norm_act_adjoint(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor, grad_out: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, m̄) = Jᵀ ḡ of :func:`norm_act` w.r.t. h and m (m̄ = g k̄), differentiable in h, g, m and ḡ."""
-    grad_h, grad_k = _norm_act_adjoint_op(h.contiguous(), modulated_gain(h, gain, modulation), grad_out.contiguous())
+    grad_h, grad_k = norm_act_adjoint_op(h.contiguous(), modulated_gain(h, gain, modulation), grad_out.contiguous())
     return grad_h, (gain.to(grad_k.dtype) * grad_k).to(modulation.dtype)

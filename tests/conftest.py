@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+import torch.utils._device
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit, hence module level
@@ -26,6 +27,9 @@ def poisoned_outputs(monkeypatch):
     """torch.empty / empty_like hand out NaN-filled floating tensors during the test (kernel tests use it so that
     an output element a kernel forgets to write shows up as NaN)."""
     empty, empty_like = torch.empty, torch.empty_like
+    # `with torch.device(...)` redirects the factory functions it lists once, at first use (an lru_cache); listed
+    # while patched, the real torch.empty would escape every later device context (a meta model built on the CPU).
+    torch.utils._device._device_constructors()
 
     def poison(x):
         return x.fill_(float("nan")) if x.is_floating_point() else x

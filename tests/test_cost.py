@@ -59,3 +59,14 @@ def test_profile_cost_cli_predicts_the_anchors_within_30_percent(tmp_path, capsy
     assert math.isclose(report["routes"]["reference"]["flops"] / 1e12, 4.04, rel_tol=0.01)  # method.md §6
     for anchor in report["anchors"]:
         assert abs(anchor["predicted_ms"] / anchor["measured_ms"] - 1) < 0.3, anchor
+
+
+def test_fused_triton_step_launches_a_third_and_moves_half_of_the_reference():
+    """Issue 14's cost target, paper preset, batch 128, eager fp32: the fused route with the Triton ops launches at
+    most a third of the reference route's kernels and moves at most half its bytes."""
+    report = cost.cost_report(routes=("reference", "fused"), kernels=("triton",))
+    rows = {row["route"]: row for row in report["rows"]}
+    reference, fused = rows["reference"], rows["fused (triton)"]
+    assert fused["flops"] == pytest.approx(reference["flops"], rel=0.03)  # the same arithmetic, fewer passes
+    assert fused["kernels"] <= reference["kernels"] / 3, (fused["kernels"], reference["kernels"])
+    assert fused["bytes"] <= reference["bytes"] / 2, (fused["bytes"], reference["bytes"])

@@ -76,3 +76,19 @@ def test_gradcheck_and_third_order_refusal(seed):
     (second,) = torch.autograd.grad(grad_y_bar.square().sum(), inputs[0], create_graph=True)
     with pytest.raises(RuntimeError, match="no third derivative"):
         second.sum().backward()
+
+
+def test_strided_and_expanded_per_image_inputs(seed):
+    """t and ∂_t U given as strided views, and incoming gradients that are expanded scalars (what ``.sum()``'s
+    backward hands over, stride 0): the kernels read them by stride, as the reference does."""
+    grad_y, grad_t, eps, t = draw(SHAPES[1], torch.float64)
+    t_strided = torch.stack([t, torch.full_like(t, float("nan"))], dim=1)[:, 0].requires_grad_()
+    grad_t_strided = torch.stack([grad_t, torch.full_like(grad_t, float("nan"))], dim=1)[:, 0].requires_grad_()
+    inputs = [grad_y.requires_grad_(), grad_t_strided, eps.requires_grad_(), t_strided]
+    assert t_strided.stride(0) == 2
+
+    def gradients(fn):
+        space, time = fn(*inputs)
+        return [space, time, *torch.autograd.grad(space.sum() + 3 * time.sum(), inputs)]
+
+    assert_rel_close(gradients(op.dual_score_loss), gradients(op.dual_score_loss_ref), 1e-12, "strided", seed)

@@ -20,6 +20,7 @@ Layer adjoints (W the layer's weights):
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -113,39 +114,38 @@ def norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch
     return grad_h.to(g.dtype), gain.to(grad_k.dtype) * grad_k[:, :, 0, 0]
 
 
-def triton_norm_act_forward(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor
+def _kernel_ops(kernels: str) -> tuple:
+    """(forward(h, k) → z, adjoint(h, k, ḡ) → (h̄, k̄)): the custom operators of kernels/norm_act.py ('triton') or of
+    the CUDA C++ extension ('cuda', its second order by the Triton op); h, ḡ contiguous, k = g (1 + m)."""
+    if kernels == "cuda":
+        from ..cuda_ext import norm_act_adjoint_cuda_op, norm_act_cuda_op
+
+        return norm_act_cuda_op, norm_act_adjoint_cuda_op
+    from ..kernels.norm_act import norm_act_adjoint_op, norm_act_op
+
+    return norm_act_op, norm_act_adjoint_op
+
+
+def kernel_norm_act_forward(kernels: str, h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor
                             ) -> tuple[torch.Tensor, tuple]:
-    """:func:`norm_act_forward` by the Triton kernels (kernels/norm_act.py)."""
-    from ..kernels.norm_act import norm_act
+    """:func:`norm_act_forward` by the ``kernels`` ops; k = g (1 + m) is formed once and kept for the adjoint."""
+    from ..kernels.norm_act import modulated_gain
 
-    return norm_act(h, gain, modulation), (h, gain, modulation)
-
-
-def triton_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`norm_act_adjoint` by the Triton kernels (kernels/norm_act.py)."""
-    from ..kernels.norm_act import norm_act_adjoint as adjoint
-
-    return adjoint(*saved, g)
+    forward, adjoint_op = _kernel_ops(kernels)
+    h, k = h.contiguous(), modulated_gain(h, gain, modulation)
+    return forward(h, k), (adjoint_op, h, k, gain)
 
 
-def cuda_norm_act_forward(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor
-                          ) -> tuple[torch.Tensor, tuple]:
-    """:func:`norm_act_forward` by the CUDA C++ kernels (csrc/, dsm_fast/cuda_ext.py)."""
-    from ..cuda_ext import norm_act
-
-    return norm_act(h, gain, modulation), (h, gain, modulation)
-
-
-def cuda_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`norm_act_adjoint` by the CUDA C++ kernels; its backward (second order) by the Triton op."""
-    from ..cuda_ext import norm_act_adjoint_op
-
-    return norm_act_adjoint_op(*saved, g)
+def kernel_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`norm_act_adjoint` by the ops of :func:`kernel_norm_act_forward`: (h̄, m̄ = g k̄)."""
+    adjoint_op, h, k, gain = saved
+    grad_h, grad_k = adjoint_op(h, k, g.contiguous())
+    return grad_h, gain.to(grad_k.dtype) * grad_k
 
 
 NORM_ACT_OPS = {"torch": (norm_act_forward, norm_act_adjoint),
-                "triton": (triton_norm_act_forward, triton_norm_act_adjoint),
-                "cuda": (cuda_norm_act_forward, cuda_norm_act_adjoint)}
+                "triton": (functools.partial(kernel_norm_act_forward, "triton"), kernel_norm_act_adjoint),
+                "cuda": (functools.partial(kernel_norm_act_forward, "cuda"), kernel_norm_act_adjoint)}
 
 
 def embedding_forward(emb: NoiseEmbedding, t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
