@@ -191,6 +191,9 @@ def test_a_compile_that_fell_back_is_recorded_and_the_run_resumes(tmp_path, monk
     assert "; torch.compile fell back to eager at step 0: RuntimeError: cannot lower" in capsys.readouterr().out
     saved = json.loads((out / "config.json").read_text())
     assert saved["compile"] == "on" and saved["compile_fell_back"].startswith("step 0: RuntimeError: cannot lower")
+    from dsm_fast.config import resolve_config
+
+    assert resolve_config(str(out / "config.json")).compile == "on"  # a run's config.json still reads as --config
     assert len([row for row in (out / "stats.jsonl").read_text().splitlines() if row]) == 2  # both steps trained, none skipped
     with pytest.warns(RuntimeWarning, match="cannot lower the backward graph"):
         assert main(["train", "--out", str(out), "--steps", "3", "--compile", "on", "--resume"]) == 0
