@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_table.py OUT_DIR
 
-Reads OUT_DIR/env.txt, bench_{fp32,bf16}_{eager,compiled}.json and cost.json; one row per (precision, route) with
+Reads OUT_DIR/env.txt, bench_{fp32,bf16}_{eager,compiled,layout}.json and cost.json; one row per (precision, route) with
 ms/step, peak GiB, the first step's seconds (compilation, capture), the ratio to the compiled score step of the
 same precision, and, for eager fp32 rows, the cost report's predicted H100/H200 ms. Then the issue's targets for the
 fused, compiled, bf16, CUDA-graph step: ≤ 26 ms, ≤ 8 GiB, ≤ 1.6× the compiled bf16 score step.
@@ -19,7 +19,7 @@ TARGET_MS, TARGET_GIB, TARGET_RATIO = 26.0, 8.0, 1.6
 def load_rows(out: Path) -> list[dict]:
     rows = []
     for precision in ("fp32", "bf16"):
-        for part in ("eager", "compiled"):
+        for part in ("eager", "compiled", "layout"):
             path = out / f"bench_{precision}_{part}.json"
             if path.is_file():
                 rows += [{**row, "precision": precision} for row in json.loads(path.read_text())["rows"]]

@@ -6,9 +6,11 @@ a diffusion trainer pays. Median ms/step over timed steps after warm-up (CUDA ev
 images/s, peak memory, the first step's seconds (compilation, capture) apart, and each route's ratio to the
 reference.
 
-A row is a spec ``route[+compile][+graph]`` (route, compilation and CUDA graph chosen independently):
-``+compile`` wraps the route in torch.compile, ``+reduce-overhead`` in torch.compile's reduce-overhead mode (its
-own CUDA graphs), ``+graph`` captures the whole step (terms, backward, Adam) in one explicit CUDA graph.
+A row is a spec ``route[+compile][+graph][+channels-last]`` (route, compilation, CUDA graph and memory format
+chosen independently): ``+compile`` wraps the route in torch.compile, ``+reduce-overhead`` in torch.compile's
+reduce-overhead mode (its own CUDA graphs), ``+graph`` captures the whole step (terms, backward, Adam) in one
+explicit CUDA graph, ``+channels-last`` keeps the convolution weights and the batches in torch.channels_last (what
+cuDNN's tensor-core convolutions prefer; the Triton NormAct reads NCHW rows, so the fused route copies around it).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .model import UNetEnergy
 from .routes import Compiled, ScoreRoute, make_route, resolve_kernels
 from .subnormals import flushed_subnormals
 
-MODIFIERS = ("compile", "reduce-overhead", "graph")
+MODIFIERS = ("compile", "reduce-overhead", "graph", "channels-last")
 
 
 def parse_spec(spec: str) -> tuple[str, set[str]]:
@@ -102,15 +104,17 @@ def bench_routes(routes=("score", "reference", "fused"), preset: str = "paper", 
     rows = []
     with flushed_subnormals(device, dtype) as flushed:  # CPU float32, as train does (dsm_fast/subnormals.py)
         for spec in routes:
-            model = copy.deepcopy(template)
+            layout = torch.channels_last if "channels-last" in parse_spec(spec)[1] else torch.contiguous_format
+            model = copy.deepcopy(template).to(memory_format=layout)
+            batches = [(x.contiguous(memory_format=layout), t, e.contiguous(memory_format=layout)) for x, t, e in data]
             step, route = step_function(spec, model, precision, kernels)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            first = time_steps(step, data[:1], device)[0] / 1e3  # compilation and capture happen here
-            time_steps(step, [data[i % len(data)] for i in range(1, warmup + 1)], device)
-            ms = time_steps(step, [data[i % len(data)] for i in range(steps)], device)
+            first = time_steps(step, batches[:1], device)[0] / 1e3  # compilation and capture happen here
+            time_steps(step, [batches[i % len(batches)] for i in range(1, warmup + 1)], device)
+            ms = time_steps(step, [batches[i % len(batches)] for i in range(steps)], device)
             median = statistics.median(ms)
             route_name = parse_spec(spec)[0]
             fell_back = getattr(route, "fallback", None)  # routes.Compiled: why torch.compile fell back to eager
@@ -118,7 +122,7 @@ def bench_routes(routes=("score", "reference", "fused"), preset: str = "paper", 
                          "kernels": resolve_kernels(kernels, device) if route_name == "fused" else "torch",
                          "ms_per_step": median, "img_per_s": 1e3 * batch_size / median, "first_step_s": first,
                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                         "final_loss": float(step(*data[0])), "flush_denormal": flushed})
+                         "final_loss": float(step(*batches[0])), "flush_denormal": flushed})
             if progress:
                 print(f"  {rows[-1]['route']}: {median:.2f} ms/step (first step {first:.1f} s)", flush=True)
             del model, step, route

@@ -212,3 +212,13 @@ def test_bench_says_which_compile_fell_back(tmp_path, monkeypatch, failing_compi
     assert row["route"] == "score+compile (fell back)" and row["compile_fell_back"].startswith("RuntimeError: cannot")
     assert "score+compile (fell back): torch.compile failed (RuntimeError: cannot lower the forward graph); timed " \
            "eagerly" in capsys.readouterr().out
+
+
+def test_bench_channels_last_rows_train_the_same_network(tmp_path):
+    """+channels-last changes the memory layout only: the same weights and batches give the same losses."""
+    run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--image-size", "16", "--steps", "2", "--warmup", "1",
+            "--routes", "score,score+channels-last,fused,fused+channels-last", "--device", "cpu",
+            "--json", str(tmp_path / "b.json"))
+    losses = {r["route"]: r["final_loss"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert losses["score+channels-last"] == pytest.approx(losses["score"], rel=1e-4)
+    assert losses["fused+channels-last"] == pytest.approx(losses["fused"], rel=1e-4)

@@ -17,7 +17,8 @@ def add_bench(sub) -> None:
                                    "score matching routes, with img/s, peak memory, the first step's seconds "
                                    "(compilation, capture) and ratios, all in one run. A route may carry modifiers: "
                                    "ROUTE+compile (torch.compile), ROUTE+reduce-overhead (torch.compile's CUDA graphs), "
-                                   "ROUTE+graph (the whole step captured in one CUDA graph).")
+                                   "ROUTE+graph (the whole step captured in one CUDA graph), ROUTE+channels-last (weights and "
+                                   "batches in torch.channels_last).")
     add_step_shape(p)
     p.add_argument("--routes", default=None, help="comma-separated route specs (default: score and every dual route)")
     p.add_argument("--compile", action="store_true", help="add +compile to every first-order route of --routes")
