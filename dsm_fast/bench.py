@@ -25,6 +25,7 @@ from .graphs import GraphedStep
 from .losses import sample_noise_levels
 from .model import UNetEnergy
 from .routes import Compiled, ScoreRoute, make_route, resolve_kernels
+from .subnormals import flushed_subnormals
 
 MODIFIERS = ("compile", "reduce-overhead", "graph", "channels-last")
 
@@ -101,28 +102,30 @@ def bench_routes(routes=("score", "reference", "fused"), preset: str = "paper", 
 
     data = [batch() for _ in range(min(steps, 4))]
     rows = []
-    for spec in routes:
-        layout = torch.channels_last if "channels-last" in parse_spec(spec)[1] else torch.contiguous_format
-        model = copy.deepcopy(template).to(memory_format=layout)
-        batches = [(x.contiguous(memory_format=layout), t, e.contiguous(memory_format=layout)) for x, t, e in data]
-        step, route = step_function(spec, model, precision, kernels)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        first = time_steps(step, batches[:1], device)[0] / 1e3  # compilation and capture happen here
-        time_steps(step, [batches[i % len(batches)] for i in range(1, warmup + 1)], device)
-        ms = time_steps(step, [batches[i % len(batches)] for i in range(steps)], device)
-        median = statistics.median(ms)
-        route_name = parse_spec(spec)[0]
-        rows.append({"route": spec if not getattr(route, "fell_back", False) else f"{spec} (fell back)",
-                     "kernels": resolve_kernels(kernels, device) if route_name == "fused" else "torch",
-                     "ms_per_step": median, "img_per_s": 1e3 * batch_size / median, "first_step_s": first,
-                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                     "final_loss": float(step(*batches[0]))})
-        if progress:
-            print(f"  {rows[-1]['route']}: {median:.2f} ms/step (first step {first:.1f} s)", flush=True)
-        del model, step, route
+    with flushed_subnormals(device, dtype) as flushed:  # CPU float32, as train does (dsm_fast/subnormals.py)
+        for spec in routes:
+            layout = torch.channels_last if "channels-last" in parse_spec(spec)[1] else torch.contiguous_format
+            model = copy.deepcopy(template).to(memory_format=layout)
+            batches = [(x.contiguous(memory_format=layout), t, e.contiguous(memory_format=layout)) for x, t, e in data]
+            step, route = step_function(spec, model, precision, kernels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            first = time_steps(step, batches[:1], device)[0] / 1e3  # compilation and capture happen here
+            time_steps(step, [batches[i % len(batches)] for i in range(1, warmup + 1)], device)
+            ms = time_steps(step, [batches[i % len(batches)] for i in range(steps)], device)
+            median = statistics.median(ms)
+            route_name = parse_spec(spec)[0]
+            fell_back = getattr(route, "fallback", None)  # routes.Compiled: why torch.compile fell back to eager
+            rows.append({"route": f"{spec} (fell back)" if fell_back else spec, "compile_fell_back": fell_back,
+                         "kernels": resolve_kernels(kernels, device) if route_name == "fused" else "torch",
+                         "ms_per_step": median, "img_per_s": 1e3 * batch_size / median, "first_step_s": first,
+                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                         "final_loss": float(step(*batches[0])), "flush_denormal": flushed})
+            if progress:
+                print(f"  {rows[-1]['route']}: {median:.2f} ms/step (first step {first:.1f} s)", flush=True)
+            del model, step, route
     reference = next((r["ms_per_step"] for r in rows if r["route"] == "reference"), None)
     for row in rows:
         row["speedup_vs_reference"] = reference / row["ms_per_step"] if reference else None
@@ -137,4 +140,8 @@ def format_table(rows: list[dict]) -> str:
         ratio = f"{r['speedup_vs_reference']:.2f}" if r["speedup_vs_reference"] else "n/a"
         lines.append(f"{r['route']:<32}{r['kernels']:>8}{r['ms_per_step']:>10.2f}{r['img_per_s']:>10.1f}{peak:>10}"
                      f"{r['first_step_s']:>11.1f}{ratio:>8}")
+    lines += [f"{r['route']}: torch.compile failed ({r['compile_fell_back']}); timed eagerly"
+              for r in rows if r.get("compile_fell_back")]
+    if any(r.get("flush_denormal") for r in rows):
+        lines.append("float32 subnormals flushed to zero on the CPU, as train does (dsm_fast/subnormals.py)")
     return "\n".join(lines)

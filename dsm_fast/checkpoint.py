@@ -193,6 +193,14 @@ def reject(folder: Path, run_dir: Path) -> Path:
     return target
 
 
+def write_run_config(run_dir: str | Path, values: dict[str, Any]) -> None:
+    """Write RUN/config.json atomically (a crash while it is rewritten mid-run leaves the previous one)."""
+    path = Path(run_dir) / "config.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2))
+    os.replace(tmp, path)
+
+
 def run_config(run_dir: str | Path) -> dict[str, Any]:
     """The resolved configuration a run wrote next to its checkpoints."""
     path = Path(run_dir) / "config.json"

@@ -146,6 +146,10 @@ def resume_flags() -> str:
 
 
 RESOLVED_AT_START = ("route", "kernels", "compile")  # 'auto' is decided once and config.json holds the decision
+# What config.json records about the run's latest start beside its options, not options (--resume and --config skip
+# them): 'compile_fell_back' ("step N: reason") when torch.compile failed and the step ran eagerly (routes.Compiled;
+# a --resume compiles again), 'flush_denormal' when float32 subnormals were flushed on the CPU (dsm_fast/subnormals.py).
+RUN_RECORD = ("compile_fell_back", "flush_denormal")
 
 
 def check_resume(saved: TrainConfig, values: dict[str, Any]) -> None:
@@ -226,6 +230,8 @@ def given_options(file: str | None = None, overrides: dict[str, Any] | None = No
     for origin, source in sources:
         for key, value in source.items():
             key = key.replace("-", "_")
+            if key in RUN_RECORD:  # a run's config.json used as a config file
+                continue
             if key not in known:
                 raise ConfigError(f"{origin}: unknown config key {key!r}")
             if value is not None:

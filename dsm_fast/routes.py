@@ -19,6 +19,7 @@ Three orthogonal choices, each named once: the route (how ∇_y U and ∂_t U ar
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -140,27 +141,51 @@ class ScoreRoute:
 
 class Compiled:
     """torch.compile over a first-order route's whole terms function (network, scores, loss terms; AOTAutograd
-    derives the backward). If compilation fails, the eager route runs from then on, after one warning naming the
-    reason. ``mode`` and ``backend`` are torch.compile's ('reduce-overhead': its CUDA graphs; 'aot_eager': Dynamo and
-    AOTAutograd without Inductor's code generation, what the CPU tests use)."""
+    derives the backward). If compiling the forward or the backward fails, the eager route runs from then on, after
+    one warning naming the reason (kept in ``fallback``). An error while the compiled step runs (an OOM, a failing
+    check in the model) is not a compile failure: it propagates. ``mode`` and ``backend`` are torch.compile's
+    ('reduce-overhead': its CUDA graphs; 'aot_eager': Dynamo and AOTAutograd without Inductor's code generation,
+    what the CPU tests use; or a backend callable)."""
 
-    def __init__(self, route, mode: str | None = None, backend: str = "inductor"):
+    def __init__(self, route, mode: str | None = None, backend="inductor"):
         if route.name not in FIRST_ORDER:
             raise ConfigError(f"route {route.name} cannot be compiled (torch.compile refuses its double backward); "
                               f"use --route {' or '.join(FIRST_ORDER[:2])}")
-        self.route, self.name, self.fell_back = route, route.name, False
+        self.route, self.name, self.fallback = route, route.name, None
         self._compiled = torch.compile(route, mode=mode, backend=backend)
 
+    @property
+    def fell_back(self) -> bool:
+        return self.fallback is not None
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Terms:
-        if not self.fell_back:
+        if self.fallback is None:
             try:
-                return self._compiled(x, t, eps)
-            except Exception as error:  # noqa: BLE001 — Inductor/Dynamo failures surface as many types
-                self.fell_back = True
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                warnings.warn(f"torch.compile of route {self.name} failed ({first_line[:200]}); running it eagerly",
+                with backward_compiled_with_forward():
+                    return self._compiled(x, t, eps)
+            except torch._dynamo.exc.TorchDynamoException as error:  # Dynamo's own, and the backend's (wrapped)
+                self.fallback = compile_failure(error)
+                warnings.warn(f"torch.compile of route {self.name} failed ({self.fallback}); running it eagerly",
                               RuntimeWarning, stacklevel=2)
         return self.route(x, t, eps)
+
+
+def backward_compiled_with_forward():
+    """AOTAutograd compiles the backward lazily, at the first ``loss.backward()``, outside :class:`Compiled`'s call
+    and so outside its fallback; functorch's ``force_non_lazy_backward_lowering`` (torch 2.11 to 2.13 have it)
+    compiles it with the forward instead, where a failure is caught. Without it the backward stays lazy."""
+    from torch._functorch import config
+
+    if hasattr(config, "force_non_lazy_backward_lowering"):
+        return config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
+def compile_failure(error: Exception) -> str:
+    """'Type: first line' of the exception behind a compile failure (a backend's, unwrapped from Dynamo's)."""
+    cause = getattr(error, "inner_exception", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0][:200]}" if lines else type(cause).__name__
 
 
 def resolve_route(name: str, model: nn.Module, objective: str) -> str:

@@ -37,8 +37,9 @@ from .checkpoint import (
     read_manifest,
     reject,
     save_checkpoint,
+    write_run_config,
 )
-from .config import ConfigError, TrainConfig, check_resume
+from .config import RUN_RECORD, ConfigError, TrainConfig, check_resume
 from .data import make_training_data
 from .data.images import pixel_statistics
 from .diffclf import with_free_energies
@@ -50,6 +51,7 @@ from .model import build_model
 from .optim import EMA, learning_rate, make_optimizer
 from .progress import Progress
 from .routes import make_route, resolve_compile, resolve_kernels, resolve_route
+from .subnormals import flushed_subnormals
 
 
 class TrainingStopped(RuntimeError):
@@ -153,9 +155,23 @@ class Trainer:
         if resume:
             self._restore()
         self.trusted_until = self.step - self.bad_in_row  # see diverged
+        self.run_record: dict = {}  # what config.json records about this start beside the options (config.RUN_RECORD)
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(cfg.to_json())
+        self._write_config()
+
+    def _write_config(self, **record) -> None:
+        """RUN/config.json: the resolved options and, beside them, ``run_record`` updated with ``record``."""
+        self.run_record.update(record)
+        if self.world.is_main:
+            write_run_config(self.run_dir, {**dataclasses.asdict(self.cfg), **self.run_record})
+
+    def _record_compile_fallback(self) -> None:
+        """Once torch.compile has fallen back to eager (``Compiled.fallback``), config.json says so: the run's
+        compile stays "on" (a --resume compiles again) and compile_fell_back names the step and the reason."""
+        reason = getattr(self.route, "fallback", None)
+        if reason is not None and "compile_fell_back" not in self.run_record:
+            self._write_config(compile_fell_back=f"step {self.step - 1}: {reason}")
 
     # --- state -----------------------------------------------------------------------------------
     def _stream_state(self) -> dict:
@@ -324,7 +340,15 @@ class Trainer:
     def run(self) -> dict:
         """Train to ``cfg.steps``; checkpoint every ``checkpoint_every`` steps, at the end, on Ctrl-C, on error.
         With several ranks a failure is not checkpointed (the peers may be gone; the last periodic checkpoint
-        stands) and ends as a DistributedError naming the rank, so every rank stops with one clear line."""
+        stands) and ends as a DistributedError naming the rank, so every rank stops with one clear line.
+        Meanwhile, on the CPU in float32, subnormals flush to zero (dsm_fast/subnormals.py; config.json's
+        flush_denormal), as before afterwards."""
+        with flushed_subnormals(self.device, self.dtype) as flushed:
+            if flushed:
+                self._write_config(flush_denormal=True)
+            return self._run()
+
+    def _run(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
         cfg, main = self.cfg, self.world.is_main
@@ -343,6 +367,7 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 terms = self.train_step()
+                self._record_compile_fallback()
                 progress.step(terms)
                 log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
                 checkpoint_now = self.step % cfg.checkpoint_every == 0
@@ -386,7 +411,8 @@ class Trainer:
                                                         energy=cfg.energy), cfg)
             self.model.to(device=self.device, dtype=self.dtype).load_state_dict(weights)
         return {"step": self.step, "skipped_steps": self.bad_total, "optimizer": self.optimizer_name, **record,
-                "smoothed_loss": progress.smoothed(), "first_smoothed_loss": progress.first}
+                "smoothed_loss": progress.smoothed(), "first_smoothed_loss": progress.first,
+                **self.run_record}
 
     def _log(self, terms: dict[str, torch.Tensor], last: dict, writer, stats_file) -> dict:
         now = time.perf_counter()
@@ -425,7 +451,7 @@ def config_from_run(run_dir: str | Path, **changes) -> TrainConfig:
     """The TrainConfig a run was made with, optionally changed (e.g. ``device``)."""
     from .checkpoint import run_config
 
-    values = run_config(run_dir)
+    values = {key: value for key, value in run_config(run_dir).items() if key not in RUN_RECORD}
     try:
         if "gsm_sigmas" in values:
             values["gsm_sigmas"] = tuple(values["gsm_sigmas"])

@@ -36,3 +36,26 @@ def poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+@pytest.fixture
+def failing_compiler():
+    """make(part): a torch.compile backend (Dynamo → AOTAutograd, graphs run as traced, no code generation) whose
+    'forward' or 'backward' graph compiler raises, or whose compiled forward raises an OOM when it 'run's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("out of memory while running the compiled forward")
+
+    def make(part: str):
+        def compiler(graph: str):
+            def compile_graph(gm, example_inputs):
+                if graph == part:
+                    raise RuntimeError(f"cannot lower the {part} graph\n(details)")
+                return make_boxed_func(out_of_memory if part == "run" else gm.forward)
+            return compile_graph
+
+        return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+
+    return make

@@ -177,6 +177,43 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
     assert step >= 2 and load_checkpoint(list_checkpoints(out)[-1])[1]["step"] == step
 
 
+def test_a_compile_that_fell_back_is_recorded_and_the_run_resumes(tmp_path, monkeypatch, failing_compiler, capsys):
+    """A backward that fails to compile: one warning, the step runs eagerly, the summary line and config.json say so
+    (compile stays 'on', the reason beside it), and --resume of the run is not refused."""
+    import torch
+
+    compile_for_real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_for_real(fn, backend=failing_compiler("backward")))
+    out = tmp_path / "r"
+    with pytest.warns(RuntimeWarning, match=r"route fused failed \(RuntimeError: cannot lower the backward graph\)"):
+        assert main(["train", *TINY, "--route", "fused", "--compile", "--steps", "2", "--log-every", "1", "--eval-images", "0",
+                     "--progress", "false", "--plots", "false", "--out", str(out)]) == 0
+    assert "; torch.compile fell back to eager at step 0: RuntimeError: cannot lower" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["compile"] == "on" and saved["compile_fell_back"].startswith("step 0: RuntimeError: cannot lower")
+    from dsm_fast.config import resolve_config
+
+    assert resolve_config(str(out / "config.json")).compile == "on"  # a run's config.json still reads as --config
+    assert len([row for row in (out / "stats.jsonl").read_text().splitlines() if row]) == 2  # both steps trained, none skipped
+    with pytest.warns(RuntimeWarning, match="cannot lower the backward graph"):
+        assert main(["train", "--out", str(out), "--steps", "3", "--compile", "on", "--resume"]) == 0
+    assert "done: step 3" in capsys.readouterr().out
+
+
+def test_bench_says_which_compile_fell_back(tmp_path, monkeypatch, failing_compiler, capsys):
+    import torch
+
+    compile_for_real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_for_real(fn, backend=failing_compiler("forward")))
+    with pytest.warns(RuntimeWarning, match="cannot lower the forward graph"):
+        assert main(["bench", "--preset", "tiny", "--batch-size", "2", "--image-size", "16", "--steps", "1", "--warmup",
+                     "0", "--routes", "score+compile", "--device", "cpu", "--json", str(tmp_path / "b.json")]) == 0
+    row, = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert row["route"] == "score+compile (fell back)" and row["compile_fell_back"].startswith("RuntimeError: cannot")
+    assert "score+compile (fell back): torch.compile failed (RuntimeError: cannot lower the forward graph); timed " \
+           "eagerly" in capsys.readouterr().out
+
+
 def test_bench_channels_last_rows_train_the_same_network(tmp_path):
     """+channels-last changes the memory layout only: the same weights and batches give the same losses."""
     run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--image-size", "16", "--steps", "2", "--warmup", "1",

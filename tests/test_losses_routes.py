@@ -5,7 +5,6 @@ import warnings
 import pytest
 import torch
 
-from dsm_fast import routes
 from dsm_fast.losses import objective_terms, sample_noise_levels
 from dsm_fast.model import UNetEnergy, energy_and_scores
 from dsm_fast.routes import Compiled, FunctionalRoute, ReferenceRoute, make_route, noisy
@@ -92,20 +91,30 @@ def test_auto_route_and_compile_resolve_once():
             bad()
 
 
-def test_compiled_route_falls_back_with_one_warning(monkeypatch, seed):
-    def broken_compile(fn, **options):
-        def run(*args):
-            raise RuntimeError("Inductor could not compile\nlong details")
-        return run
-
-    monkeypatch.setattr(routes.torch, "compile", broken_compile)
-    model = UNetEnergy(3, "tiny").double()
-    x, t, eps = batch(3)
-    route = make_route("functional", model, compile=True)
+@pytest.mark.parametrize("part", ["forward", "backward"])
+def test_a_failed_compile_falls_back_with_one_warning(part, failing_compiler, seed):
+    """The backward is compiled within the compiled forward call (AOTAutograd would otherwise compile it at the first
+    loss.backward(), outside the fallback), so a failure of either graph's compiler falls back."""
+    model = UNetEnergy(1, "tiny").double()
+    x, t, eps = batch(2, channels=1, size=8)
+    route = make_route("fused", model, kernels="torch", compile=True, backend=failing_compiler(part))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = parameter_gradients(model, route, x, t, eps)
-        parameter_gradients(model, route, x, t, eps)
+        second = parameter_gradients(model, route, x, t, eps)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(messages) == 1 and "Inductor could not compile" in messages[0] and "long details" not in messages[0]
-    assert_rel_close(first, parameter_gradients(model, ReferenceRoute(model), x, t, eps), 1e-12, "fallback", seed)
+    assert len(messages) == 1 and f"(RuntimeError: cannot lower the {part} graph)" in messages[0], messages
+    assert "details" not in messages[0] and route.fallback == f"RuntimeError: cannot lower the {part} graph"
+    eager = parameter_gradients(model, route.route, x, t, eps)
+    assert all(torch.equal(a, b) for a, b in zip(first, eager)) and all(map(torch.equal, second, eager))
+
+
+def test_an_error_while_the_compiled_step_runs_is_not_a_compile_failure(failing_compiler):
+    model = UNetEnergy(1, "tiny").double()
+    x, t, eps = batch(2, channels=1, size=8)
+    route = make_route("fused", model, kernels="torch", compile=True, backend=failing_compiler("run"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(torch.OutOfMemoryError, match="while running the compiled forward"):
+            route(x, t, eps)
+    assert not route.fell_back

@@ -135,8 +135,10 @@ def report(trainer, cfg, summary: dict, start: dict | None, first_step: int, sec
     import math
 
     steps = summary["step"] - first_step
+    fell_back = summary.get("compile_fell_back")  # (config.RUN_RECORD)
     print(f"done: step {summary['step']} in {seconds / 60:.1f} min ({steps / max(seconds, 1e-9):.2f} steps/s), "
-          f"{summary['skipped_steps']} skipped steps", flush=True)
+          f"{summary['skipped_steps']} skipped steps"
+          + (f"; torch.compile fell back to eager at {fell_back}" if fell_back else ""), flush=True)
     first, last = summary.get("first_smoothed_loss"), summary.get("smoothed_loss", float("nan"))
     if first is not None and math.isfinite(last):
         print(f"loss (smoothed over ~{cfg.log_every} steps): {first:.4f} at the first logged step → {last:.4f} now "
