@@ -63,9 +63,8 @@ def _rho(t, grad_t, sum_e2, d):
 def _dual_loss_fwd_kernel(g_ptr, e_ptr, t_ptr, gt_ptr, space_ptr, time_ptr, sums_ptr, d, t_stride, gt_stride,
                           BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
     """One program per image. g, ε: (B, d); t, g_t, space, time: (B,); sums: (B, 3) sum dtype ← (Σ res², Σ ε²,
-    Σ res·g); space = Σ res² / d, time = ρ²; t and g_t read with their strides (a gradient may be an expanded
-    scalar). N_BLOCKS = ⌈d/BLOCK⌉ (a constexpr: a plain int in the interpreter of
-    every Triton version)."""
+    Σ res·g); space = Σ res² / d, time = ρ²; t and g_t read with their strides. N_BLOCKS = ⌈d/BLOCK⌉ (a constexpr:
+    a plain int in the interpreter of every Triton version)."""
     b = tl.program_id(0)
     acc_ty = sums_ptr.dtype.element_ty
     t = tl.load(t_ptr + b * t_stride).to(acc_ty)
