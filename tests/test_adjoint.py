@@ -72,9 +72,9 @@ def test_fused_route_backward_is_first_order(monkeypatch, seed):
     assert all(p.grad.grad_fn is None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_fused_route_triton_kernels_equal_reference(channels, seed):
-    """The same equality with NormAct and the loss terms run by the Triton kernels (interpreted on the CPU)."""
+def test_fused_route_triton_kernels_equal_reference(seed, channels=3):
+    """The same equality with NormAct and the loss terms run by the Triton kernels (interpreted on the CPU; colour
+    only, since the kernels see the hidden layers alone, the same for gray, and an interpreted case costs ≈ 45 s)."""
     model = perturbed_model(channels)
     x, t, eps = draw(2, channels)
     expected_scores = energy_and_scores(model, noisy(x, t, eps), t)
@@ -125,8 +125,7 @@ def test_fused_triton_route_in_the_trainers_precisions(dtype, device, seed):
     def error(kernels: str) -> float:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             actual = parameter_gradients(low_model, FusedRoute(low_model, kernels=kernels), *inputs)
-        assert all(torch.isfinite(a).all() for a in actual)
-        return relative_error([a.cpu().double() for a in actual], expected)
+        return relative_error(actual, expected)  # inf if anything is not finite
 
     bound = TOLERANCES[torch.float32] if dtype == torch.float32 else (2 if device == "cuda" else 3) * error("torch")
     assert error("triton") < bound, (dtype, device, seed)
