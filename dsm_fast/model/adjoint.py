@@ -176,10 +176,8 @@ def gaussian_start_energy_and_scores(model: GaussianStartEnergy, y: torch.Tensor
         ∇_y U = c / a² + ∇_ỹ V / a
         ∂_t U = −‖c‖² / (2a⁴) + d / (2a²) − ⟨ỹ, ∇_ỹ V⟩ / (2a²) + ∂_τ V / (t + δ)     (∂ỹ/∂t = −ỹ / (2a²))
     """
-    a2 = t + model.data_variance.to(t.dtype)
-    centred = y - model.data_mean.to(y.dtype)
+    a2, centred, whitened = model.whiten(y, t)
     a2_image = a2.view(-1, *([1] * (y.dim() - 1))).to(y.dtype)
-    whitened = centred / torch.sqrt(a2_image)
     inner_u, inner_grad_y, inner_grad_tau = energy_and_scores(model.inner, whitened, noise_input(t), kernels)
     squares, d = sum_per_sample(centred.square()).to(t.dtype), y[0].numel()
     energy = (squares / (2 * a2) + 0.5 * d * torch.log(a2)).to(y.dtype) + inner_u

@@ -51,9 +51,13 @@ class GaussianStartEnergy(nn.Module):
         self.data_mean.fill_(mean)
         self.data_variance.fill_(variance)
 
-    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a2 = t + self.data_variance.to(t.dtype)  # (B,)
+    def whiten(self, y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a² = t + s² of shape (B,), c = y − μ, ỹ = c / a)."""
+        a2 = t + self.data_variance.to(t.dtype)
         centred = y - self.data_mean.to(y.dtype)
-        whitened = centred / torch.sqrt(a2).view(-1, *([1] * (y.dim() - 1))).to(y.dtype)
+        return a2, centred, centred / torch.sqrt(a2).view(-1, *([1] * (y.dim() - 1))).to(y.dtype)
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a2, centred, whitened = self.whiten(y, t)
         gaussian = sum_per_sample(centred.square()) / (2 * a2.to(y.dtype)) + 0.5 * y[0].numel() * torch.log(a2)
         return gaussian.to(y.dtype) + self.inner(whitened, noise_input(t))
