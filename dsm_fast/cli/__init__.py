@@ -13,7 +13,7 @@ import sys
 from ..config import ConfigError
 from .common import Formatter, examples
 
-MODULES = ("train", "eval", "plots", "bench", "profile", "data", "normalization", "analyses", "import_release")
+MODULES = ("train", "eval", "plots", "bench", "profile", "data", "normalization", "analyses", "import_release", "restore", "score")
 COMMANDS = {name: command for module in MODULES
             for name, command in importlib.import_module(f".{module}", __name__).COMMANDS.items()}
 
