@@ -1,4 +1,4 @@
-"""The cost report (dsm_fast/cost.py): operator counts on the meta device, the launch-overhead fit, the anchors."""
+"""The cost report (dsm_fast/tools/cost.py): operator counts on the meta device, the launch-overhead fit, the anchors."""
 import json
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsm_fast import cost
+from dsm_fast.tools import cost
 from dsm_fast.cli import main
 
 

@@ -1,9 +1,9 @@
-"""dsm_fast/release.py: the released code's state-dict names ↔ ours (the names themselves are checked against the
+"""dsm_fast/tools/release.py: the released code's state-dict names ↔ ours (the names themselves are checked against the
 release in tests/test_parity_release.py)."""
 import pytest
 import torch
 
-from dsm_fast import release
+from dsm_fast.tools import release
 from dsm_fast.model import UNetEnergy
 
 
