@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from dsm_fast.tools import parity, release
-from dsm_fast.tools.bench import step_function, time_steps
 from dsm_fast.losses import sample_noise_levels
 from dsm_fast.model import UNetEnergy
+from dsm_fast.tools import parity, release
+from dsm_fast.tools.bench import step_function, time_steps
 
 TOLERANCE = 1e-10
 PAPER_NETWORK = {"num_scales": 3, "group_size": 1, "num_layers_encoder_block": 3, "num_layers_mid_block": 3,

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsm_fast.tools import cost
 from dsm_fast.cli import main
+from dsm_fast.tools import cost
 
 
 def test_counts_one_convolution_exactly():

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsm_fast.tools import parity, release
 from dsm_fast.model import UNetEnergy, adjoint
 from dsm_fast.routes import noisy
+from dsm_fast.tools import parity, release
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "parity_release.json").read_text())
 TOLERANCE = 1e-10

@@ -3,8 +3,8 @@ release in tests/test_parity_release.py)."""
 import pytest
 import torch
 
-from dsm_fast.tools import release
 from dsm_fast.model import UNetEnergy
+from dsm_fast.tools import release
 
 
 @pytest.mark.parametrize("channels, numbers", [(3, 8_649_856), (1, 8_647_552)])
