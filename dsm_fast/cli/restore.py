@@ -5,8 +5,7 @@ import math
 import time
 
 from ..config import ConfigError
-from .analyses import add_run_args, out_path
-from .common import Formatter, examples, write_json
+from .common import Formatter, add_run_args, examples, out_path, write_json
 
 METHODS = ("ascent", "posterior")
 

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 from ..config import ConfigError
-from .analyses import add_run_args, out_path
-from .common import Formatter, examples, write_json
+from .common import Formatter, add_run_args, examples, out_path, write_json
 
 
 def add_score(sub) -> None:
