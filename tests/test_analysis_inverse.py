@@ -83,7 +83,7 @@ def test_posterior_samples_land_in_the_components_at_the_exact_weights(noise, se
     m = op.apply(mixture.sample(3, generator, dtype=torch.float64))
     m = m + noise * torch.randn(m.shape, generator=generator, dtype=torch.float64)
     exact = mixture_posterior(op, m, mixture.sigmas, mixture.weights, noise, t_end)
-    out = posterior_sampling(ExactEnergy(mixture), op, m, noise, samples, generator, 1e2, t_end, levels=80,
+    out = posterior_sampling(ExactEnergy(mixture), op, m, noise, samples, generator, 1e2, t_end, levels=60,
                              mala_steps=4, progress=False)
     weights = mixture.responsibilities(out["samples"].reshape(-1, 8), t_end).reshape(3, samples, 2).mean(1)
     assert (weights - exact["weights"]).abs().max() < 0.03, (weights, exact["weights"])

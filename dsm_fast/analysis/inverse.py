@@ -17,9 +17,15 @@ Two methods, both batched over the measurements (one row of ``m`` per image):
 
       π_t(y) ∝ exp(−U(y, t)) N(m; A y, s² I)
 
-  at log-spaced levels t from t_start down to t_end (π_{t_end} is the posterior under the prior p_{t_end}); the
-  accept/reject needs U itself. For s = 0 the chain stays on {A y = m}: it starts there and its moves are
-  projected by I − P.
+  at log-spaced levels t from t_start down to t_end (π_{t_end} is the posterior under the prior p_{t_end}): between
+  levels one Heun step of the prior's probability-flow ODE, then MALA steps whose accept/reject needs U itself
+  (sampling.annealed_langevin), with h = r · t s² / (s² + c t) (c the largest eigenvalue of AAᵀ: the likelihood's
+  curvature caps the step). For s = 0 the chain stays on {A y = m}: it starts there and every move is projected by
+  I − P.
+
+The ascent's effective noise level comes from the residual, as the paper's; with a denoiser that is told the level
+(ours) rather than blind, that estimate runs low (an MMSE denoiser removes less than the noise), so the ascent tends
+to stop with some noise left — one reason it is the weaker of the two methods on the demo run (README).
 """
 from __future__ import annotations
 
