@@ -66,8 +66,8 @@ def implementations(device: torch.device, use_triton: bool, use_cuda: bool) -> d
 
     ops = {
         "norm_act forward": {"torch (ref)": lambda x: na.norm_act_ref(x["h"], x["gain"], x["modulation"])},
-        "norm_act adjoint": {"torch (explicit)": lambda x: adjoint.norm_act_adjoint(
-            adjoint.norm_act_forward(x["h"], x["gain"], x["modulation"])[1], x["grad_out"])},
+        "norm_act adjoint": {"torch (ref)": lambda x: na.norm_act_adjoint_ref(x["h"], x["gain"], x["modulation"],
+                                                                             x["grad_out"])},
         "dual loss terms": {"torch (ref)": lambda x: loss_op.dual_score_loss_ref(x["grad_y"], x["grad_t"], x["eps"],
                                                                                  x["t"])},
     }
