@@ -1,4 +1,4 @@
-"""Kernel-level and step-level profiling of the fused route (``dsm-fast profile``).
+"""Kernel-level and step-level profiling of the fused route (``dsm-fast profile``; docs/method.md §5.3).
 
 Per op (NormAct forward, NormAct adjoint, dual-score loss terms), side by side: the plain-PyTorch reference, the
 Triton kernel and the CUDA C++ kernel where built — median time, achieved bandwidth (the op's ideal traffic, each

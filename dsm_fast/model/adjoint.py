@@ -46,7 +46,8 @@ def conv_forward(layer: ConvNormAct, h: torch.Tensor) -> torch.Tensor:
 
 
 def conv_adjoint(layer: ConvNormAct, g: torch.Tensor) -> torch.Tensor:
-    """Jᵀ ḡ of the (linear) convolution: the transposed convolution with the same weights, and vice versa."""
+    """Jᵀ ḡ of the (linear) convolution: the transposed convolution with the same weights, and vice versa
+    (docs/method.md §4.3)."""
     w = layer.conv.weight
     if layer.kind == "same":
         return F.conv_transpose2d(g, w, padding=1)
@@ -102,7 +103,7 @@ def embedding_forward(emb: NoiseEmbedding, t: torch.Tensor) -> tuple[torch.Tenso
 
 
 def embedding_adjoint(emb: NoiseEmbedding, saved: tuple, e_bar: torch.Tensor) -> torch.Tensor:
-    """t̄ = (de/dt)ᵀ ē:  z̄₂ = ē SiLU'(z₂),  z̄₁ = (z̄₂ W₂) SiLU'(z₁),  [c̄, s̄] = z̄₁ W₁,
+    """t̄ = (de/dt)ᵀ ē (docs/method.md §4.5):  z̄₂ = ē SiLU'(z₂),  z̄₁ = (z̄₂ W₂) SiLU'(z₁),  [c̄, s̄] = z̄₁ W₁,
     t̄ = Σ_k f_k (−c̄_k sin(t f_k) + s̄_k cos(t f_k))."""
     freqs, phase, z1, z2 = saved
     z2_bar = e_bar.to(z2.dtype) * silu_derivative(z2)
@@ -113,7 +114,7 @@ def embedding_adjoint(emb: NoiseEmbedding, saved: tuple, e_bar: torch.Tensor) ->
 
 def gaussian_start_energy_and_scores(model: GaussianStartEnergy, y: torch.Tensor, t: torch.Tensor,
                                      kernels: str = "torch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, ∇_y U, ∂_t U) of the Gaussian start (model/gaussian.py) by the chain rule around the inner UNet energy V:
+    """(U, ∇_y U, ∂_t U) of the Gaussian start (docs/method.md §1.6) by the chain rule around the inner UNet energy V:
 
         U = ‖c‖² / (2a²) + (d/2) log a² + V(ỹ, τ),   c = y − μ,  a² = t + s²,  ỹ = c / a,  τ = log(1 + t/δ)
         ∇_y U = c / a² + ∇_ỹ V / a
@@ -125,8 +126,8 @@ def gaussian_start_energy_and_scores(model: GaussianStartEnergy, y: torch.Tensor
     squares, d = sum_per_sample(centred.square()).to(t.dtype), y[0].numel()
     energy = (squares / (2 * a2) + 0.5 * d * torch.log(a2)).to(y.dtype) + inner_u
     grad_y = centred / a2_image + inner_grad_y / torch.sqrt(a2_image)
-    grad_t = (-squares / (2 * a2.square()) + d / (2 * a2) - sum_per_sample(whitened * inner_grad_y).to(t.dtype) / (2 * a2)
-              + inner_grad_tau / (t + T_FLOOR))
+    grad_t = (-squares / (2 * a2.square()) + d / (2 * a2)
+              - sum_per_sample(whitened * inner_grad_y).to(t.dtype) / (2 * a2) + inner_grad_tau / (t + T_FLOOR))
     return energy, grad_y, grad_t
 
 
