@@ -54,3 +54,11 @@ def test_every_citation_names_a_section_of_the_note():
         if file == METHOD:
             wrong += [f"{where}: §{number}" for number in INTERNAL.findall(text) if number not in known]
     assert not wrong, "citations of docs/method.md that name no section of it:\n" + "\n".join(wrong)
+
+
+def test_every_file_the_note_names_exists():
+    """The note names code by path (dsm_fast/ implied for model/…, tools/…): a move that forgets the note fails here."""
+    text = METHOD.read_text(encoding="utf-8")
+    missing = [name for name in sorted(set(re.findall(r"(?<![\w/.])((?:[\w]+/)*\w+\.(?:py|sh))\b", text)))
+               if not any((base / name).is_file() for base in (ROOT, ROOT / "dsm_fast"))]
+    assert not missing, f"docs/method.md names files that do not exist: {missing}"
