@@ -35,25 +35,21 @@ from .layers import ConvNormAct, NoiseEmbedding
 KERNELS = ("torch", "triton", "cuda")
 
 
+# layer kind → (its convolution, that convolution's transpose), both taking (input, weight) (docs/method.md §4.3):
+# a bias-free convolution is linear, so Jᵀ ḡ is the transposed operator with the same weights, and vice versa.
+CONVOLUTIONS = {"same": (functools.partial(F.conv2d, padding=1), functools.partial(F.conv_transpose2d, padding=1)),
+                "down": (functools.partial(F.conv2d, stride=2), functools.partial(F.conv_transpose2d, stride=2)),
+                "up": (functools.partial(F.conv_transpose2d, stride=2), functools.partial(F.conv2d, stride=2))}
+
+
 def conv_forward(layer: ConvNormAct, h: torch.Tensor) -> torch.Tensor:
     """The layer's bias-free convolution: 3×3 'same', 2×2 stride-2 'down' or 2×2 stride-2 transposed 'up'."""
-    w = layer.conv.weight
-    if layer.kind == "same":
-        return F.conv2d(h, w, padding=1)
-    if layer.kind == "down":
-        return F.conv2d(h, w, stride=2)
-    return F.conv_transpose2d(h, w, stride=2)
+    return CONVOLUTIONS[layer.kind][0](h, layer.conv.weight)
 
 
 def conv_adjoint(layer: ConvNormAct, g: torch.Tensor) -> torch.Tensor:
-    """Jᵀ ḡ of the (linear) convolution: the transposed convolution with the same weights, and vice versa
-    (docs/method.md §4.3)."""
-    w = layer.conv.weight
-    if layer.kind == "same":
-        return F.conv_transpose2d(g, w, padding=1)
-    if layer.kind == "down":
-        return F.conv_transpose2d(g, w, stride=2)
-    return F.conv2d(g, w, stride=2)
+    """Jᵀ ḡ of the layer's convolution: its transpose with the same weights."""
+    return CONVOLUTIONS[layer.kind][1](g, layer.conv.weight)
 
 
 def silu_derivative(z: torch.Tensor) -> torch.Tensor:
