@@ -82,15 +82,14 @@ def gelu_derivative(a: torch.Tensor) -> torch.Tensor:
 
 def norm_act_adjoint_of_terms(terms: NormActTerms, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄ in ḡ's dtype, k̄ (B, C) in the statistics dtype) = Jᵀ ḡ of the forward that computed ``terms``."""
-    xhat, var, s, kk, scale, a = terms
-    n = xhat.shape[2] * xhat.shape[3]
-    w = 1.0 / (var + NORM_EPS)
-    abar = grad_out.to(a.dtype) * gelu_derivative(a)
-    q = (abar * xhat).sum(dim=(2, 3), keepdim=True)
-    u = kk * q / s
-    coef_x = (-var.mean(dim=1, keepdim=True) * w.square() * u + (w * u).mean(dim=1, keepdim=True)) / n
-    grad_h = scale * (abar - abar.mean(dim=(2, 3), keepdim=True)) + coef_x * xhat
-    return grad_h.to(grad_out.dtype), (s * q)[:, :, 0, 0]
+    n = terms.xhat.shape[2] * terms.xhat.shape[3]
+    w = 1.0 / (terms.var + NORM_EPS)
+    abar = grad_out.to(terms.a.dtype) * gelu_derivative(terms.a)
+    q = (abar * terms.xhat).sum(dim=(2, 3), keepdim=True)
+    u = terms.k * q / terms.s
+    coef_x = (-terms.var.mean(dim=1, keepdim=True) * w.square() * u + (w * u).mean(dim=1, keepdim=True)) / n
+    grad_h = terms.scale * (abar - abar.mean(dim=(2, 3), keepdim=True)) + coef_x * terms.xhat
+    return grad_h.to(grad_out.dtype), (terms.s * q)[:, :, 0, 0]
 
 
 def scaled_norm_act_adjoint_ref(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
