@@ -90,7 +90,8 @@ def run_restore(args) -> int:
     op = make_measurement(args.task, tuple(x.shape[1:]), args.seed, args.box, args.fraction, args.mask, args.factor,
                           args.blur_sigma)
     generator = torch.Generator().manual_seed(args.seed)
-    m = op.apply(x) + args.noise * torch.randn(op.apply(x).shape, generator=generator, dtype=torch.float64)
+    clean = op.apply(x)
+    m = clean + args.noise * torch.randn(clean.shape, generator=generator, dtype=torch.float64)
     centre = 0.0 if vectors else 0.5
     start = time.perf_counter()
     summary = {"checkpoint": str(run.checkpoint), "task": args.task, "method": args.method, "noise": args.noise,
