@@ -1,7 +1,7 @@
 """``dsm-fast normalization``: the proof of normalization on the Gaussian scale mixture."""
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..config import OBJECTIVES, ConfigError
 from .common import Formatter, examples, write_json
 
 
@@ -21,7 +21,6 @@ def add_normalization(sub) -> None:
 
 
 def run_normalization(args) -> int:
-    from ..losses import OBJECTIVES
     from ..normalization import plot_comparison, run_comparison
 
     objectives = args.objectives.split(",")

@@ -30,8 +30,6 @@ from .energy import UNetEnergy, sum_per_sample
 from .gaussian import T_FLOOR, GaussianStartEnergy, noise_input
 from .layers import NORM_EPS, ConvNormAct, NoiseEmbedding, normalization_scale
 
-KERNELS = ("torch", "triton", "cuda")
-
 
 def conv_forward(layer: ConvNormAct, h: torch.Tensor) -> torch.Tensor:
     """The layer's bias-free convolution: 3×3 'same', 2×2 stride-2 'down' or 2×2 stride-2 transposed 'up'."""
@@ -201,7 +199,7 @@ def energy_and_scores(model: UNetEnergy | GaussianStartEnergy, y: torch.Tensor, 
     if not isinstance(model, UNetEnergy):
         raise TypeError(f"the explicit adjoint needs a UNetEnergy or GaussianStartEnergy, got {type(model).__name__}")
     if kernels not in NORM_ACT_OPS:
-        raise ValueError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNELS)}")
+        raise ValueError(f"unknown kernels {kernels!r}; choose from {', '.join(NORM_ACT_OPS)}")
     forward, adjoint = NORM_ACT_OPS[kernels]
     unet = model.unet
     emb, emb_saved = embedding_forward(unet.embedding, t)
