@@ -378,7 +378,7 @@ def resolve_route(route: str, unet: bool, objective: str) -> str:
 
 def resolve_kernels(kernels: str, device) -> str:
     """'auto' → 'triton' on CUDA with Triton installed, else 'torch'; an explicit 'triton' or 'cuda' fails loudly
-    (RuntimeError) if it cannot run here (on the meta device Triton's custom ops trace, see dsm_fast/cost.py)."""
+    (RuntimeError) if it cannot run here (on the meta device Triton's custom ops trace, see dsm_fast/tools/cost.py)."""
     has_triton = importlib.util.find_spec("triton") is not None
     if kernels == "auto":
         return "triton" if device.type == "cuda" and has_triton else "torch"

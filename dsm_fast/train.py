@@ -12,7 +12,7 @@ aside the checkpoints from the first distrusted step on; ``--resume`` continues 
 Every step goes through an engine (dsm_fast/engine.py: single, DDP or DeepSpeed). ``batch_size`` is the global
 batch; its t and ε are drawn from one generator on every rank and each rank takes the samples at its positions,
 while ImageBatches shards the images the same way — so within an epoch, any world size × grad_accum trains on
-exactly the samples one process would (tests/test_engines*.py). Rank 0 alone writes logs and checkpoint files."""
+exactly the samples one process would (tests/test_engine*.py). Rank 0 alone writes logs and checkpoint files."""
 from __future__ import annotations
 
 import contextlib

@@ -21,7 +21,7 @@ def add_normalization(sub) -> None:
 
 
 def run_normalization(args) -> int:
-    from ..normalization import plot_comparison, run_comparison
+    from ..analysis.normalization import plot_comparison, run_comparison
 
     objectives = args.objectives.split(",")
     unknown = [o for o in objectives if o not in OBJECTIVES]

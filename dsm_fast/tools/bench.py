@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from .config import resolve_kernels
-from .graphs import GraphedStep
-from .losses import sample_noise_levels
-from .model import UNetEnergy
-from .routes import Compiled, ScoreRoute, make_route
-from .subnormals import flushed_subnormals
+from ..config import resolve_kernels
+from ..graphs import GraphedStep
+from ..losses import sample_noise_levels
+from ..model import UNetEnergy
+from ..routes import Compiled, ScoreRoute, make_route
+from ..subnormals import flushed_subnormals
 
 MODIFIERS = ("compile", "reduce-overhead", "graph", "channels-last")
 
