@@ -66,8 +66,8 @@ def objective_terms(objective: str, grad_y: torch.Tensor, grad_t: torch.Tensor, 
 
 def combine_terms(objective: str, space: torch.Tensor, time: torch.Tensor | None = None,
                   classification: torch.Tensor | None = None, time_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """The objective from its per-sample terms: loss = space (single), space + λ·time (dual) or
-    space + λ·classification (diffclf), returned beside the terms it combines."""
+    """The objective from its per-sample terms (docs/method.md §2): loss = space (single), space + λ·time
+    (dual) or space + λ·classification (diffclf), returned beside the terms it combines."""
     if objective == "single":
         return {"loss": space, "space": space}
     if objective == "dual":

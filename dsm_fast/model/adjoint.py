@@ -32,7 +32,6 @@ from .energy import UNetEnergy, sum_per_sample
 from .gaussian import T_FLOOR, GaussianStartEnergy, noise_input
 from .layers import ConvNormAct, NoiseEmbedding
 
-
 # layer kind → (its convolution, that convolution's transpose), both taking (input, weight) (docs/method.md §4.3):
 # a bias-free convolution is linear, so Jᵀ ḡ is the transposed operator with the same weights, and vice versa.
 CONVOLUTIONS = {"same": (functools.partial(F.conv2d, padding=1), functools.partial(F.conv_transpose2d, padding=1)),
