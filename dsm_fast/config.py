@@ -35,6 +35,7 @@ OPTIMIZERS = ("auto", "torch", "apex")
 ENGINES = ("single", "ddp", "deepspeed")  # dsm_fast/engine.py
 CHANNELS = (1, 3)
 ZERO_STAGES = (0, 1, 2, 3)
+RESTORE_TASKS = ("inpaint", "superres", "deblur", "compressive")  # dsm-fast restore (analysis/measurements.py)
 
 
 class ConfigError(ValueError):
