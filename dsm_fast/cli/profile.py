@@ -38,6 +38,9 @@ def add_profile(sub) -> None:
     p.add_argument("--cost", action="store_true",
                    help="the cost report: one step per route on the meta device, counted and roofline-predicted "
                         "(uses --preset, --batch-size, --image-size, --channels, --json)")
+    p.add_argument("--compiled", action="store_true",
+                   help="--cost: also the compiled steps (score, fused; fp32, bf16; with and without a CUDA graph) "
+                        "as Inductor builds them for an H100, traced on the CPU (minutes)")
     p.add_argument("--ptx", action="store_true",
                    help="compile every Triton kernel configuration of one fused step for sm_80 and sm_90 (uses "
                         "--preset, 'all' for every preset, --batch-size, --image-size, --channels, --json)")
@@ -111,9 +114,17 @@ def run_cost(args) -> int:
     report = cost_report(preset=args.preset, batch=args.batch_size, image_size=args.image_size,
                          channels=args.channels, kernels=kernels)
     print(format_cost_report(report))
+    compiled = None
+    if args.compiled:
+        from ..tools.inductor_cost import compiled_report, format_compiled_report
+
+        print("\ncompiled steps: Inductor's kernels for an H100, counted on the CPU (nothing runs)")
+        compiled = compiled_report(args.preset, args.batch_size, args.image_size, args.channels)
+        print(format_compiled_report(compiled))
     write_json(args.json, {"config": vars(args), "torch": torch.__version__,
                            **{k: v for k, v in report.items() if k != "rows"},
-                           "routes": {r["route"]: {k: v for k, v in r.items() if k != "route"} for r in report["rows"]}})
+                           "routes": {r["route"]: {k: v for k, v in r.items() if k != "route"} for r in report["rows"]},
+                           "compiled": compiled})
     return 0
 
 
