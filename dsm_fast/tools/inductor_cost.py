@@ -38,6 +38,19 @@ H100_PROPERTIES = {"name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0, "mul
 ADAM_PASSES, ADAM_TENSORS_PER_LAUNCH = 7, 36
 
 
+def _scatter_into(inp: torch.Tensor, src: torch.Tensor, view_ops) -> torch.Tensor:
+    """Inductor's reinplace pass's scatter on fake tensors, its copy by the operator rather than ``Tensor.copy_``,
+    whose Python binding takes a CUDA device guard that a CPU-only torch cannot."""
+    from torch.utils._pytree import tree_map
+
+    view = inp
+    for op in view_ops:
+        args, kwargs = tree_map(lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a, (op.args, op.kwargs))
+        view = op.target(view, *args, **kwargs)
+    torch.ops.aten.copy_.default(view, src)
+    return inp
+
+
 @contextlib.contextmanager
 def pretend_h100():
     """torch.cuda's and Inductor's device queries answer as one H100 would (Inductor lowers and schedules for it)."""
@@ -52,7 +65,8 @@ def pretend_h100():
                mock.patch(f"{interface}.get_compute_capability", staticmethod(lambda *a, **k: 90)),
                mock.patch(f"{interface}.Worker.get_device_properties", staticmethod(lambda *a, **k: props)),
                mock.patch(f"{interface}.Worker.current_device", staticmethod(lambda: 0)),
-               mock.patch("torch._inductor.scheduler.has_triton", lambda: True)]
+               mock.patch("torch._inductor.scheduler.has_triton", lambda: True),
+               mock.patch("torch._inductor.fx_passes.reinplace._inplace_generalized_scatter", _scatter_into)]
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
