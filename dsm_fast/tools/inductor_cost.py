@@ -271,7 +271,7 @@ def compiled_report(preset: str = "paper", batch: int = 128, image_size: int = 6
 
 
 def format_compiled_report(report: dict) -> str:
-    from .cost import DEVICES
+    from .cost import DEVICES, format_anchors
 
     names = [d.name for d in DEVICES]
     head = f"{'compiled step':<26}{'dtype':<6}{'kernels':>8}{'Triton':>7}{'TFLOP':>7}{'GB moved':>10}" + "".join(
@@ -284,9 +284,4 @@ def format_compiled_report(report: dict) -> str:
     lines += ["", (f"calibration on the compiled H100 anchors (method.md §6, paper preset, batch 128): launch cost "
                   f"τ = {report['launch_overhead_compiled_us']:.2f} µs per kernel (fitted), "
                   f"{report['launch_overhead_graph_us']:.1f} µs replayed from a CUDA graph (GRAPH_LAUNCH_S)")]
-    head = f"{'anchor':<26}{'kernels':>8}{'roofline ms':>13}{'predicted ms':>14}{'measured ms':>13}{'error':>8}"
-    lines += [head, "-" * len(head)]
-    for a in report["anchors"]:
-        lines.append(f"{a['anchor']:<26}{a['kernels']:>8}{a['roofline_ms']:>13.1f}{a['predicted_ms']:>14.1f}"
-                     f"{a['measured_ms']:>13.1f}{a['predicted_ms'] / a['measured_ms'] - 1:>+8.0%}")
-    return "\n".join(lines)
+    return "\n".join([*lines, format_anchors(report["anchors"], 26)])
