@@ -29,3 +29,12 @@ def test_graph_launch_cost_is_below_the_fitted_compiled_one():
     assert 0 < inductor_cost.GRAPH_LAUNCH_S < 5e-6
     adam = inductor_cost.adam_cost("tiny")
     assert adam.kernels >= 1 and adam.bytes % (inductor_cost.ADAM_PASSES * 4) == 0
+
+
+def test_fit_recovers_a_known_launch_cost_and_memory_efficiency():
+    from dsm_fast.tools.cost import H100
+
+    parts = {"a": (0.004, 20e9, 300), "b": (0.002, 12e9, 900), "c": (0.010, 60e9, 600)}
+    measured = {a: inductor_cost.step_ms(p, H100, 6e-6, 0.25) for a, p in parts.items()}
+    tau, eta = inductor_cost.fit_compiled(parts, measured, H100)
+    assert tau == pytest.approx(6e-6, abs=0.3e-6) and eta == pytest.approx(0.25, abs=0.003)

@@ -230,15 +230,42 @@ def step_ops(route: str, preset: str, batch: int, image_size: int, channels: int
             adam_cost(preset, channels)]
 
 
+def step_parts(ops: list[OpCost], device) -> tuple[float, float, int]:
+    """(seconds of the FLOP-carrying extern kernels by cost.py's roofline, bytes of the memory-bound kernels, kernels):
+    a step's time is then ``extern + bytes / (η_mem · BW) + kernels · τ``."""
+    from .cost import BANDWIDTH_EFFICIENCY, FLOP_EFFICIENCY
+
+    extern = sum(max(o.flops / (FLOP_EFFICIENCY * device.peak_flops[o.dtype]),
+                     o.bytes / (BANDWIDTH_EFFICIENCY * device.hbm_bytes_per_s)) for o in ops if o.flops)
+    return extern, sum(o.bytes for o in ops if not o.flops), sum(o.kernels for o in ops)
+
+
+def step_ms(parts: tuple[float, float, int], device, tau: float, eta: float) -> float:
+    extern, memory, kernels = parts
+    return 1e3 * (extern + memory / (eta * device.hbm_bytes_per_s) + kernels * tau)
+
+
+def fit_compiled(parts: dict, measured_ms: dict, device) -> tuple[float, float]:
+    """(τ, η_mem) minimizing Σ_a (log predicted − log measured)² over the anchors, τ ≥ :data:`GRAPH_LAUNCH_S`
+    (a launch costs at least a graph replay's), 0.05 ≤ η_mem ≤ 0.8 (a grid of 0.5 µs × 0.005)."""
+    def loss(tau: float, eta: float) -> float:
+        return sum(math.log(step_ms(p, device, tau, eta) / measured_ms[a]) ** 2 for a, p in parts.items())
+
+    grid = [(GRAPH_LAUNCH_S + 0.5e-6 * i, 0.05 + 0.005 * j) for i in range(120) for j in range(151)]
+    return min(grid, key=lambda point: loss(*point))
+
+
 def compiled_report(preset: str = "paper", batch: int = 128, image_size: int = 64, channels: int = 3,
                     routes: tuple[str, ...] = ("score", "fused"), precisions: tuple[str, ...] = ("fp32", "bf16"),
                     progress=print) -> dict:
-    """Predicted ms of each compiled step, with and without a CUDA graph, on each device of cost.py: per kernel
-    the roofline of cost.py, plus per launch τ_compiled (fitted on :data:`COMPILED_ANCHORS`, always traced at the
-    paper preset, batch 128) or, replayed from a graph, :data:`GRAPH_LAUNCH_S`."""
-    from .cost import DEVICES, H100, fit_launch_overhead, roofline_parts
+    """Predicted ms of each compiled step, with and without a CUDA graph, on each device of cost.py: the extern
+    kernels (cuDNN, cuBLAS) by cost.py's roofline, the memory-bound kernels (Inductor's Triton kernels, our custom
+    ops, Adam) at a fraction η_mem of HBM bandwidth, plus τ per launch — τ and η_mem fitted on
+    :data:`COMPILED_ANCHORS` (always traced at the paper preset, batch 128); replayed from a graph, τ is
+    :data:`GRAPH_LAUNCH_S`."""
+    from .cost import DEVICES, H100
 
-    traced: dict[tuple[str, str, str, int], list[OpCost]] = {}
+    traced: dict[tuple, list[OpCost]] = {}
 
     def ops(route: str, precision: str, shape: tuple) -> list[OpCost]:
         key = (route, precision, *shape)
@@ -248,12 +275,11 @@ def compiled_report(preset: str = "paper", batch: int = 128, image_size: int = 6
         return traced[key]
 
     paper = ("paper", 128, 64, 3)
-    anchor_parts = {a: roofline_parts(ops(*a, paper), H100) for a in COMPILED_ANCHORS}
-    tau = fit_launch_overhead({f"{r} {p}": v for (r, p), v in anchor_parts.items()},
-                              {f"{r} {p}": ms for (r, p), ms in COMPILED_ANCHORS.items()})
-    anchors = [{"anchor": f"{r} + compile, {p}", "kernels": n, "roofline_ms": 1e3 * s,
-                "predicted_ms": 1e3 * (s + n * tau), "measured_ms": COMPILED_ANCHORS[r, p]}
-               for (r, p), (s, n) in anchor_parts.items()]
+    anchor_parts = {a: step_parts(ops(*a, paper), H100) for a in COMPILED_ANCHORS}
+    tau, eta = fit_compiled(anchor_parts, COMPILED_ANCHORS, H100)
+    anchors = [{"anchor": f"{r} + compile, {p}", "kernels": parts[2],
+                "roofline_ms": step_ms(parts, H100, 0.0, 1.0), "predicted_ms": step_ms(parts, H100, tau, eta),
+                "measured_ms": COMPILED_ANCHORS[r, p]} for (r, p), parts in anchor_parts.items()]
     rows = []
     for route in routes:
         for precision in precisions:
@@ -261,13 +287,16 @@ def compiled_report(preset: str = "paper", batch: int = 128, image_size: int = 6
             for graph in (False, True):
                 row = {"route": f"{route} + compile{' + graph' if graph else ''}", "precision": precision,
                        "kernels": sum(o.kernels for o in step), "triton_kernels": sum(o.name == "triton" for o in step),
-                       "flops": sum(o.flops for o in step), "bytes": sum(o.bytes for o in step), "predicted_ms": {}}
-                for device in DEVICES:
-                    seconds, n = roofline_parts(step, device)
-                    row["predicted_ms"][device.name] = 1e3 * (seconds + n * (GRAPH_LAUNCH_S if graph else tau))
+                       "flops": sum(o.flops for o in step), "bytes": sum(o.bytes for o in step),
+                       "predicted_ms": {d.name: step_ms(step_parts(step, d), d, GRAPH_LAUNCH_S if graph else tau, eta)
+                                        for d in DEVICES}}
                 rows.append(row)
+    by = {(r["route"], r["precision"]): r["predicted_ms"][H100.name] for r in rows}
+    ratio = {p: by.get(("fused + compile + graph", p), math.nan) / by.get(("score + compile + graph", p), math.nan)
+             for p in precisions}
     return {"rows": rows, "anchors": anchors, "launch_overhead_compiled_us": 1e6 * tau,
-            "launch_overhead_graph_us": 1e6 * GRAPH_LAUNCH_S}
+            "launch_overhead_graph_us": 1e6 * GRAPH_LAUNCH_S, "memory_efficiency": eta,
+            "fused_over_score_graph_h100": ratio}
 
 
 def format_compiled_report(report: dict) -> str:
@@ -281,7 +310,11 @@ def format_compiled_report(report: dict) -> str:
         lines.append(f"{r['route']:<26}{r['precision']:<6}{r['kernels']:>8}{r['triton_kernels']:>7}"
                      f"{r['flops'] / 1e12:>7.2f}{r['bytes'] / 1e9:>10.1f}"
                      + "".join(f"{r['predicted_ms'][n]:>14.1f}" for n in names))
-    lines += ["", (f"calibration on the compiled H100 anchors (method.md §6, paper preset, batch 128): launch cost "
-                  f"τ = {report['launch_overhead_compiled_us']:.2f} µs per kernel (fitted), "
-                  f"{report['launch_overhead_graph_us']:.1f} µs replayed from a CUDA graph (GRAPH_LAUNCH_S)")]
+    lines += ["", "fused / score, compiled + CUDA graph, H100: " + ", ".join(
+        f"{p} {v:.2f}" for p, v in report["fused_over_score_graph_h100"].items())]
+    lines += ["", (f"calibration on the compiled H100 anchors (method.md §6, paper preset, batch 128), fitted: "
+                   f"memory-bound kernels at η_mem = {report['memory_efficiency']:.3f} of HBM bandwidth, launch cost "
+                   f"τ = {report['launch_overhead_compiled_us']:.1f} µs per kernel (at least a graph replay's "
+                   f"{report['launch_overhead_graph_us']:.1f} µs, GRAPH_LAUNCH_S); extern kernels by cost.py's "
+                   f"roofline")]
     return "\n".join([*lines, format_anchors(report["anchors"], 26)])
