@@ -13,7 +13,8 @@ Scheduler — whose nodes, after fusion, are the kernels it would generate:
                                                         input's size
 
 The compiled function returns empty outputs of the right shapes, so a step at batch 128 costs seconds of tracing,
-not of arithmetic. The rest of the step is eager: the loss mean and fused Adam (:func:`adam_cost`).
+not of arithmetic. The rest of the step is eager: the loss mean and fused Adam (:func:`adam_cost`). The time model
+(:func:`compiled_report`) extends docs/method.md §5.2's roofline to these kernels.
 """
 from __future__ import annotations
 
@@ -214,7 +215,7 @@ def adam_cost(preset: str = "paper", channels: int = 3) -> OpCost:
     return OpCost("adam (fused)", -(-len(params) // ADAM_TENSORS_PER_LAUNCH), 0, ADAM_PASSES * 4 * numel, "fp32")
 
 
-# method.md §6, one H100 80GB, PyTorch 2.11, paper preset, batch 128, Adam, median of 20 steps (ms).
+# docs/method.md §6.2, one H100 80GB, PyTorch 2.11, paper preset, batch 128, Adam, median of 20 steps (ms).
 COMPILED_ANCHORS = {("score", "fp32"): 26.9, ("score", "bf16"): 16.2, ("functional", "fp32"): 169.0}
 # Per kernel of a replayed CUDA graph: NVIDIA's "Getting Started with CUDA Graphs" (technical blog, 2019) measured
 # 3.4 µs per kernel replayed from a graph against 3.8 µs launched in a stream, for kernels of ≈ 2.9 µs — under
@@ -312,7 +313,7 @@ def format_compiled_report(report: dict) -> str:
                      + "".join(f"{r['predicted_ms'][n]:>14.1f}" for n in names))
     lines += ["", "fused / score, compiled + CUDA graph, H100: " + ", ".join(
         f"{p} {v:.2f}" for p, v in report["fused_over_score_graph_h100"].items())]
-    lines += ["", (f"calibration on the compiled H100 anchors (method.md §6, paper preset, batch 128), fitted: "
+    lines += ["", (f"calibration on the compiled H100 anchors (docs/method.md §6.2, paper preset, batch 128), fitted: "
                    f"memory-bound kernels at η_mem = {report['memory_efficiency']:.3f} of HBM bandwidth, launch cost "
                    f"τ = {report['launch_overhead_compiled_us']:.1f} µs per kernel (at least a graph replay's "
                    f"{report['launch_overhead_graph_us']:.1f} µs, GRAPH_LAUNCH_S); extern kernels by cost.py's "
