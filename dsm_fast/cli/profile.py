@@ -12,6 +12,7 @@ def add_profile(sub) -> None:
                            "dsm-fast profile --preset tiny --batch-size 4 --image-size 16 --device cpu",
                            "dsm-fast profile --cuda on --trace fused.json --json profile.json",
                            "dsm-fast profile --cost --json cost.json   # no GPU needed",
+                           "dsm-fast profile --cost --compiled        # + the compiled steps as Inductor builds them",
                            "dsm-fast profile --ptx --json ptx.json     # every Triton kernel for sm_80/sm_90, no GPU",
                            "dsm-fast profile --ptx --preset all --largest-only"),
                        description="Per op (NormAct forward, NormAct adjoint, dual-score loss terms), side by side: the "
