@@ -38,3 +38,16 @@ def test_fit_recovers_a_known_launch_cost_and_memory_efficiency():
     measured = {a: inductor_cost.step_ms(p, H100, 6e-6, 0.25) for a, p in parts.items()}
     tau, eta = inductor_cost.fit_compiled(parts, measured, H100)
     assert tau == pytest.approx(6e-6, abs=0.3e-6) and eta == pytest.approx(0.25, abs=0.003)
+
+
+def test_breakdown_adds_up_to_the_step_largest_first():
+    from dsm_fast.tools.cost import H100, OpCost
+
+    ops = [OpCost("triton", 1, 0, 4e8, "fp32"), OpCost("dsm_fast.norm_act", 3, 0, 9e8, "fp32"),
+           OpCost("aten.convolution", 1, 3e12, 2e8, "tf32"), OpCost("triton", 1, 0, 1e8, "fp32")]
+    rows = inductor_cost.breakdown(ops, H100, 2e-6, 0.2)
+    assert rows[0]["op"] == "aten.convolution"
+    assert [r["kernels"] for r in rows if r["op"] == "triton"] == [2]
+    total = inductor_cost.step_ms(inductor_cost.step_parts(ops, H100), H100, 2e-6, 0.2)
+    assert sum(r["ms"] for r in rows) == pytest.approx(total)
+    assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)

@@ -246,6 +246,17 @@ def step_ms(parts: tuple[float, float, int], device, tau: float, eta: float) -> 
     return 1e3 * (extern + memory / (eta * device.hbm_bytes_per_s) + kernels * tau)
 
 
+def breakdown(ops: list[OpCost], device, tau: float, eta: float) -> list[dict]:
+    """Where a step's predicted time goes: per op name (Inductor's Triton kernels together), its kernels, bytes and
+    predicted ms, largest first — what to remove first."""
+    names: dict[str, list[OpCost]] = collections.defaultdict(list)
+    for op in ops:
+        names[op.name].append(op)
+    rows = [{"op": name, "kernels": sum(o.kernels for o in group), "bytes": sum(o.bytes for o in group),
+             "ms": step_ms(step_parts(group, device), device, tau, eta)} for name, group in names.items()]
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
 def fit_compiled(parts: dict, measured_ms: dict, device) -> tuple[float, float]:
     """(τ, η_mem) minimizing Σ_a (log predicted − log measured)² over the anchors, τ ≥ :data:`GRAPH_LAUNCH_S`
     (a launch costs at least a graph replay's), 0.05 ≤ η_mem ≤ 0.8 (a grid of 0.5 µs × 0.005)."""
@@ -290,7 +301,8 @@ def compiled_report(preset: str = "paper", batch: int = 128, image_size: int = 6
                        "kernels": sum(o.kernels for o in step), "triton_kernels": sum(o.name == "triton" for o in step),
                        "flops": sum(o.flops for o in step), "bytes": sum(o.bytes for o in step),
                        "predicted_ms": {d.name: step_ms(step_parts(step, d), d, GRAPH_LAUNCH_S if graph else tau, eta)
-                                        for d in DEVICES}}
+                                        for d in DEVICES},
+                       "by_op": breakdown(step, H100, GRAPH_LAUNCH_S if graph else tau, eta)}
                 rows.append(row)
     by = {(r["route"], r["precision"]): r["predicted_ms"][H100.name] for r in rows}
     ratio = {p: by.get(("fused + compile + graph", p), math.nan) / by.get(("score + compile + graph", p), math.nan)
@@ -313,6 +325,10 @@ def format_compiled_report(report: dict) -> str:
                      + "".join(f"{r['predicted_ms'][n]:>14.1f}" for n in names))
     lines += ["", "fused / score, compiled + CUDA graph, H100: " + ", ".join(
         f"{p} {v:.2f}" for p, v in report["fused_over_score_graph_h100"].items())]
+    for r in report["rows"]:
+        if r["route"] == "fused + compile + graph":
+            lines.append(f"where the {r['precision']} fused step's predicted H100 time goes: " + ", ".join(
+                f"{b['op'].removeprefix('dsm_fast.').removeprefix('aten.')} {b['ms']:.1f} ms" for b in r["by_op"][:6]))
     lines += ["", (f"calibration on the compiled H100 anchors (docs/method.md §6.2, paper preset, batch 128), fitted: "
                    f"memory-bound kernels at η_mem = {report['memory_efficiency']:.3f} of HBM bandwidth, launch cost "
                    f"τ = {report['launch_overhead_compiled_us']:.1f} µs per kernel (at least a graph replay's "
