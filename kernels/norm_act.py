@@ -17,9 +17,10 @@ The plain-PyTorch reference of both, ``norm_act_ref`` and ``norm_act_adjoint_ref
 (re-exported here): the model builds on it and must import without Triton.
 
 Custom operators (torch.library, so torch.compile traces them without graph breaks and meta/fake tensors flow):
-dsm_fast::norm_act, whose backward is dsm_fast::norm_act_adjoint, whose backward — the second derivatives of the
-forward, which a dual-score loss needs for its parameter gradient — is dsm_fast::norm_act_adjoint_backward, three
-Triton passes (formulas at its launcher). A third derivative raises instead of coming out silently wrong.
+dsm_fast::norm_act (z and h's statistics μ, v), whose backward is dsm_fast::norm_act_adjoint, whose backward — the
+second derivatives of the forward, which a dual-score loss needs for its parameter gradient — is
+dsm_fast::norm_act_adjoint_backward, three Triton passes (formulas at its launcher). Both take μ and v from the
+forward rather than reducing h again (docs/method.md §4.4). A third derivative raises instead of coming out silently wrong.
 Storage may be bfloat16/float16.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .norm_act_ref import (  # noqa: F401 (re-exported)
     norm_act_ref,
     scaled_norm_act_adjoint_ref,
     scaled_norm_act_ref,
+    statistics_dtype,
 )
 
 MAX_BLOCK = 1024
@@ -365,30 +367,39 @@ def _channels(c: int) -> dict[str, int]:
     return {"BLOCK_C": triton.next_power_of_2(c)}
 
 
-def _statistics(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row statistics of contiguous h (B, C, H, W): (μ, v, σ = s k), each (B, C) (two launches)."""
+def norm_act_statistics_launch(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, v) of contiguous h (B, C, H, W), each (B, C) in the statistics dtype: one launch, two passes over h."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
-    mean = torch.empty(b, c, device=h.device, dtype=k.dtype)
-    var, scale = torch.empty_like(mean), torch.empty_like(mean)
+    mean = torch.empty(b, c, device=h.device, dtype=statistics_dtype(h.dtype))
+    var = torch.empty_like(mean)
     launch(_row_stats_kernel, (b * c,), h, mean, var, n, **_row_loop(n))
-    launch(_scale_kernel, (b,), var, k, scale, c, **_channels(c))
-    return mean, var, scale
+    return mean, var
 
 
-def norm_act_forward_launch(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """z = GELU(x̂ s k) for contiguous h (B, C, H, W) and k (B, C) in the statistics dtype."""
+def _scale(var: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """σ = s k (B, C) from v and k (B, C) (one per-image launch)."""
+    scale = torch.empty_like(var)
+    launch(_scale_kernel, (var.shape[0],), var, k, scale, var.shape[1], **_channels(var.shape[1]))
+    return scale
+
+
+def norm_act_forward_launch(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z = GELU(x̂ s k), μ, v) for contiguous h (B, C, H, W) and k (B, C) in the statistics dtype; μ and v (B, C)
+    are what the adjoint and its backward take instead of reducing h again."""
     n = h.shape[2] * h.shape[3]
-    mean, _, scale = _statistics(h, k)
+    mean, var = norm_act_statistics_launch(h)
     out = torch.empty_like(h)
-    launch(_norm_act_fwd_kernel, _row_grid(h.shape[0] * h.shape[1], n), h, mean, scale, out, n, BLOCK=_block(n))
-    return out
+    launch(_norm_act_fwd_kernel, _row_grid(h.shape[0] * h.shape[1], n), h, mean, _scale(var, k), out, n,
+           BLOCK=_block(n))
+    return out, mean, var
 
 
-def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̄, k̄) for contiguous h, ḡ (B, C, H, W) and k (B, C) in the statistics dtype (formulas in the module doc)."""
+def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                            grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h̄, k̄) for contiguous h, ḡ (B, C, H, W), k (B, C) in the statistics dtype and h's statistics μ, v (B, C)
+    (formulas in the module doc). Four launches: σ, Σ ā and Q, channel terms, h̄."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
-    mean, var, scale = _statistics(h, k)
+    scale = _scale(var, k)
     sum_abar, q, grad_k = torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
     coef_x, abar_mean = torch.empty_like(mean), torch.empty_like(mean)
     launch(_norm_act_adj_reduce_kernel, (b * c,), h, grad_out, mean, scale, sum_abar, q, n, **_row_loop(n))
@@ -399,8 +410,8 @@ def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Te
     return grad_h, grad_k
 
 
-def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor,
-                                     grad_grad_h: torch.Tensor, grad_grad_k: torch.Tensor
+def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                                     grad_out: torch.Tensor, grad_grad_h: torch.Tensor, grad_grad_k: torch.Tensor
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The adjoint's vector-Jacobian product: for cotangents (H, K) of (h̄, k̄), the gradients (dh, dk, dḡ) — the
     second derivatives of the forward. Reverse mode through the module doc's adjoint, per image over channels c:
@@ -413,10 +424,11 @@ def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, grad_out:
         dv = −w² dw + dV / C
         pass 3:  dh = coef_x H + dQ ā + σ da + (2 dv / n) x̂ − mean of the same (Σ x̂ = 0)
 
-    h, ḡ, H contiguous (B, C, H, W); k, K (B, C) in the statistics dtype. Seven launches: statistics (2), pass 1,
-    channel terms, pass 2, channel terms, pass 3."""
+    h, ḡ, H contiguous (B, C, H, W); k, K and h's statistics μ, v (B, C) in the statistics dtype. dh is the whole
+    derivative, through μ and v included (their own gradients are not returned: see the custom operators). Six
+    launches: σ, pass 1, channel terms, pass 2, channel terms, pass 3."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
-    mean, var, scale = _statistics(h, k)
+    scale = _scale(var, k)
     sums = torch.empty(b, c, 5, device=h.device, dtype=k.dtype)
     launch(_adj_bwd_reduce_kernel, (b * c,), h, grad_out, grad_grad_h, mean, scale, sums, n, **_row_loop(n))
     coef = torch.empty(b, c, 7, device=h.device, dtype=k.dtype)
@@ -431,82 +443,120 @@ def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, grad_out:
 
 
 # --- custom operators (torch.library): fake implementations for meta/fake tensors, autograd by the next op -----
+# The forward also returns h's statistics μ, v (B, C); the adjoint and its backward take them instead of reducing h
+# again. They are a cache of h, not free inputs: each op's derivative in h is the whole one, through μ and v, so the
+# statistics come out non-differentiable and the ops return no gradient for them. Whoever has no forward at hand
+# takes them from dsm_fast::norm_act_statistics of h.
 @torch.library.custom_op("dsm_fast::norm_act", mutates_args=())
-def norm_act_op(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """z = GELU(x̂ s k); backward = dsm_fast::norm_act_adjoint."""
+def norm_act_op(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z = GELU(x̂ s k), μ, v); backward = dsm_fast::norm_act_adjoint."""
     return norm_act_forward_launch(h, k)
 
 
+@torch.library.custom_op("dsm_fast::norm_act_statistics", mutates_args=())
+def norm_act_statistics_op(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, v) of h, non-differentiable (call it on h.detach())."""
+    return norm_act_statistics_launch(h)
+
+
 @torch.library.custom_op("dsm_fast::norm_act_adjoint", mutates_args=())
-def norm_act_adjoint_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̄, k̄) = Jᵀ ḡ; backward = dsm_fast::norm_act_adjoint_backward."""
-    return norm_act_adjoint_launch(h, k, grad_out)
+def norm_act_adjoint_op(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                        grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h̄, k̄) = Jᵀ ḡ, μ and v h's statistics; backward = dsm_fast::norm_act_adjoint_backward."""
+    return norm_act_adjoint_launch(h, k, mean, var, grad_out)
 
 
 @torch.library.custom_op("dsm_fast::norm_act_adjoint_backward", mutates_args=())
-def norm_act_adjoint_backward_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor, grad_grad_h: torch.Tensor,
-                                  grad_grad_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def norm_act_adjoint_backward_op(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                                 grad_out: torch.Tensor, grad_grad_h: torch.Tensor, grad_grad_k: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dk, dḡ): the second derivatives; differentiating it again raises."""
-    return norm_act_adjoint_backward_launch(h, k, grad_out, grad_grad_h, grad_grad_k)
+    return norm_act_adjoint_backward_launch(h, k, mean, var, grad_out, grad_grad_h, grad_grad_k)
+
+
+def _statistics_like(h: torch.Tensor) -> torch.Tensor:
+    return h.new_empty(h.shape[:2], dtype=statistics_dtype(h.dtype))
 
 
 @norm_act_op.register_fake
 def _(h, k):
-    return torch.empty_like(h)
+    return torch.empty_like(h), _statistics_like(h), _statistics_like(h)
+
+
+@norm_act_statistics_op.register_fake
+def _(h):
+    return _statistics_like(h), _statistics_like(h)
 
 
 @norm_act_adjoint_op.register_fake
-def _(h, k, grad_out):
+def _(h, k, mean, var, grad_out):
     return torch.empty_like(h), torch.empty_like(k)
 
 
 @norm_act_adjoint_backward_op.register_fake
-def _(h, k, grad_out, grad_grad_h, grad_grad_k):
+def _(h, k, mean, var, grad_out, grad_grad_h, grad_grad_k):
     return torch.empty_like(h), torch.empty_like(k), torch.empty_like(grad_out)
+
+
+def _save_forward(ctx, inputs, output) -> None:
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(*inputs, mean, var)
 
 
 def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _norm_act_backward(ctx, grad_z):
-    h, k = ctx.saved_tensors
-    return norm_act_adjoint_op(h, k, grad_z.contiguous())
+def _norm_act_backward(ctx, grad_z, grad_mean, grad_var):
+    h, k, mean, var = ctx.saved_tensors
+    return norm_act_adjoint_op(h, k, mean, var, grad_z.contiguous())
 
 
 def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad.contiguous()
 
 
+def adjoint_second_order(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                         grad_out: torch.Tensor, grad_grad_h: torch.Tensor | None, grad_grad_k: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dk, dḡ) for cotangents (H, K) of (h̄, k̄), either of which may be None (zero)."""
+    return norm_act_adjoint_backward_op(h, k, mean, var, grad_out, _or_zeros(grad_grad_h, h),
+                                        _or_zeros(grad_grad_k, k))
+
+
 def _norm_act_adjoint_backward(ctx, grad_grad_h, grad_grad_k):
-    h, k, grad_out = ctx.saved_tensors
-    return norm_act_adjoint_backward_op(h, k, grad_out, _or_zeros(grad_grad_h, h), _or_zeros(grad_grad_k, k))
+    h, k, mean, var, grad_out = ctx.saved_tensors
+    grad_h, grad_k, grad_g = adjoint_second_order(h, k, mean, var, grad_out, grad_grad_h, grad_grad_k)
+    return grad_h, grad_k, None, None, grad_g
 
 
 def _third_order(ctx, *grads):
     raise RuntimeError("dsm_fast::norm_act has no third derivative: its adjoint's backward is differentiable once")
 
 
-torch.library.register_autograd("dsm_fast::norm_act", _norm_act_backward, setup_context=_save_inputs)
+torch.library.register_autograd("dsm_fast::norm_act", _norm_act_backward, setup_context=_save_forward)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint", _norm_act_adjoint_backward, setup_context=_save_inputs)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint_backward", _third_order, setup_context=_save_inputs)
 # Per op and call: (kernels launched, all Triton; full passes over an h-sized tensor, each read or write), what
 # dsm-fast profile --cost counts for an op it sees only from outside (tests/test_kernels_custom_ops.py recounts
 # the kernels).
-# Statistics read h twice; forward: + read h, write z; adjoint: + read h, ḡ twice, write h̄; its backward: + read
-# h, ḡ, H three times, write dḡ and dh.
-LAUNCHES = {"dsm_fast.norm_act": (3, 4), "dsm_fast.norm_act_adjoint": (5, 7), "dsm_fast.norm_act_adjoint_backward": (7, 13)}
+# Statistics read h twice; forward: statistics, σ, + read h, write z; adjoint (statistics given): σ, read h, ḡ
+# twice, write h̄; its backward (statistics given): σ, read h, ḡ, H three times, write dḡ and dh.
+LAUNCHES = {"dsm_fast.norm_act": (3, 4), "dsm_fast.norm_act_statistics": (1, 2), "dsm_fast.norm_act_adjoint": (4, 5),
+            "dsm_fast.norm_act_adjoint_backward": (6, 11)}
 
 
 # --- public functions -------------------------------------------------------------------------------------------
 def norm_act(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
     """GELU(Normalization(h) · g · (1 + m)) by the Triton kernels; h: (B, C, H, W), g: (C,), m: (B, C)."""
-    return norm_act_op(h.contiguous(), modulated_gain(h, gain, modulation))
+    return norm_act_op(h.contiguous(), modulated_gain(h, gain, modulation))[0]
 
 
 def norm_act_adjoint(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor, grad_out: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, m̄) = Jᵀ ḡ of :func:`norm_act` w.r.t. h and m (m̄ = g k̄), differentiable in h, g, m and ḡ."""
-    grad_h, grad_k = norm_act_adjoint_op(h.contiguous(), modulated_gain(h, gain, modulation), grad_out.contiguous())
+    h = h.contiguous()
+    grad_h, grad_k = norm_act_adjoint_op(h, modulated_gain(h, gain, modulation), *norm_act_statistics_op(h.detach()),
+                                         grad_out.contiguous())
     return grad_h, (gain.to(grad_k.dtype) * grad_k).to(modulation.dtype)
