@@ -41,6 +41,7 @@ from .norm_act_ref import (  # noqa: F401 (re-exported)
 )
 
 MAX_BLOCK = 1024
+SUMS_WARPS = 8  # warps of the adjoint backward's ten-sum pass: ten float64 accumulators of 1024 spill with four
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 NORM_EPS_C = tl.constexpr(NORM_EPS)
@@ -422,7 +423,8 @@ def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, mean: tor
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
     scale = _scale(var, k)
     sums = torch.empty(b, c, 10, device=h.device, dtype=k.dtype)
-    launch(_adj_bwd_reduce_kernel, (b * c,), h, grad_out, grad_grad_h, mean, scale, sums, n, **_row_loop(n))
+    launch(_adj_bwd_reduce_kernel, (b * c,), h, grad_out, grad_grad_h, mean, scale, sums, n, **_row_loop(n),
+           num_warps=SUMS_WARPS)
     coef, grad_k = torch.empty(b, c, 7, device=h.device, dtype=k.dtype), torch.empty_like(mean)
     launch(_adj_bwd_coef_kernel, (b,), mean, var, k, grad_grad_k, sums, coef, grad_k, c, n, **_channels(c))
     grad_h, grad_g = torch.empty_like(h), torch.empty_like(grad_out)
