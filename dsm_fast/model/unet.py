@@ -72,6 +72,10 @@ class EnergyUNet(nn.Module):
     def downsampling(self) -> int:
         return 2 ** (len(self.preset.widths) - 1)
 
+    def zero_output(self) -> None:
+        """f ≡ 0: the last convolution's weights zeroed."""
+        nn.init.zeros_(self.decoder[-1][-1].conv.weight)
+
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.embedding(t)
         h, skips = y, []
