@@ -7,7 +7,7 @@ import torch
 
 from dsm_fast.model import RadialEnergy, UNetEnergy, adjoint, energy_and_scores
 from dsm_fast.routes import FusedRoute, ReferenceRoute, make_route, noisy, resolve_kernels
-from dsm_fast.testing import TOLERANCES, assert_rel_close, relative_error
+from dsm_fast.tools.testing import TOLERANCES, assert_rel_close, relative_error
 
 TOL = TOLERANCES[torch.float64]  # 1e-6
 

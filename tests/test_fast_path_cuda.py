@@ -10,7 +10,7 @@ from dsm_fast import cuda_ext
 from dsm_fast.config import TrainConfig
 from dsm_fast.model import UNetEnergy
 from dsm_fast.routes import ReferenceRoute, make_route
-from dsm_fast.testing import TOLERANCES, assert_rel_close, relative_error
+from dsm_fast.tools.testing import TOLERANCES, assert_rel_close, relative_error
 from dsm_fast.train import Trainer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

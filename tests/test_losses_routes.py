@@ -8,7 +8,7 @@ import torch
 from dsm_fast.losses import objective_terms, sample_noise_levels
 from dsm_fast.model import UNetEnergy, energy_and_scores
 from dsm_fast.routes import Compiled, FunctionalRoute, ReferenceRoute, make_route, noisy
-from dsm_fast.testing import assert_rel_close
+from dsm_fast.tools.testing import assert_rel_close
 
 T_SPAN = torch.tensor([1e-9, 1e-5, 1e-2, 1.0, 30.0, 1e3], dtype=torch.float64)
 

@@ -11,7 +11,7 @@ from dsm_fast.evaluate import evaluate_nll
 from dsm_fast.model import GaussianStartEnergy, adjoint, build_model
 from dsm_fast.model.energy import energy_and_scores
 from dsm_fast.routes import FusedRoute, ReferenceRoute, make_route
-from dsm_fast.testing import TOLERANCES, assert_rel_close
+from dsm_fast.tools.testing import TOLERANCES, assert_rel_close
 
 
 def test_it_starts_as_the_gaussian_energy_with_its_scores():
