@@ -11,7 +11,8 @@ def add_profile(sub) -> None:
                            "dsm-fast profile --preset paper --batch-size 128",
                            "dsm-fast profile --preset tiny --batch-size 4 --image-size 16 --device cpu",
                            "dsm-fast profile --cuda on --trace fused.json --json profile.json",
-                           "dsm-fast profile --cost --json cost.json   # no GPU needed"),
+                           "dsm-fast profile --cost --json cost.json   # no GPU needed",
+                           "dsm-fast profile --cost --preset edm2-s --batch-size 64 --checkpoint-activations block"),
                        description="Per op (NormAct forward, NormAct adjoint, dual-score loss terms), side by side: the "
                                    "PyTorch reference, the Triton kernel and the CUDA C++ kernel where built — median "
                                    "ms, achieved GB/s (ideal traffic over time) and relative error to float64. Then the "
@@ -32,6 +33,8 @@ def add_profile(sub) -> None:
     p.add_argument("--cost", action="store_true",
                    help="the cost report: one step per route on the meta device, counted and roofline-predicted "
                         "(uses --preset, --batch-size, --image-size, --channels, --json)")
+    p.add_argument("--checkpoint-activations", default="none", choices=("none", "block"),
+                   help="--cost: add the fused rows with per-block activation checkpointing (EDM2 presets)")
     p.add_argument("--json", metavar="PATH", help="write the tables as JSON")
 
 
@@ -92,10 +95,12 @@ def run_cost(args) -> int:
     from ..tools.cost import cost_report, format_cost_report, traceable_kernels
 
     kernels = traceable_kernels()
+    if args.checkpoint_activations != "none" and not args.preset.startswith("edm2"):
+        raise ConfigError("--checkpoint-activations needs an EDM2 preset (edm2-tiny, edm2-xs, edm2-s)")
     print(f"cost report: preset {args.preset}, batch {args.batch_size}, {args.channels}×{args.image_size}², fp32, "
           f"one steady-state step on the meta device (torch {torch.__version__})")
     report = cost_report(preset=args.preset, batch=args.batch_size, image_size=args.image_size,
-                         channels=args.channels, kernels=kernels)
+                         channels=args.channels, kernels=kernels, checkpoint=args.checkpoint_activations)
     print(format_cost_report(report))
     write_json(args.json, {"config": vars(args), "torch": torch.__version__,
                            **{k: v for k, v in report.items() if k != "rows"},

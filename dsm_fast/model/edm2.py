@@ -11,7 +11,8 @@ U = ½ ⟨y, f⟩ (method.md §1), and its size presets. Our own code after the 
   the NLL reads log p), fed to fixed random Fourier features √2 cos(2π f c + φ) (f ~ N(0, 1), φ ~ U[0, 2π),
   buffers): over t ∈ [1e-9, 1e3] c spans [−2.6, 0.86], a feature's period being ~1.3 in ln t — resolved;
 - the output and every embedding gain start at zero (EDM2's init): f ≡ 0 and U ≡ 0 at initialization;
-- no class embedding, no dropout; activations clipped to ±256 as in EDM2 (its mask is the adjoint's too).
+- no class embedding, no dropout (so a recomputed block, under activation checkpointing, is the same block);
+  activations clipped to ±256 as in EDM2 (its mask is the adjoint's too).
 
 Every layer's forward can record what its explicit adjoint needs on a ``tape`` (dsm_fast/model/edm2_adjoint.py
 runs it backwards); the eager forward is the same code with no tape.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 EPS = 1e-4  # weight and pixel normalization
 MP_SILU_SCALE = 0.596  # E[SiLU(x)²]^½ for x ~ N(0, 1): SiLU / 0.596 keeps unit magnitude
@@ -258,6 +260,7 @@ class EDM2UNet(nn.Module):
                 self.decoder.append(Block(c_in, c, emb_channels, "dec", heads=heads(level, c)))
                 self.concat.append(True)
         self.conv_out = MPConv(c, channels, (3, 3))
+        self.checkpoint = "none"  # 'block': a taped forward keeps only each block's input (see run_block)
 
     @property
     def downsampling(self) -> int:
@@ -277,7 +280,7 @@ class EDM2UNet(nn.Module):
         x = self.conv_in.apply_weight(torch.cat([y, torch.ones_like(y[:, :1])], dim=1), w_in)
         skips = [x]
         for block in self.encoder:
-            x = block.run(x, emb, tape)
+            x = self.run_block(block, x, emb, tape)
             skips.append(x)
         for block, concat in zip(self.decoder, self.concat):
             if concat:
@@ -286,11 +289,20 @@ class EDM2UNet(nn.Module):
                 if tape is not None:
                     tape.append({"cat": (x.shape[1], skip.shape[1])})
                 x = torch.cat([a * x, b * skip], dim=1)
-            x = block.run(x, emb, tape)
+            x = self.run_block(block, x, emb, tape)
         w_out = self.conv_out.normalized_weight(self.out_gain)
         if tape is not None:
             tape.append({"emb": emb, "w_in": w_in, "w_out": w_out})
         return self.conv_out.apply_weight(x, w_out)
+
+    def run_block(self, block: Block, x: torch.Tensor, emb: torch.Tensor, tape: list | None) -> torch.Tensor:
+        """``block.run``; with a tape and ``checkpoint == 'block'`` (activation checkpointing of the explicit
+        adjoint's graph) the tape holds only the block's input, the block runs under torch.utils.checkpoint, and
+        the adjoint recomputes the block's entry from that input (edm2_adjoint.block_adjoint_from_tape)."""
+        if tape is None or self.checkpoint == "none":
+            return block.run(x, emb, tape)
+        tape.append({"input": x})
+        return checkpoint(block.run, x, emb, use_reentrant=False)
 
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.run(y, t)

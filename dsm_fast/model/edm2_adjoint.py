@@ -25,6 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .edm2 import (
     ATTN_BALANCE,
@@ -110,6 +111,22 @@ def block_adjoint(block: Block, s: dict, g: torch.Tensor) -> tuple[torch.Tensor,
     return resample_adjoint(g_x, block.resample_mode), c_bar @ s["w_emb"].to(c_bar.dtype)
 
 
+def block_adjoint_from_tape(block: Block, entry: dict, g: torch.Tensor, emb: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_adjoint` from the block's tape entry; an entry holding only the block's input (activation
+    checkpointing, EDM2UNet.run_block) is recomputed, the block's forward and adjoint under one checkpoint: the
+    parameter backward keeps x, emb and ḡ per block and runs both again."""
+    if "input" not in entry:
+        return block_adjoint(block, entry, g)
+
+    def recompute_and_adjoint(x: torch.Tensor, emb: torch.Tensor, g: torch.Tensor):
+        tape: list[dict] = []
+        block.run(x, emb, tape)
+        return block_adjoint(block, tape[0], g)
+
+    return checkpoint(recompute_and_adjoint, entry["input"], emb, g, use_reentrant=False)
+
+
 def embedding_adjoint(embedding: NoiseEmbedding, s: dict, e_bar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """t̄ = (d emb / dt)ᵀ ē of emb = mp_silu(z), z = W √2 cos(φ), φ = ⅛ ln(t + δ) · f + φ₀:
 
@@ -138,7 +155,7 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
     e_bar = torch.zeros_like(final["emb"])
     skip_bars = []
     for block, concat in zip(reversed(unet.decoder), reversed(unet.concat)):
-        g, e_share = block_adjoint(block, tape.pop(), g)
+        g, e_share = block_adjoint_from_tape(block, tape.pop(), g, final["emb"])
         e_bar = e_bar + e_share
         if concat:  # mp_cat([x, skip]): split ḡ by channels, each share times its weight
             channels_x, channels_skip = tape.pop()["cat"]
@@ -147,7 +164,7 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
             g = a * g
             skip_bars.append(b * skip_bar)
     for block in reversed(unet.encoder):
-        g, e_share = block_adjoint(block, tape.pop(), g + skip_bars.pop())
+        g, e_share = block_adjoint_from_tape(block, tape.pop(), g + skip_bars.pop(), final["emb"])
         e_bar = e_bar + e_share
     g = conv_adjoint(final["w_in"], g + skip_bars.pop())[:, : y.shape[1]]  # the ones channel is constant
 

@@ -139,14 +139,34 @@ def saved_bytes(loss: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+def saved_bytes_by_hooks(loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(loss_fn(), bytes autograd saved while it ran, each storage once), counted by a saved-tensor pack hook: a
+    checkpointed region's own hooks take its tensors, so only what survives to the backward is counted (the node
+    walk of :func:`saved_bytes` would unpack, i.e. recompute, them). torch.func refuses such hooks: not for the
+    functional route."""
+    storages: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        storage = x.untyped_storage()
+        storages[storage._cdata] = storage.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = loss_fn()
+    return loss, sum(storages.values())
+
+
 def step_closure(route: str, preset: str, batch: int, image_size: int, channels: int, kernels: str,
-                 dtype: torch.dtype) -> tuple[Callable[[], torch.Tensor], Callable[[], None], int]:
+                 dtype: torch.dtype, checkpoint: str = "none"
+                 ) -> tuple[Callable[[], torch.Tensor], Callable[[], None], int]:
     """(loss(), update(), bytes of weights + gradients + Adam's moments) of one training step of ``route`` on the meta device: 'forward' is the energy's forward
     alone (no gradient), 'score' the plain score-network step, else a route of dsm_fast.routes; Adam as on CUDA
-    (foreach). ``kernels`` applies to the fused route."""
+    (foreach). ``kernels`` applies to the fused route, ``checkpoint`` ('none', 'block') to its EDM2 presets."""
     meta = torch.device("meta")
     with meta:
         model = UNetEnergy(channels, preset).to(dtype)
+    if checkpoint != "none":
+        model.unet.checkpoint = checkpoint
     x = torch.rand(batch, channels, image_size, image_size, device=meta, dtype=dtype)
     t, eps = torch.rand(batch, device=meta, dtype=dtype), torch.randn_like(x)
     state = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
@@ -163,9 +183,9 @@ def step_closure(route: str, preset: str, batch: int, image_size: int, channels:
 
 
 def trace_step(route: str, preset: str = "paper", batch: int = 128, image_size: int = 64, channels: int = 3,
-               kernels: str = "torch", dtype: torch.dtype = torch.float32) -> dict:
+               kernels: str = "torch", dtype: torch.dtype = torch.float32, checkpoint: str = "none") -> dict:
     """Counts of one steady-state step of ``route`` (a first step outside the count creates Adam's state)."""
-    loss_fn, update, state = step_closure(route, preset, batch, image_size, channels, kernels, dtype)
+    loss_fn, update, state = step_closure(route, preset, batch, image_size, channels, kernels, dtype, checkpoint)
     if route != "forward":
         loss_fn().backward()
         update()
@@ -174,6 +194,9 @@ def trace_step(route: str, preset: str = "paper", batch: int = 128, image_size: 
         if route == "forward":
             with torch.no_grad():
                 loss_fn()
+        elif checkpoint != "none":
+            loss, saved = saved_bytes_by_hooks(loss_fn)
+            loss.backward()
         else:
             loss = loss_fn()
             saved = saved_bytes(loss)
@@ -214,19 +237,21 @@ def traceable_kernels() -> tuple[str, ...]:
 
 def cost_report(routes: tuple[str, ...] = ("score", "reference", "functional", "fused"), preset: str = "paper",
                 batch: int = 128, image_size: int = 64, channels: int = 3, kernels: tuple[str, ...] = ("torch",),
-                dtype: torch.dtype = torch.float32) -> dict:
+                dtype: torch.dtype = torch.float32, checkpoint: str = "none") -> dict:
     """Counts and predicted ms per route and device; τ fitted on the anchors (always traced at the paper preset,
-    batch 128, fp32, as measured); 'fused' is reported once per entry of ``kernels``."""
+    batch 128, fp32, as measured); 'fused' is reported once per entry of ``kernels``, and once more per entry with
+    activation ``checkpoint`` ('block', the EDM2 presets) when it is not 'none'."""
     anchor_traces = {a: trace_step(a) for a in ANCHORS}
     tau = fit_launch_overhead({a: roofline_parts(tr["ops"], H100) for a, tr in anchor_traces.items()}, ANCHORS)
     same = (preset, batch, image_size, channels, dtype) == ("paper", 128, 64, 3, torch.float32)
     rows = []
+    checkpoints = ("none",) if checkpoint == "none" else ("none", checkpoint)
     for route in routes:
-        for k in (kernels if route == "fused" else ("torch",)):
+        for k, ckpt in ([(k, c) for c in checkpoints for k in kernels] if route == "fused" else [("torch", "none")]):
             trace = anchor_traces[route] if same and route in ANCHORS else trace_step(
-                route, preset, batch, image_size, channels, k, dtype)
+                route, preset, batch, image_size, channels, k, dtype, ckpt)
             row = {key: trace[key] for key in ("kernels", "flops", "bytes", "saved_bytes", "peak_bytes")}
-            row["route"] = f"fused ({k})" if route == "fused" else route
+            row["route"] = route if route != "fused" else f"fused ({k})" if ckpt == "none" else f"fused ({k}, ckpt)"
             row["predicted_ms"] = {}
             for device in DEVICES:
                 seconds, n = roofline_parts(trace["ops"], device)
