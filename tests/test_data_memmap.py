@@ -4,7 +4,7 @@ pipeline (CPU-only mode where DALI is installed) yields the very same batches.""
 import numpy as np
 import pytest
 import torch
-from test_imagenet64 import official_batches, write_official
+from test_data_imagenet64 import official_batches, write_official
 
 from dsm_fast.config import TrainConfig
 from dsm_fast.data import DataError, ImageBatches, make_test_data, make_training_data

@@ -1,5 +1,5 @@
 """dsm_fast/tools/release.py: the released code's state-dict names ↔ ours (the names themselves are checked against the
-release in tests/test_parity_release.py)."""
+release in tests/test_tools_parity.py)."""
 import pytest
 import torch
 
