@@ -21,8 +21,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     # model
-    model: str = "paper"  # UNet preset (paper, small, tiny) or 'radial' for the analytic data set
+    model: str = "paper"  # UNet preset (paper, small, tiny; edm2-s, edm2-xs, edm2-tiny) or 'radial' (analytic data)
     energy: str = "paper"  # paper (U = ½⟨y, f⟩) | gaussian (starts at the data's Gaussian: model/gaussian.py)
+    checkpoint_activations: str = "none"  # none | block (EDM2 presets, fused route: recompute each block's activations)
     # data
     data: str = "demo"  # 'demo' (embedded photographs), 'gsm' (Gaussian scale mixture), folder, .npy, prepared ImageNet64
     loader: str = "auto"  # auto (DALI when installed, CUDA and a prepared dataset; else cpu) | cpu | dali
@@ -118,6 +119,9 @@ class TrainConfig:
             (self.dist_timeout > 0 and not math.isnan(self.dist_timeout), "dist_timeout must be positive"),
             (self.radial_offset == 0 or self.model == "radial", "radial_offset needs --model radial"),
             (self.energy in ("paper", "gaussian"), "energy must be paper or gaussian"),
+            (self.checkpoint_activations in ("none", "block"), "checkpoint_activations must be none or block"),
+            (self.checkpoint_activations == "none" or (self.model.startswith("edm2") and self.route in ("auto", "fused")),
+             "checkpoint_activations block needs an EDM2 preset (--model edm2-tiny, edm2-xs, edm2-s) and the fused route"),
             (self.energy == "paper" or self.model != "radial", "energy gaussian needs a UNet preset, not radial"),
         ]
         for ok, message in checks:

@@ -133,6 +133,8 @@ class Trainer:
         if (cfg.model == "radial") != (len(sample_shape) == 1):
             raise ConfigError(f"model {cfg.model} does not fit data {cfg.data}: use --model radial with --data gsm "
                               f"and a UNet preset with images")
+        if cfg.checkpoint_activations != "none":
+            self.model.unet.checkpoint = cfg.checkpoint_activations
         if cfg.energy == "gaussian":  # μ and s² of the training pixels (a resumed run reloads the same buffers)
             self.model.set_data_statistics(*pixel_statistics(self.data.images))
         self.model = with_free_energies(self.model, cfg)  # DiffCLF: the model also owns the free energies F_j

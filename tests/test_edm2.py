@@ -5,9 +5,15 @@ import math
 import pytest
 import torch
 
-from dsm_fast.model import GaussianStartEnergy, UNetEnergy, adjoint, build_model, energy_and_scores, parameter_count
+from dsm_fast.model import GaussianStartEnergy, UNetEnergy, adjoint, build_model, parameter_count
 from dsm_fast.routes import ReferenceRoute, make_route, noisy
-from dsm_fast.tools.testing import assert_rel_close
+from dsm_fast.tools.testing import (
+    assert_rel_close,
+    assert_scores_equal_autograd,
+    draw_batch,
+    parameter_gradients,
+    perturbed,
+)
 
 TOL = 1e-10  # float64, relative
 
@@ -17,6 +23,16 @@ COUNTS = {("edm2-tiny", 1): 485_373, ("edm2-tiny", 3): 485_661, ("edm2-xs", 3): 
           ("edm2-s", 1): 279_434_341, ("edm2-s", 3): 279_441_253}
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: this net's many small operators gain nothing from two, and on a loaded machine the
+    second thread's spin-waits cost ~15× the CPU time (measured: 7 s vs 107 s for the test below)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("preset, channels", list(COUNTS))
 def test_preset_parameter_counts(preset, channels):
     with torch.device("meta"):
@@ -24,33 +40,9 @@ def test_preset_parameter_counts(preset, channels):
     assert parameter_count(model) == COUNTS[preset, channels]
 
 
-def perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """Float64, every parameter moved off its initial value: the zero-initialized output and embedding gains too
-    (at initialization f ≡ 0 and U ≡ 0, where every adjoint test passes trivially)."""
-    model = model.double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
-
-
-def draw(n: int, channels: int, size: int = 16):
-    """Images in [0, 1], t spanning 1e-9 … 1e3 (both ends and log-uniform draws between), noise."""
-    x = torch.rand(n, channels, size, size, dtype=torch.float64)
-    middle = torch.exp(math.log(1e-9) + torch.rand(n - 2, dtype=torch.float64) * math.log(1e12))
-    t = torch.cat([torch.tensor([1e-9], dtype=torch.float64), middle, torch.tensor([1e3], dtype=torch.float64)])
-    return x, t, torch.randn_like(x)
-
-
-def parameter_gradients(model, route, x, t, eps):
-    model.zero_grad(set_to_none=True)
-    route(x, t, eps)["loss"].mean().backward()
-    return [p.grad.clone() for p in model.parameters()]
-
-
 def test_output_is_zero_at_initialization_and_attention_is_placed():
     model = UNetEnergy(1, "edm2-tiny").double()
-    x, t, _ = draw(2, 1)
+    x, t, _ = draw_batch(2, 1)
     assert torch.equal(model(x, t), torch.zeros(2, dtype=torch.float64))
     heads = [block.heads for block in model.unet.encoder]
     # levels 2 and 3 (16² and 8² at 64×64) after their 'down' block, 8 channels per head
@@ -58,36 +50,36 @@ def test_output_is_zero_at_initialization_and_attention_is_placed():
     assert model.unet.decoder[0].heads == 4 and model.unet.decoder[1].heads == 0
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("channels, energy", [(1, "paper"), (3, "paper"), (3, "gaussian")])
 def test_energy_and_scores_equal_autograd(channels, energy, seed):
-    model = perturbed(build_model("edm2-tiny", channels, energy=energy))
-    x, t, eps = draw(4, channels)
-    y = noisy(x, t, eps)
-    expected = energy_and_scores(model, y, t)
-    actual = adjoint.energy_and_scores(model, y, t)
-    for name, a, e in zip(("U", "∇_y U", "∂_t U"), actual, expected):
-        assert_rel_close(a, e, TOL, name, seed)
-        assert e.abs().min() > 0  # a vanishing reference would prove nothing
+    model = perturbed(build_model("edm2-tiny", channels, energy=energy).double(), 0.3)
+    assert_scores_equal_autograd(model, *draw_batch(4, channels), TOL, seed)
 
 
-@pytest.mark.parametrize("route, kernels, objective, energy", [
-    ("fused", "torch", "dual", "paper"), ("fused", "torch", "single", "paper"), ("fused", "torch", "dual", "gaussian"),
-    ("functional", "torch", "dual", "paper"), ("fused", "triton", "dual", "paper")])
-def test_routes_parameter_gradients_equal_reference(route, kernels, objective, energy, seed):
-    """Every route and kernel choice the CPU runs (triton: the loss terms by the interpreted Triton kernel, the
-    network in PyTorch: there are no NormAct layers in this net) against the eager double backward."""
-    model = perturbed(build_model("edm2-tiny", 3, energy=energy))
-    x, t, eps = draw(3, 3)
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("route, kernels, objective, energy, checkpoint", [
+    ("fused", "torch", "dual", "paper", "none"), ("fused", "torch", "single", "paper", "none"),
+    ("fused", "torch", "dual", "gaussian", "none"), ("fused", "torch", "dual", "paper", "block"),
+    ("functional", "torch", "dual", "paper", "none"), ("fused", "triton", "dual", "paper", "none")])
+def test_routes_parameter_gradients_equal_reference(route, kernels, objective, energy, checkpoint, seed):
+    """Every route and kernel choice the CPU runs against the eager double backward, the output and embedding
+    gains (zero at initialization, where f ≡ 0) perturbed like every weight. 'triton': the loss terms by the
+    interpreted Triton kernel, the network in PyTorch (this net has no NormAct layers for the NormAct kernels);
+    'block': activation checkpointing of the fused graph."""
+    model = perturbed(build_model("edm2-tiny", 3, energy=energy).double(), 0.3)
+    x, t, eps = draw_batch(3, 3)
     expected = parameter_gradients(model, ReferenceRoute(model, objective), x, t, eps)
+    model.unet.checkpoint = checkpoint
     actual = parameter_gradients(model, make_route(route, model, objective, kernels=kernels), x, t, eps)
-    assert_rel_close(actual, expected, TOL, f"{route} ({kernels}) gradients", seed)
+    assert_rel_close(actual, expected, TOL, f"{route} ({kernels}, checkpoint {checkpoint}) gradients", seed)
     assert all(e.abs().max() > 0 for e in expected)  # every parameter, every gain included, carries gradient
 
 
 def test_auto_route_is_fused_and_cuda_kernels_refused():
     model = UNetEnergy(1, "edm2-tiny")
     assert make_route("auto", model).name == "fused"
-    x, t, eps = draw(2, 1)
+    x, t, eps = draw_batch(2, 1)
     with pytest.raises(ValueError, match="no EDM2 ops"):  # the CUDA extension holds NormAct only
         adjoint.energy_and_scores(model, noisy(x, t, eps).float(), t.float(), kernels="cuda")
     with pytest.raises(ValueError, match="not a multiple of 8"):
@@ -96,13 +88,13 @@ def test_auto_route_is_fused_and_cuda_kernels_refused():
 
 def test_gaussian_start_is_the_gaussian_energy():
     model = GaussianStartEnergy(1, "edm2-tiny").double()
-    x, t, _ = draw(2, 1)
+    x, t, _ = draw_batch(2, 1)
     assert torch.equal(model.inner(x, t), torch.zeros(2, dtype=torch.float64))
 
 
-def test_demo_data_trains_with_edm2_tiny(tmp_path):
+def test_demo_data_trains_with_edm2_tiny(tmp_path, one_thread):
     """The demo preset with --model edm2-tiny on 16×16 patches: the held-out NLL falls below its step-0 value (the
-    Gaussian start's) within 30 steps of batch 8."""
+    Gaussian start's) within 30 steps of batch 8 (measured 7.98 → 7.71 bits/dim)."""
     from dsm_fast.cli.train import held_out_nll
     from dsm_fast.config import resolve_config
     from dsm_fast.train import Trainer
@@ -117,3 +109,22 @@ def test_demo_data_trains_with_edm2_tiny(tmp_path):
     trainer.run()
     after = held_out_nll(trainer, cfg)["nll_bits_per_dim"]
     assert math.isfinite(before) and after < before - 0.05, (before, after)
+
+
+def test_checkpointing_saves_less_for_backward():
+    """The cost report's bytes saved for backward (meta device, counted the same way for both): per-block
+    checkpointing of the fused graph keeps the blocks' inputs (and ḡ at them) only."""
+    from dsm_fast.tools.cost import saved_bytes_by_hooks, step_closure
+
+    saved = {c: saved_bytes_by_hooks(step_closure("fused", "edm2-tiny", 2, 16, 3, "torch", torch.float32, c)[0])[1]
+             for c in ("none", "block")}
+    assert 0 < saved["block"] < 0.2 * saved["none"], saved
+
+
+def test_checkpointing_needs_an_edm2_preset_and_the_fused_route():
+    from dsm_fast.config import ConfigError, resolve_config
+
+    assert resolve_config(overrides={"model": "edm2-tiny", "checkpoint_activations": "block"})
+    for overrides in ({"model": "tiny"}, {"model": "edm2-tiny", "route": "reference"}):
+        with pytest.raises(ConfigError, match="needs an EDM2 preset"):
+            resolve_config(overrides={**overrides, "checkpoint_activations": "block"})

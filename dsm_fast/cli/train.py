@@ -11,7 +11,10 @@ from ..config import PRESETS, ConfigError, TrainConfig, resume_flags
 from .common import Formatter, examples
 
 FIELD_HELP = {
-    "model": "UNet preset (paper, small, tiny) or 'radial' for --data gsm",
+    "model": "UNet preset: paper, small, tiny (the paper's UNet) or edm2-s, edm2-xs, edm2-tiny (EDM2-style attention "
+             "UNet); or 'radial' for --data gsm",
+    "checkpoint_activations": "none or block: the fused route keeps only each block's input and recomputes the rest "
+                              "in the backward (EDM2 presets; less memory, about one more forward and adjoint)",
     "energy": "paper (U = ½<y, f(y, t)>, the paper's) or gaussian (U starts at the data's Gaussian energy and the UNet "
               "learns the difference; see dsm_fast/model/gaussian.py)",
     "plots": "write RUN/plots/ (loss curve, loss per noise level, denoising grid, plots.json) when training ends",
