@@ -148,7 +148,7 @@ class Block(nn.Module):
                  heads: int = 0):
         super().__init__()
         self.flavor, self.resample_mode, self.heads = flavor, resample_mode, heads
-        self.emb_gain = nn.Parameter(torch.zeros(()))
+        self.emb_gain = nn.Parameter(torch.zeros(1))  # shape (1,), not (): DeepSpeed broadcasts no 0-dim weight
         self.conv_res0 = MPConv(c_out if flavor == "enc" else c_in, c_out, (3, 3))
         self.emb_linear = MPConv(emb_channels, c_out, ())
         self.conv_res1 = MPConv(c_out, c_out, (3, 3))
@@ -229,7 +229,7 @@ class EDM2UNet(nn.Module):
         p = PRESETS[preset] if isinstance(preset, str) else preset
         self.channels, self.preset = channels, p
         widths, emb_channels = p.widths, max(p.widths)
-        self.out_gain = nn.Parameter(torch.zeros(()))
+        self.out_gain = nn.Parameter(torch.zeros(1))  # shape (1,), not (): DeepSpeed broadcasts no 0-dim weight
         self.embedding = NoiseEmbedding(widths[0], emb_channels)
         self.conv_in = MPConv(channels + 1, widths[0], (3, 3))
 
