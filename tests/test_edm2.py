@@ -76,6 +76,14 @@ def test_routes_parameter_gradients_equal_reference(route, kernels, objective, e
     assert all(e.abs().max() > 0 for e in expected)  # every parameter, every gain included, carries gradient
 
 
+def test_fused_step_traces_without_graph_breaks(one_thread):
+    """torch.compile sees the whole fused terms function (network, explicit adjoint, loss) as one graph."""
+    route = make_route("fused", UNetEnergy(3, "edm2-tiny"), kernels="torch")
+    x, t, eps = draw_batch(2, 3, dtype=torch.float32)
+    explained = torch._dynamo.explain(route)(x, t, eps)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_auto_route_is_fused_and_cuda_kernels_refused():
     model = UNetEnergy(1, "edm2-tiny")
     assert make_route("auto", model).name == "fused"
