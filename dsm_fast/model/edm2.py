@@ -1,5 +1,5 @@
 """An EDM2-style attention UNet f_θ(y, t) (Karras et al. 2024, "magnitude-preserving" layers) for the energy
-U = ½ ⟨y, f⟩ (method.md §1), and its size presets. Our own code after the published architecture:
+U = ½ ⟨y, f⟩ (docs/method.md §1.2), and its size presets. Our own code after the published architecture:
 
 - no biases and no group norm; every convolution and linear map is weight-normalized **in the forward**,
   W = g · w / (√N ε + ‖w_o‖) per output row o (N the fan-in, ε = 1e-4): there is no in-place re-normalization
