@@ -147,10 +147,12 @@ def test_checkpointing_saves_less_for_backward():
     assert 0 < saved["block"] < 0.2 * saved["none"], saved
 
 
-def test_checkpointing_needs_an_edm2_preset_and_the_fused_route():
+def test_checkpointing_and_kernels_refused_where_they_do_not_apply():
     from dsm_fast.config import ConfigError, resolve_config
 
     assert resolve_config(overrides={"model": "edm2-tiny", "checkpoint_activations": "block"})
     for overrides in ({"model": "tiny"}, {"model": "edm2-tiny", "route": "reference"}):
         with pytest.raises(ConfigError, match="needs an EDM2 preset"):
             resolve_config(overrides={**overrides, "checkpoint_activations": "block"})
+    with pytest.raises(ConfigError, match="kernels cuda has no EDM2 ops"):
+        resolve_config(overrides={"model": "edm2-tiny", "kernels": "cuda"})

@@ -1,4 +1,5 @@
 """Energy networks: the paper's UNet, the energy wrappers and the radial model for analytic data."""
+from ..config import ENERGIES
 from .edm2 import PRESETS as EDM2_PRESETS
 from .edm2 import EDM2Preset, EDM2UNet
 from .energy import RadialEnergy, UNetEnergy, denoise, energy_and_scores, sum_per_sample
@@ -8,10 +9,7 @@ from .unet import EnergyUNet, UNetPreset
 
 PRESETS = {**PAPER_PRESETS, **EDM2_PRESETS}  # every UNet preset, by --model name
 
-ENERGIES = ("paper", "gaussian")
-
 __all__ = [
-    "ENERGIES",
     "PRESETS",
     "EDM2Preset",
     "EDM2UNet",
