@@ -36,6 +36,7 @@ ENGINES = ("single", "ddp", "deepspeed")  # dsm_fast/engine.py
 CHANNELS = (1, 3)
 ZERO_STAGES = (0, 1, 2, 3)
 CHECKPOINTS = ("none", "block")  # activation checkpointing of the fused graph (EDM2 presets: dsm_fast/model/edm2.py)
+RESTORE_TASKS = ("inpaint", "superres", "deblur", "compressive")  # dsm-fast restore (analysis/measurements.py)
 
 
 class ConfigError(ValueError):

@@ -281,10 +281,15 @@ def format_cost_report(report: dict) -> str:
     lines += ["", (f"calibration on the H100 anchors (docs/method.md §6.2, eager fp32, paper preset, batch 128): "
                    f"launch overhead τ = {report['launch_overhead_us']:.2f} µs, η_F = {FLOP_EFFICIENCY}, "
                    f"η_B = {BANDWIDTH_EFFICIENCY}")]
-    head = f"{'anchor':<20}{'kernels':>9}{'roofline ms':>13}{'predicted ms':>14}{'measured ms':>13}{'error':>8}"
-    lines += [head, "-" * len(head)]
-    for a in report["anchors"]:
+    return "\n".join([*lines, format_anchors(report["anchors"])])
+
+
+def format_anchors(anchors: list[dict], width: int = 20) -> str:
+    """Predicted beside measured, per anchor."""
+    head = f"{'anchor':<{width}}{'kernels':>9}{'roofline ms':>13}{'predicted ms':>14}{'measured ms':>13}{'error':>8}"
+    lines = [head, "-" * len(head)]
+    for a in anchors:
         error = a["predicted_ms"] / a["measured_ms"] - 1
-        lines.append(f"{a['anchor']:<20}{a['kernels']:>9}{a['roofline_ms']:>13.1f}{a['predicted_ms']:>14.1f}"
+        lines.append(f"{a['anchor']:<{width}}{a['kernels']:>9}{a['roofline_ms']:>13.1f}{a['predicted_ms']:>14.1f}"
                      f"{a['measured_ms']:>13.1f}{error:>+8.0%}")
     return "\n".join(lines)
