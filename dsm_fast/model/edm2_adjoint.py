@@ -1,5 +1,5 @@
 """Explicit adjoint of the EDM2-style UNet energy (model/edm2.py): U, ∇_y U and ∂_t U from one ordinary forward
-graph, as model/adjoint.py does for the paper's UNet (docs/method.md §4):
+graph, as model/adjoint.py does for the paper's UNet (docs/method.md §4, §4.7 for the EDM2 layers):
 
     ∇_y U = ½ f + ½ J_fᵀ y,        ∂_t U = ½ ⟨y, ∂_t f⟩ = ½ (∂_t emb)ᵀ J_embᵀ y.
 
