@@ -1,5 +1,5 @@
 """Linear measurements m = A x (+ s n, n ~ N(0, I)) of images (B, C, H, W) or vectors (B, d), and the Gaussian
-posteriors they give in closed form (docs/method.md §3 for the GSM prior).
+posteriors they give in closed form (docs/method.md §3.6).
 
 Each operator offers A, Aᵀ, the pseudo-inverse A⁺ = Aᵀ(AAᵀ)⁻¹, the projector P = A⁺A onto the measured (row)
 space, and (v AAᵀ + s² I)⁻¹ with the eigenvalues of AAᵀ. For x ~ N(μ, v I) the posterior mean is the Wiener

@@ -14,7 +14,8 @@ def add_profile(sub) -> None:
                            "dsm-fast profile --cost --json cost.json   # no GPU needed",
                            "dsm-fast profile --cost --compiled        # + the compiled steps as Inductor builds them",
                            "dsm-fast profile --ptx --json ptx.json     # every Triton kernel for sm_80/sm_90, no GPU",
-                           "dsm-fast profile --ptx --preset all --largest-only"),
+                           "dsm-fast profile --ptx --preset all --largest-only",
+                           "dsm-fast profile --cost --preset edm2-s --batch-size 64 --checkpoint-activations block"),
                        description="Per op (NormAct forward, NormAct adjoint, dual-score loss terms), side by side: the "
                                    "PyTorch reference, the Triton kernel and the CUDA C++ kernel where built — median "
                                    "ms, achieved GB/s (ideal traffic over time) and relative error to float64. Then the "
@@ -39,6 +40,8 @@ def add_profile(sub) -> None:
     p.add_argument("--cost", action="store_true",
                    help="the cost report: one step per route on the meta device, counted and roofline-predicted "
                         "(uses --preset, --batch-size, --image-size, --channels, --json)")
+    p.add_argument("--checkpoint-activations", default="none", choices=("none", "block"),
+                   help="--cost: add the fused rows with per-block activation checkpointing (EDM2 presets)")
     p.add_argument("--compiled", action="store_true",
                    help="--cost: also the compiled steps (score, fused; fp32, bf16; with and without a CUDA graph) "
                         "as Inductor builds them for an H100, traced on the CPU (minutes)")
@@ -110,10 +113,12 @@ def run_cost(args) -> int:
     from ..tools.cost import cost_report, format_cost_report, traceable_kernels
 
     kernels = traceable_kernels()
+    if args.checkpoint_activations != "none" and not args.preset.startswith("edm2"):
+        raise ConfigError("--checkpoint-activations needs an EDM2 preset (edm2-tiny, edm2-xs, edm2-s)")
     print(f"cost report: preset {args.preset}, batch {args.batch_size}, {args.channels}×{args.image_size}², fp32, "
           f"one steady-state step on the meta device (torch {torch.__version__})")
     report = cost_report(preset=args.preset, batch=args.batch_size, image_size=args.image_size,
-                         channels=args.channels, kernels=kernels)
+                         channels=args.channels, kernels=kernels, checkpoint=args.checkpoint_activations)
     print(format_cost_report(report))
     compiled = None
     if args.compiled:
@@ -134,8 +139,8 @@ def run_ptx(args) -> int:
     in a per-layer kernel."""
     import argparse
 
-    from ..model import PRESETS
-    from ..tools.ptx import PRECISIONS, TARGETS, format_ptx_table, ptx_report
+    from ..model.unet import PRESETS  # 'all': the paper UNet's presets, whose steps run every Triton kernel (an EDM2
+    from ..tools.ptx import PRECISIONS, TARGETS, format_ptx_table, ptx_report  # preset's runs only the loss op)
 
     presets = tuple(PRESETS) if args.preset == "all" else (args.preset,)
     for preset in presets:

@@ -14,7 +14,7 @@ Scheduler — whose nodes, after fusion, are the kernels it would generate:
 
 The compiled function returns empty outputs of the right shapes, so a step at batch 128 costs seconds of tracing,
 not of arithmetic. The rest of the step is eager: the loss mean and fused Adam (:func:`adam_cost`). The time model
-(:func:`compiled_report`) extends docs/method.md §5.2's roofline to these kernels.
+(:func:`compiled_report`) extends docs/method.md §5.2's roofline to these kernels (§5.4).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Every Triton kernel of dsm_fast.kernels compiled for named NVIDIA GPUs, with no GPU (``dsm-fast profile --ptx``).
+"""Every Triton kernel of dsm_fast.kernels compiled for named NVIDIA GPUs, with no GPU (``dsm-fast profile --ptx``;
+docs/method.md §5.5).
 
 1. The step. One fused-route training step (kernels 'triton', the route ``--route auto`` picks on CUDA) of a UNet
    preset is traced on fake tensors (shapes, strides and dtypes; no data): float32, bfloat16 under autocast as
