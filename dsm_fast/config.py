@@ -200,10 +200,28 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def typed_like(kind: str, value: Any) -> bool:
+    """Whether a typed config-file value is one the command line would accept for a field of type ``kind``:
+    ``steps: 5.5`` or ``steps: true`` is not an int (bool is a subclass of int in Python), ``lr: 1`` is a float."""
+    if isinstance(value, bool):
+        return kind == "bool"
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float))
+    if kind == "bool":
+        return value in (0, 1)
+    if kind.startswith("tuple"):
+        return isinstance(value, (list, tuple)) and all(typed_like("float", v) for v in value)
+    return False  # a str field takes strings only
+
+
 def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
     """Convert a file or command-line value to the field's type, or raise a one-line ConfigError."""
     kind = field.type if isinstance(field.type, str) else field.type.__name__
     try:
+        if not isinstance(value, str) and not typed_like(kind, value):  # a file's YAML/TOML value
+            raise ValueError
         if kind == "bool":
             if isinstance(value, str):
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no"):

@@ -27,7 +27,7 @@ from typing import NoReturn
 
 import torch
 
-from . import distributed
+from . import distributed, runlock
 from .checkpoint import (
     CheckpointError,
     checkpoint_step,
@@ -37,6 +37,7 @@ from .checkpoint import (
     read_manifest,
     reject,
     save_checkpoint,
+    set_aside_incomplete,
     write_run_config,
 )
 from .config import RUN_RECORD, ConfigError, TrainConfig, check_resume
@@ -107,16 +108,20 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, local_rank: int | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ConfigError(f"--out {self.run_dir} is a file; a run needs a folder")
-        if list_checkpoints(self.run_dir) and not resume:
-            raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose --out")
-        if resume:  # the run's own options, bar those a resume may change (config.RESUME_MAY_CHANGE)
-            check_resume(config_from_run(self.run_dir), dataclasses.asdict(cfg))
         self.device = resolve_device(cfg.device)
         if cfg.precision == "bf16" and self.device.type != "cuda":
             raise ConfigError("precision bf16 (autocast) needs a CUDA device")
         self.world = distributed.start(cfg.engine, cfg.dist_timeout, self.device.type, local_rank)
+        runlock.hold_for_world(self.run_dir, self.world)  # creates the folder; one train per folder (runlock.py)
+        if list_checkpoints(self.run_dir) and not resume:
+            raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose --out")
+        if resume:  # the run's own options, bar those a resume may change (config.RESUME_MAY_CHANGE)
+            check_resume(config_from_run(self.run_dir), dataclasses.asdict(cfg))
+        if self.world.is_main:
+            for moved in set_aside_incomplete(self.run_dir):
+                print(f"warning: {moved.name} had no manifest (an interrupted save); moved to {moved.parent}",
+                      file=sys.stderr, flush=True)
+        distributed.barrier()
         if self.device.type == "cuda" and self.world.size > 1:
             self.device = torch.device("cuda", self.world.local_rank)
         self.micro_batch = micro_batch(cfg, self.world)
@@ -156,8 +161,6 @@ class Trainer:
             self._restore()
         self.trusted_until = self.step - self.bad_in_row  # see diverged
         self.run_record: dict = {}  # what config.json records about this start beside the options (config.RUN_RECORD)
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
 
     def _write_config(self, **record) -> None:
@@ -343,10 +346,13 @@ class Trainer:
         stands) and ends as a DistributedError naming the rank, so every rank stops with one clear line.
         Meanwhile, on the CPU in float32, subnormals flush to zero (dsm_fast/subnormals.py; config.json's
         flush_denormal), as before afterwards."""
-        with flushed_subnormals(self.device, self.dtype) as flushed:
-            if flushed:
-                self._write_config(flush_denormal=True)
-            return self._run()
+        try:
+            with flushed_subnormals(self.device, self.dtype) as flushed:
+                if flushed:
+                    self._write_config(flush_denormal=True)
+                return self._run()
+        finally:
+            runlock.release(self.run_dir)
 
     def _run(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
@@ -383,7 +389,7 @@ class Trainer:
                 if checkpoint_now:
                     self.save()
         except (KeyboardInterrupt, Exception) as error:
-            if isinstance(error, (TrainingStopped, ConfigError)):
+            if isinstance(error, (TrainingStopped, ConfigError, CheckpointError)):
                 raise
             if self.world.size > 1:
                 raise DistributedError(f"rank {self.world.rank}/{self.world.size} stopped at step {self.step}: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def run_train(args) -> int:
         cfg = trainer.cfg  # route, kernels and compilation resolved
         start = held_out_nll(trainer, cfg) if trainer.world.is_main and not trainer.engine.partitions_weights else None
         if trainer.world.is_main:
+            warn_small_data(trainer, cfg)
             print(f"training {cfg.model} on {cfg.data}{f' (preset {args.preset})' if args.preset else ''} "
                   f"({cfg.objective} score matching, energy {cfg.energy}, route {cfg.route}, kernels {cfg.kernels}, "
                   f"compile {cfg.compile}{', CUDA graph' if cfg.cuda_graph else ''}, {trainer.optimizer_name}, "
@@ -116,6 +118,14 @@ def run_train(args) -> int:
         return 0
     report(trainer, cfg, summary, start, first_step, time.perf_counter() - began)
     return 0
+
+
+def warn_small_data(trainer, cfg) -> None:
+    """One line when the training set holds fewer images than one batch: every step then repeats images."""
+    images = getattr(trainer.data, "images", None)
+    if images is not None and images.shape[0] < cfg.batch_size:
+        print(f"warning: {images.shape[0]} training image(s), fewer than --batch-size {cfg.batch_size}: every batch "
+              f"repeats images (each epoch is shorter than one step)", file=sys.stderr, flush=True)
 
 
 def held_out_nll(trainer, cfg) -> dict | None:

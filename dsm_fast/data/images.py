@@ -2,6 +2,7 @@
 whose position (epoch, offset) is the whole state, so a resumed run sees the same next batches."""
 from __future__ import annotations
 
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,16 @@ def load_image_folder(folder: Path, channels: int, size: int) -> np.ndarray:
     return np.stack(images)
 
 
+def load_npy(path: Path, hint: str = "", **options) -> np.ndarray:
+    """``np.load(path, allow_pickle=False, **options)``, or one DataError naming the file (a damaged header makes
+    numpy raise ValueError, SyntaxError or tokenize.TokenError); ``hint`` says what to do about it."""
+    try:
+        return np.load(path, allow_pickle=False, **options)
+    except (ValueError, OSError, SyntaxError, tokenize.TokenError) as error:
+        reason = str(error).splitlines()[0][:120] if not isinstance(error, tokenize.TokenError) else error.args[0]
+        raise DataError(f"{path}: cannot read as .npy (damaged or not an array: {reason}){hint}") from None
+
+
 def load_images(path: str | Path, channels: int, size: int) -> np.ndarray:
     """A folder of images or a .npy uint8 array (N, C, H, W), validated."""
     path = Path(path)
@@ -126,10 +137,7 @@ def load_images(path: str | Path, channels: int, size: int) -> np.ndarray:
         return check_images(load_image_folder(path, channels, size), str(path), channels, size)
     if path.suffix != ".npy":
         raise DataError(f"{path}: expected a folder of images or a .npy array")
-    try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise DataError(f"{path}: cannot read as .npy ({error})") from None
+    images = load_npy(path, mmap_mode="r")
     return check_images(as_channels(images, channels), str(path), channels, size)
 
 
