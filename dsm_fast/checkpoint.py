@@ -259,6 +259,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
     return weights, state, ema
 
 
+def rank_streams(state: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """This rank's stream state from a checkpoint written by any number of processes: {"data": its data state,
+    "noise_generator", "torch_rng"} when the world size is the same; on another, {"data_position": the unsharded
+    stream's (epoch, position) for ``seek``, "noise_generator" (the same on every rank), "torch_rng": None (the
+    rank-local RNG is reseeded)}. A stream with no world-independent position (GSM draws are per rank) is refused."""
+    saved = int(state.get("world_size", 1))
+    first = state if saved == 1 else state["ranks"][0]
+    if saved == world:
+        local = state if saved == 1 else state["ranks"][rank]
+        return {key: local[key] for key in ("data", "noise_generator", "torch_rng")}
+    if "data_position" not in state:
+        raise ConfigError(f"the run was written by {saved} process(es) and its data stream has no position that "
+                          f"another world size can continue (GSM draws are per rank); resume it with {saved}")
+    return {"data_position": state["data_position"], "noise_generator": first["noise_generator"], "torch_rng": None}
+
+
 def reject(folder: Path, run_dir: Path) -> Path:
     """Move a checkpoint out of the way (RUN/rejected/step_N), kept for inspection, never loaded again."""
     target = Path(run_dir) / REJECTED / folder.name

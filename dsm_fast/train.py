@@ -20,7 +20,6 @@ import dataclasses
 import json
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -34,6 +33,7 @@ from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
     non_finite,
+    rank_streams,
     read_manifest,
     reject,
     save_checkpoint,
@@ -52,6 +52,7 @@ from .model import build_model
 from .optim import EMA, learning_rate, make_optimizer
 from .progress import Progress
 from .routes import make_route, resolve_compile, resolve_kernels, resolve_route
+from .stopsignal import StopSignals
 from .subnormals import flushed_subnormals
 
 
@@ -65,10 +66,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signal_number: int, message: str = ""):
         super().__init__(message)
         self.signal_number = signal_number
-
-
-def _raise_on_sigterm(signal_number: int, frame) -> None:
-    raise Interrupted(signal_number)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -185,7 +182,10 @@ class Trainer:
         """Checkpoint the current step; ``streams`` overrides the data/noise position (see ``run``).
         With several ranks every rank calls it: the per-rank positions are gathered and rank 0 writes."""
         local = {**(streams or self._stream_state()), "torch_rng": torch.get_rng_state()}
-        state = local if self.world.size == 1 else {"ranks": distributed.gather_objects(local)}
+        ranks = distributed.gather_objects(local)
+        state = dict(local) if self.world.size == 1 else {"ranks": ranks}
+        if hasattr(self.data, "shared_position"):  # what another world size continues from (rank_streams)
+            state["data_position"] = self.data.shared_position([rank["data"] for rank in ranks])
         state.update(self.engine.checkpoint_state(), bad_total=self.bad_total, bad_in_row=self.bad_in_row,
                      world_size=self.world.size, engine_format=self.engine.name == "deepspeed")
         weights = self.engine.full_state_dict()
@@ -247,16 +247,23 @@ class Trainer:
                 reject(newer, self.run_dir)
             drop_stats_after(self.run_dir / "stats.jsonl", int(state["step"]))
         saved_world, deepspeed_format = int(state.get("world_size", 1)), bool(state.get("engine_format", False))
-        if saved_world != self.world.size or deepspeed_format != (self.engine.name == "deepspeed"):
-            raise ConfigError(f"{self.run_dir} was written by {saved_world} process(es)"
-                              f"{' with DeepSpeed' if deepspeed_format else ''}; resume it the same way")
+        if deepspeed_format != (self.engine.name == "deepspeed"):
+            raise ConfigError(f"{self.run_dir} was written {'with' if deepspeed_format else 'without'} DeepSpeed; "
+                              f"resume it with --engine {'deepspeed' if deepspeed_format else 'single or ddp'}")
+        if deepspeed_format and saved_world != self.world.size:
+            raise ConfigError(f"{self.run_dir} was written by {saved_world} DeepSpeed processes, whose ZeRO optimizer "
+                              f"state is partitioned per rank; resume it with {saved_world} processes")
+        streams = rank_streams(state, self.world.rank, self.world.size)  # any world size for single/DDP
         self.engine.load(self.run_dir, int(state["step"]), weights, state)
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema)
-        local = state if self.world.size == 1 else state["ranks"][self.world.rank]
-        self.data.load_state_dict(local["data"])
-        self.noise_generator.set_state(local["noise_generator"].cpu())
-        torch.set_rng_state(local["torch_rng"].cpu())
+        if "data_position" in streams:
+            self.data.seek(streams["data_position"])
+        else:
+            self.data.load_state_dict(streams["data"])
+        self.noise_generator.set_state(streams["noise_generator"].cpu())
+        if streams["torch_rng"] is not None:
+            torch.set_rng_state(streams["torch_rng"].cpu())
         self.step, self.bad_total = int(state["step"]), int(state["bad_total"])
         self.bad_in_row = int(state.get("bad_in_row", 0))
 
@@ -362,8 +369,7 @@ class Trainer:
         if self.step == 0 and not self.resumed:
             self.save()  # step 0: what a divergence in the first steps rolls back to
         start, bad_at_start = self.step, self.bad_total
-        on_main_thread = threading.current_thread() is threading.main_thread()
-        previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) if on_main_thread else None
+        stop = StopSignals().install()  # SIGTERM/SIGINT: every rank stops after the same step (stopsignal.py)
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) if main else None
         stats_file = (self.run_dir / "stats.jsonl").open("a") if main else None
         progress = Progress(cfg.steps, self.step, cfg.batch_size, enabled=cfg.progress and main,
@@ -372,6 +378,8 @@ class Trainer:
         record: dict = {}
         try:
             while self.step < cfg.steps:
+                if number := stop.agreed():  # every rank, the same step: all write one checkpoint below
+                    raise Interrupted(number)
                 terms = self.train_step()
                 self._record_compile_fallback()
                 progress.step(terms)
@@ -391,7 +399,7 @@ class Trainer:
         except (KeyboardInterrupt, Exception) as error:
             if isinstance(error, (TrainingStopped, ConfigError, CheckpointError)):
                 raise
-            if self.world.size > 1:
+            if self.world.size > 1 and not isinstance(error, Interrupted):
                 raise DistributedError(f"rank {self.world.rank}/{self.world.size} stopped at step {self.step}: "
                                        f"{type(error).__name__}: {distributed.first_line(error)}") from error
             path = self.save(streams=self._pre_step if self._in_step else None)  # an interrupted step is redrawn
@@ -401,8 +409,7 @@ class Trainer:
                                           f"{path}; continue with --resume") from None
             raise
         finally:
-            if on_main_thread:
-                signal.signal(signal.SIGTERM, previous_handler)
+            stop.restore()
             progress.close()
             if main:
                 writer.close()

@@ -67,9 +67,10 @@ def add_train(sub) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), help="named settings (dsm_fast/config.py): demo (the main job: "
                    "minutes on a 2-core CPU, visibly learning), paper (the defaults)")
     p.add_argument("--config", help="YAML or TOML file of the options below (keys with underscores)")
-    p.add_argument("--resume", action="store_true",
+    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"),
                    help="continue the run in --out from its newest healthy checkpoint, with the run's own options "
-                        f"(config.json); only {resume_flags()} may be given anew")
+                        f"(config.json); only {resume_flags()} may be given anew. --resume auto: continue the run "
+                        "if --out holds one, else start it (for torchrun --max-restarts and requeued jobs)")
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
                    help="passed by the deepspeed launcher; LOCAL_RANK in the environment takes precedence")
     bare = {"bool": "true", "compile": "on"}  # what a flag given without a value means
@@ -82,26 +83,28 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> int:
-    from ..config import check_resume, given_options, resolve_config
+    from ..checkpoint import list_checkpoints
+    from ..config import check_resume, given_options
     from ..data import make_test_data
     from ..distributed import stop
     from ..train import Trainer, config_from_run
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if args.resume:  # the run's resolved options ← the few a resume may change
-        given = given_options(args.config, overrides, args.preset)
-        run_dir = Path(given.get("out", TrainConfig.out))
+    given = given_options(args.config, overrides, args.preset)
+    run_dir = Path(given.get("out", TrainConfig.out))
+    resume = args.resume == "yes" or (args.resume == "auto" and bool(list_checkpoints(run_dir)))
+    if resume:  # the run's resolved options ← the few a resume may change
         if not (run_dir / "config.json").is_file():
             raise ConfigError(f"--resume: {run_dir} holds no run to resume (no config.json); drop --resume to start one")
         saved = config_from_run(run_dir)
         check_resume(saved, given)
         cfg = dataclasses.replace(saved, **given).validate()
     else:
-        cfg = resolve_config(args.config, overrides, args.preset)
+        cfg = TrainConfig(**given).validate()
     if cfg.eval_images > 0:
         make_test_data(cfg, 1)  # a data set too small to hold out images is refused before training, not after
     try:
-        trainer = Trainer(cfg, resume=args.resume, local_rank=args.local_rank)
+        trainer = Trainer(cfg, resume=resume, local_rank=args.local_rank)
         cfg = trainer.cfg  # route, kernels and compilation resolved
         start = held_out_nll(trainer, cfg) if trainer.world.is_main and not trainer.engine.partitions_weights else None
         if trainer.world.is_main:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .imagenet64 import MemmapBatches, SortedGather
+from .images import shard_state
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -157,3 +158,9 @@ class DaliBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._restart(state, self.batch_size)
+
+    def shared_position(self, states: list[dict[str, int]]) -> dict[str, int]:
+        return self.orders.shared_position(states)
+
+    def seek(self, shared: dict[str, int]) -> None:
+        self.load_state_dict(shard_state(shared, self.rank, self.orders.world))

@@ -157,6 +157,12 @@ def pixel_statistics(images, count: int = 4096) -> tuple[float, float]:
     return float(x.mean()), float(x.var())
 
 
+def shard_state(shared: dict[str, int], rank: int, world: int) -> dict[str, int]:
+    """A rank's (epoch, offset) when the unsharded stream stands at (epoch, position): the positions p < position
+    with p ≡ rank (mod world) are this rank's offset."""
+    return {"epoch": int(shared["epoch"]), "offset": len(range(rank, int(shared["position"]), world))}
+
+
 class ImageBatches:
     """Batches of x ∈ [0, 1]^(C×H×W) drawn without replacement, reshuffled every epoch, flipped at random.
 
@@ -208,3 +214,17 @@ class ImageBatches:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._order, self._flips = self._epoch_order(self.epoch), self._epoch_flips(self.epoch)
+
+    def shared_position(self, states: list[dict[str, int]]) -> dict[str, int]:
+        """Where the unsharded stream stands, from the states of all ``len(states)`` ranks (rank order):
+        position = Σ_r offset_r, the positions of the epoch's order taken so far (the shards [r::W] interleave).
+        Near an epoch's end, when N is not a multiple of W, a rank may have begun the next epoch: it counts as
+        having finished its shard of the earliest epoch (a resume on another world size re-visits those images)."""
+        epoch = min(int(state["epoch"]) for state in states)
+        n, world = self.images.shape[0], len(states)
+        return {"epoch": epoch, "position": sum(int(state["offset"]) if int(state["epoch"]) == epoch
+                                                else len(range(rank, n, world)) for rank, state in enumerate(states))}
+
+    def seek(self, shared: dict[str, int]) -> None:
+        """Continue the unsharded stream at ``shared_position``: this rank's shard has had ``offset`` of them."""
+        self.load_state_dict(shard_state(shared, self.rank, self.world))
