@@ -17,15 +17,15 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   PRESET=tiny BATCH=4 SIZE=16 STEPS=3 WARMUP=1 DEVICE=cpu GRAPH="" EAGER_S=600 COMPILED_S=900 PROFILE_S=600
   LAYOUT_S=900 BUDGET_S=100000
   INSTALL="echo dry run: no install"
-  TESTS="$PY -m pytest -q tests/test_fast_path_cuda.py tests/test_custom_ops.py --benchmark-disable -x"
+  TESTS="$PY -m pytest -q tests/test_routes_cuda.py tests/test_kernels_custom_ops.py --benchmark-disable -x"
   export TRITON_INTERPRET=1
 else
   PRESET=paper BATCH=128 SIZE=64 STEPS=20 WARMUP=3 DEVICE=cuda GRAPH=",fused+compile+graph,fused+reduce-overhead"
   EAGER_S=40 COMPILED_S=95 PROFILE_S=25 LAYOUT_S=60 BUDGET_S=470
   INSTALL="env DSM_FAST_BUILD_CUDA=1 $PY -m pip install -q --no-deps --no-build-isolation -e ."
-  TESTS="$PY -m pytest -q tests/test_fast_path_cuda.py tests/test_csrc.py \
-         tests/test_adjoint.py::test_fused_triton_route_in_the_trainers_precisions \
-         tests/test_parity_release.py::test_triton_route_agrees_with_the_release_on_cuda \
+  TESTS="$PY -m pytest -q tests/test_routes_cuda.py tests/test_csrc.py \
+         tests/test_model_adjoint.py::test_fused_triton_route_in_the_trainers_precisions \
+         tests/test_tools_parity.py::test_triton_route_agrees_with_the_release_on_cuda \
          --benchmark-disable -p no:cacheprovider"
 fi
 EAGER="score,reference,fused"

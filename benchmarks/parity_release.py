@@ -8,7 +8,7 @@ there at run time (none of its code is in this repository). It needs einops; tor
 loaders, so an inert stand-in takes its place when it is not installed. The released model moves itself to CUDA
 whenever a GPU is visible, so both sides run on CUDA there, else on the CPU.
 
-1. Parity: the recipe of dsm_fast/parity.py (seeded float64 weights of the paper network, 2 images of 16×16,
+1. Parity: the recipe of dsm_fast/tools/parity.py (seeded float64 weights of the paper network, 2 images of 16×16,
    t ∈ {1e-9, 1e-4, 1e-2, 1, 1e3}) through the release's EnergyModel and loss (main.compute_metrics, with the
    paper runs' args.json settings) and through each dsm_fast route; prints the worst relative error per quantity,
    exits 1 above 1e-10. ``--write-fixture`` stores the release's numbers: tests/fixtures/parity_release.json.
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from dsm_fast import parity, release
-from dsm_fast.bench import step_function, time_steps
 from dsm_fast.losses import sample_noise_levels
 from dsm_fast.model import UNetEnergy
+from dsm_fast.tools import parity, release
+from dsm_fast.tools.bench import step_function, time_steps
 
 TOLERANCE = 1e-10
 PAPER_NETWORK = {"num_scales": 3, "group_size": 1, "num_layers_encoder_block": 3, "num_layers_mid_block": 3,

@@ -1,4 +1,4 @@
-"""Kernel benchmarks (pytest-benchmark): every implementation of every fused op in dsm_fast.profile's registry,
+"""Kernel benchmarks (pytest-benchmark): every implementation of every fused op in dsm_fast.tools.profile's registry,
 checked against the float64 reference before it is timed.
 
     pytest benchmarks/test_kernel_bench.py --benchmark-only        # timings
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dsm_fast import cuda_ext
-from dsm_fast.profile import implementations, kernel_inputs, profile_step
-from dsm_fast.testing import TOLERANCES, assert_rel_close
+from dsm_fast.tools.profile import implementations, kernel_inputs, profile_step
+from dsm_fast.tools.testing import TOLERANCES, assert_rel_close
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 USE_TRITON = DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

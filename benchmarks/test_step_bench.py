@@ -9,19 +9,13 @@ import copy
 import pytest
 import torch
 
-from dsm_fast.bench import step_function
 from dsm_fast.losses import sample_noise_levels
 from dsm_fast.model import UNetEnergy
 from dsm_fast.routes import ROUTES, make_route
-from dsm_fast.testing import assert_rel_close
+from dsm_fast.tools.bench import step_function
+from dsm_fast.tools.testing import assert_rel_close, parameter_gradients
 
 SIZES = {"tiny-16": ("tiny", 4, 16)}
-
-
-def gradients(model, route_name, x, t, eps):
-    model.zero_grad(set_to_none=True)
-    make_route(route_name, model)(x, t, eps)["loss"].mean().backward()
-    return [p.grad.clone() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
@@ -34,8 +28,8 @@ def test_step(benchmark, route, size):
     t = sample_noise_levels(batch, 1e-9, 1e3)
     eps = torch.randn_like(x)
     if route != "score":
-        expected = gradients(model, "reference", x, t, eps)
-        assert_rel_close(gradients(model, route, x, t, eps), expected, 1e-4, f"{route} gradients (float32)")
+        expected = parameter_gradients(model, make_route("reference", model), x, t, eps)
+        assert_rel_close(parameter_gradients(model, make_route(route, model), x, t, eps), expected, 1e-4, f"{route} gradients (float32)")
     step, _ = step_function(route, copy.deepcopy(model), "fp32")
     loss = benchmark(step, x, t, eps)
     assert torch.isfinite(loss)

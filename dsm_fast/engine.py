@@ -24,7 +24,7 @@ for that module's first-order backward: the reference route's second backward th
 fails, and the torch.func transform of ``functional`` / ``compiled`` breaks on ZeRO-3's module hooks (DeepSpeed
 0.19.8 on CPU: functorch's internal assert, or a segmentation fault). The explicit adjoint (``fused``) is an
 ordinary first-order graph and is exact under ZeRO-3; the other routes are refused there
-(tests/test_engines_deepspeed.py shows the rescaling, the failing second backward and the equalities).
+(tests/test_engine_deepspeed.py shows the rescaling, the failing second backward and the equalities).
 """
 from __future__ import annotations
 
@@ -321,7 +321,7 @@ class WeightsOnlyLoads:
     """DeepSpeed's checkpoint engine, except that ``load`` unpickles with ``weights_only=True``: tensors and plain
     containers, plus the three plain DeepSpeed types its ZeRO optimizer files hold (a loss scaler, the ZeRO stage
     enum, a fragment address). DeepSpeed's own loader uses ``weights_only=False``, which runs any code a crafted
-    file carries; here such a file is refused in one line (tests/test_engines_deepspeed.py). Our checkpoint's
+    file carries; here such a file is refused in one line (tests/test_engine_deepspeed.py). Our checkpoint's
     manifest also holds digests of these files, checked before DeepSpeed reads them (dsm_fast/checkpoint.py)."""
 
     def __init__(self, inner):

@@ -104,7 +104,7 @@ class FusedRoute(ReferenceRoute):
 
 def resolve_kernels(kernels: str, device: torch.device) -> str:
     """'auto' → 'triton' on CUDA with Triton installed, else 'torch'; an explicit 'triton' fails loudly if it
-    cannot run here (on the meta device its custom ops' fake implementations trace, see dsm_fast/cost.py)."""
+    cannot run here (on the meta device its custom ops' fake implementations trace, see dsm_fast/tools/cost.py)."""
     has_triton = importlib.util.find_spec("triton") is not None
     if kernels == "auto":
         return "triton" if device.type == "cuda" and has_triton else "torch"

@@ -11,7 +11,7 @@ caused them, so a stop after ``max_bad_steps`` bad steps in a row that began at 
 Every step goes through an engine (dsm_fast/engine.py: single, DDP or DeepSpeed). ``batch_size`` is the
 global batch; its noise levels and noise are drawn from one generator on every rank and each rank takes
 the samples at its positions, while ImageBatches shards the images the same way — so within an epoch,
-any world size × grad_accum trains on exactly the samples one process would (tests/test_engines*.py).
+any world size × grad_accum trains on exactly the samples one process would (tests/test_engine*.py).
 Logging, TensorBoard and the trainer's checkpoint files are written by rank 0 only."""
 from __future__ import annotations
 

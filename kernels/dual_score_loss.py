@@ -220,7 +220,7 @@ torch.library.register_autograd("dsm_fast::dual_score_loss", _loss_backward, set
 torch.library.register_autograd("dsm_fast::dual_score_loss_backward", _loss_backward_backward,
                                 setup_context=_save_inputs)
 # Per op and call: (kernels launched, all Triton; full passes over a ∇_y U-sized tensor), what dsm-fast profile
-# --cost counts for an op it sees only from outside (tests/test_custom_ops.py recounts the kernels). Forward: read
+# --cost counts for an op it sees only from outside (tests/test_kernels_custom_ops.py recounts the kernels). Forward: read
 # ∇_y U and ε; backward: read both, write ḡ and ε̄.
 LAUNCHES = {"dsm_fast.dual_score_loss": (1, 2), "dsm_fast.dual_score_loss_backward": (1, 4)}
 

@@ -491,7 +491,7 @@ torch.library.register_autograd("dsm_fast::norm_act", _norm_act_backward, setup_
 torch.library.register_autograd("dsm_fast::norm_act_adjoint", _norm_act_adjoint_backward, setup_context=_save_inputs)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint_backward", _third_order, setup_context=_save_inputs)
 # Per op and call: (kernels launched, all Triton; full passes over an h-sized tensor, each read or write), what
-# dsm-fast profile --cost counts for an op it sees only from outside (tests/test_custom_ops.py recounts the kernels).
+# dsm-fast profile --cost counts for an op it sees only from outside (tests/test_kernels_custom_ops.py recounts the kernels).
 # Statistics read h twice; forward: + read h, write z; adjoint: + read h, ḡ twice, write h̄; its backward: + read
 # h, ḡ, H three times, write dḡ and dh.
 LAUNCHES = {"dsm_fast.norm_act": (3, 4), "dsm_fast.norm_act_adjoint": (5, 7), "dsm_fast.norm_act_adjoint_backward": (7, 13)}

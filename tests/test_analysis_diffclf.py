@@ -5,11 +5,11 @@ import pytest
 import torch
 from test_evaluate import ExactMixtureEnergy
 
+from dsm_fast.analysis.normalization import TESTED_T, run_comparison
 from dsm_fast.config import ConfigError
 from dsm_fast.data import GaussianScaleMixture
 from dsm_fast.diffclf import DiffCLFEnergy, grid_level, noise_grid
 from dsm_fast.losses import sample_noise_levels
-from dsm_fast.normalization import TESTED_T, run_comparison
 from dsm_fast.routes import ReferenceRoute, make_route
 
 

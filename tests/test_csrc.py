@@ -10,7 +10,7 @@ from dsm_fast.kernels.norm_act import scaled_norm_act_adjoint_ref, scaled_norm_a
 from torch.utils.cpp_extension import include_paths
 
 from dsm_fast import cuda_ext
-from dsm_fast.testing import TOLERANCES, assert_rel_close
+from dsm_fast.tools.testing import TOLERANCES, assert_rel_close
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # The flags torch's CUDAExtension passes (implicit half/bf16 conversions off), for the H100/H200 architecture.

@@ -63,7 +63,7 @@ def test_batches_cover_each_epoch_and_resume_exactly():
 
 def test_shards_partition_an_epoch_and_flips_are_seeded():
     images = torch.randint(0, 256, (12, 3, 4, 4), dtype=torch.uint8)
-    shards = [ImageBatches(images, seed=1, rank=r, world=3, flip=False)._epoch_order(0) for r in range(3)]
+    shards = [ImageBatches(images, seed=1, rank=r, world=3, flip=False).epoch_order(0) for r in range(3)]
     assert sorted(torch.cat(shards).tolist()) == list(range(12))
     a, b = ImageBatches(images, seed=1), ImageBatches(images, seed=1)
     assert torch.equal(a.next_batch(8), b.next_batch(8))

@@ -5,7 +5,7 @@ import torch
 from dsm_fast.kernels import dual_score_loss as op
 
 from dsm_fast.losses import space_term, time_term
-from dsm_fast.testing import TOLERANCES, assert_rel_close
+from dsm_fast.tools.testing import TOLERANCES, assert_rel_close
 
 SHAPES = [(2, 1, 5, 7), (3, 3, 9, 6), (2, 3, 29, 31)]  # the last: 2,697 dimensions > one 2,048 block
 DTYPES = [torch.float64, torch.float32]

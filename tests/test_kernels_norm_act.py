@@ -11,7 +11,7 @@ from dsm_fast.kernels import norm_act as op
 
 from dsm_fast.model import adjoint
 from dsm_fast.model.layers import normalize_ref
-from dsm_fast.testing import TOLERANCES, assert_rel_close, relative_error
+from dsm_fast.tools.testing import TOLERANCES, assert_rel_close, relative_error
 
 SHAPES = [(2, 3, 5, 7), (3, 5, 9, 6), (1, 2, 37, 29)]  # the last: rows of 1,073 > one 1,024 block
 DTYPES = [torch.float64, torch.float32]

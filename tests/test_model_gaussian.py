@@ -11,7 +11,7 @@ from dsm_fast.evaluate import evaluate_nll
 from dsm_fast.model import GaussianStartEnergy, adjoint, build_model
 from dsm_fast.model.energy import energy_and_scores
 from dsm_fast.routes import FusedRoute, ReferenceRoute, make_route
-from dsm_fast.testing import TOLERANCES, assert_rel_close
+from dsm_fast.tools.testing import TOLERANCES, assert_rel_close, parameter_gradients, perturbed
 
 
 def test_it_starts_as_the_gaussian_energy_with_its_scores():
@@ -62,12 +62,10 @@ def test_fused_route_equals_the_reference_in_float64(seed):
     """Every weight moved off its initial value (the last convolution off zero), data statistics off the defaults,
     t at 1e-9, 1 and 1e3: U, ∇_y U, ∂_t U and the dual loss's parameter gradients of the explicit adjoint's chain
     rule equal autograd's (the reference route's double backward); the chain rule does not depend on the NormAct
-    kernels, whose own equality tests/test_adjoint.py checks."""
+    kernels, whose own equality tests/test_model_adjoint.py checks."""
     model = GaussianStartEnergy(1, "tiny").double()
     model.set_data_statistics(0.41, 0.07)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    perturbed(model)
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     t, eps = torch.tensor([1e-9, 1.0, 1e3], dtype=torch.float64), torch.randn_like(x)
     y = x + t.sqrt().view(-1, 1, 1, 1) * eps
@@ -75,11 +73,7 @@ def test_fused_route_equals_the_reference_in_float64(seed):
                           energy_and_scores(model, y, t)):
         assert_rel_close(a, e, TOLERANCES[torch.float64], name, seed)
 
-    def gradients(route):
-        model.zero_grad(set_to_none=True)
-        route(x, t, eps)["loss"].mean().backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    assert_rel_close(gradients(FusedRoute(model, kernels="torch")), gradients(ReferenceRoute(model)),
+    assert_rel_close(parameter_gradients(model, FusedRoute(model, kernels="torch"), x, t, eps),
+                     parameter_gradients(model, ReferenceRoute(model), x, t, eps),
                      TOLERANCES[torch.float64], "parameter gradients", seed)
     assert make_route("auto", model).name == "fused"

@@ -9,7 +9,7 @@ from dsm_fast.model import UNetEnergy
 from dsm_fast.model.layers import normalization_scale
 from dsm_fast.routes import make_route
 from dsm_fast.subnormals import SMALLEST_NORMAL, flushed_subnormals, flushing
-from dsm_fast.testing import TOLERANCES, assert_rel_close
+from dsm_fast.tools.testing import TOLERANCES, assert_rel_close
 from dsm_fast.train import Trainer
 
 CPU = torch.device("cpu")

@@ -1,18 +1,12 @@
 """Trainer: bit-exact resume, non-finite steps, atomic checkpoints."""
-import dataclasses
 
 import pytest
 import torch
 
 from dsm_fast.checkpoint import list_checkpoints, load_checkpoint
-from dsm_fast.config import ConfigError, TrainConfig
+from dsm_fast.config import ConfigError
+from dsm_fast.tools.testing import tiny_config
 from dsm_fast.train import Trainer, TrainingStopped
-
-
-def tiny_config(out, **changes) -> TrainConfig:
-    base = TrainConfig(model="tiny", image_size=16, batch_size=4, steps=6, out=str(out), progress=False,
-                       log_every=2, checkpoint_every=100, ema_decay=0.9, eval_images=0, device="cpu")
-    return dataclasses.replace(base, **changes).validate()
 
 
 def test_resume_is_bit_exact(tmp_path):

@@ -13,7 +13,8 @@ import sys
 from ..config import ConfigError
 from .common import Formatter, examples
 
-MODULES = ("train", "eval", "plots", "bench", "profile", "data", "normalization", "analyses", "import_release")
+MODULES = ("train", "eval", "plots", "bench", "profile", "data", "normalization", "dimensionality", "sample",
+           "denoise", "atlas", "generalization", "import_release")
 COMMANDS = {name: command for module in MODULES
             for name, command in importlib.import_module(f".{module}", __name__).COMMANDS.items()}
 

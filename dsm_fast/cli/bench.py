@@ -50,8 +50,8 @@ def run_bench(args) -> int:
         write_json(args.json, {"config": vars(args), "versions": {"torch": torch.__version__}, "rows": [row]})
         return 0
 
-    from ..bench import bench_routes, format_table, parse_spec
     from ..routes import FIRST_ORDER, ROUTES, resolve_kernels
+    from ..tools.bench import bench_routes, format_table, parse_spec
     from ..train import resolve_device
 
     check_step_shape(args)

@@ -1,4 +1,5 @@
-"""What every subcommand module shares: the help formatter, the examples epilog and JSON output."""
+"""What every subcommand module shares: the help formatter, the examples epilog, JSON output, the step-shape
+options of bench and profile, and the options of the analyses of one trained run."""
 from __future__ import annotations
 
 import argparse
@@ -50,3 +51,28 @@ def check_step_shape(args, size: bool = True) -> None:
     down = 2 ** (len(PRESETS[args.preset].widths) - 1)
     if size and args.image_size % down:
         raise ConfigError(f"--image-size must be a multiple of {down} for preset {args.preset}")
+
+
+def add_run_args(p, images: int, data: bool = True) -> None:
+    """Options every analysis of one trained run shares."""
+    p.add_argument("run", help="a run folder (its newest checkpoint) or one checkpoint folder")
+    if data:
+        p.add_argument("--data", help="images to analyse (folder or .npy) instead of the run's held-out split")
+        p.add_argument("--images", type=int, default=images, help="how many images (or GSM draws)")
+    p.add_argument("--out", default="analysis", help="folder for the PNG files")
+    p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def float_list(text: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{name} expects comma-separated numbers, got {text!r}") from None
+
+
+def out_path(args, name: str) -> Path:
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return Path(args.out) / name

@@ -25,7 +25,7 @@ def add_import_release(sub) -> None:
 
 
 def run_import_release(args) -> int:
-    from ..release_import import import_release
+    from ..tools.release_import import import_release
 
     info = import_release(args.checkpoint, args.out, args.data)
     kind = "colour" if info["channels"] == 3 else "grayscale"

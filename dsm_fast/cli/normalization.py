@@ -21,8 +21,8 @@ def add_normalization(sub) -> None:
 
 
 def run_normalization(args) -> int:
+    from ..analysis.normalization import plot_comparison, run_comparison
     from ..losses import OBJECTIVES
-    from ..normalization import plot_comparison, run_comparison
 
     objectives = args.objectives.split(",")
     unknown = [o for o in objectives if o not in OBJECTIVES]

@@ -39,7 +39,7 @@ def run_profile(args) -> int:
     import torch
 
     from .. import cuda_ext
-    from ..profile import format_kernel_table, format_step_table, profile_kernels, profile_step, trace_steps
+    from ..tools.profile import format_kernel_table, format_step_table, profile_kernels, profile_step, trace_steps
     from ..train import resolve_device
 
     check_step_shape(args, size=args.step or args.cost)
@@ -89,7 +89,7 @@ def run_cost(args) -> int:
     """``profile --cost``: counts and predictions per route; the fused route with each kernel set it can trace."""
     import torch
 
-    from ..cost import cost_report, format_cost_report, traceable_kernels
+    from ..tools.cost import cost_report, format_cost_report, traceable_kernels
 
     kernels = traceable_kernels()
     print(f"cost report: preset {args.preset}, batch {args.batch_size}, {args.channels}×{args.image_size}², fp32, "

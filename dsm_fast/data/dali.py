@@ -1,13 +1,13 @@
 """NVIDIA DALI loader of a prepared ImageNet64 split (the only module that imports ``nvidia.dali``).
 
 Optional: ``pip install nvidia-dali-cuda130`` (the ``dali`` extra). The host reads uint8 rows from the
-memory-mapped array (sorted gather, :class:`~dsm_fast.data.imagenet64.SortedGather`) and hands them to an
+memory-mapped array (sorted gather, :class:`~dsm_fast.data.memmap.SortedGather`) and hands them to an
 external source; the pipeline moves them to the GPU, flips at random, converts to float [0, 1] and, if
 asked, draws the noise (t log-uniform, ε ~ N(0, I), so that y = x + √t ε is formed on the GPU): the host
 never touches float images. Outputs reach torch through DLPack without a copy; DALI prefetches
 ``prefetch`` batches ahead. With ``device_id=None`` the same pipeline runs CPU-only.
 
-Semantic differences from the CPU loader (:class:`~dsm_fast.data.imagenet64.MemmapBatches`):
+Semantic differences from the CPU loader (:class:`~dsm_fast.data.memmap.MemmapBatches`):
 - Order and flips are the same (per seed, epoch, rank and world size, across epoch boundaries and after a
   resume): the host computes the B flip bits of each batch, the GPU applies them. x is bit-identical in the
   CPU-only mode (tested); on the GPU the division by 255 may differ in the last bit.
@@ -26,8 +26,8 @@ from collections import deque
 import numpy as np
 import torch
 
-from .imagenet64 import MemmapBatches, SortedGather
 from .images import shard_state
+from .memmap import MemmapBatches, SortedGather
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -114,7 +114,7 @@ class DaliBatches:
         while taken < self.batch_size:
             if self._offset >= len(self._order):
                 self._epoch, self._offset = self._epoch + 1, 0
-                self._order, self._flips = self.orders._epoch_order(self._epoch), self.orders._epoch_flips(self._epoch)
+                self._order, self._flips = self.orders.epoch_order(self._epoch), self.orders.epoch_flips(self._epoch)
             end = self._offset + self.batch_size - taken
             parts.append(self._order[self._offset:end])
             flips.append(self._flips[self._offset:end])
@@ -144,7 +144,7 @@ class DaliBatches:
     def _restart(self, state: dict[str, int], batch_size: int) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._epoch, self._offset = self.epoch, self.offset
-        self._order, self._flips = self.orders._epoch_order(self.epoch), self.orders._epoch_flips(self.epoch)
+        self._order, self._flips = self.orders.epoch_order(self.epoch), self.orders.epoch_flips(self.epoch)
         self._fed = deque()
         self.batch_size, self.pipe = batch_size, None
         if batch_size:

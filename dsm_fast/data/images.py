@@ -178,17 +178,17 @@ class ImageBatches:
         self.images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
         self.seed, self.flip, self.rank, self.world = seed, flip, rank, world
         self.epoch, self.offset = 0, 0
-        self._order, self._flips = self._epoch_order(0), self._epoch_flips(0)
+        self._order, self._flips = self.epoch_order(0), self.epoch_flips(0)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
+    def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.images.shape[0], generator=g)[self.rank::self.world]
 
-    def _epoch_flips(self, epoch: int) -> torch.Tensor:
+    def epoch_flips(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033)
         return (torch.rand(self.images.shape[0], generator=g) < 0.5)[self.rank::self.world]
 
@@ -198,7 +198,7 @@ class ImageBatches:
         while len(indices) < batch_size:
             if self.offset >= len(self._order):
                 self.epoch, self.offset = self.epoch + 1, 0
-                self._order, self._flips = self._epoch_order(self.epoch), self._epoch_flips(self.epoch)
+                self._order, self._flips = self.epoch_order(self.epoch), self.epoch_flips(self.epoch)
             end = self.offset + batch_size - len(indices)
             indices.extend(self._order[self.offset:end].tolist())
             flips.extend(self._flips[self.offset:end].tolist())
@@ -213,7 +213,7 @@ class ImageBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._order, self._flips = self._epoch_order(self.epoch), self._epoch_flips(self.epoch)
+        self._order, self._flips = self.epoch_order(self.epoch), self.epoch_flips(self.epoch)
 
     def shared_position(self, states: list[dict[str, int]]) -> dict[str, int]:
         """Where the unsharded stream stands, from the states of all ``len(states)`` ranks (rank order):

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import torch
 
-from . import cuda_ext
-from .losses import objective_terms, sample_noise_levels
-from .model import UNetEnergy, adjoint
-from .routes import ReferenceRoute, noisy
+from .. import cuda_ext
+from ..losses import objective_terms, sample_noise_levels
+from ..model import UNetEnergy, adjoint
+from ..routes import ReferenceRoute, noisy
 from .testing import relative_error
 
 
@@ -58,8 +58,8 @@ def kernel_inputs(batch: int, channels: int, size: int, device: torch.device, dt
 
 def implementations(device: torch.device, use_triton: bool, use_cuda: bool) -> dict[str, dict[str, Callable]]:
     """op → implementation name → fn(inputs) → output tensor(s); every fn takes the same input dict."""
-    from .kernels import dual_score_loss as loss_op
-    from .kernels import norm_act as na
+    from ..kernels import dual_score_loss as loss_op
+    from ..kernels import norm_act as na
 
     def k_of(x):  # k = g (1 + m) in the statistics dtype, as the kernels take it
         return na.modulated_gain(x["h"], x["gain"], x["modulation"])
@@ -162,7 +162,7 @@ def trace_steps(path: str, preset: str, batch: int, size: int, channels: int, de
     """A torch.profiler Chrome trace of a few fused-route steps (open in chrome://tracing or Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from .routes import FusedRoute
+    from ..routes import FusedRoute
 
     model = UNetEnergy(channels, preset).to(device, dtype)
     route = FusedRoute(model, kernels=kernels)

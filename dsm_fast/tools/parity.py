@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-from .model import UNetEnergy, adjoint, energy_and_scores
+from ..model import UNetEnergy, adjoint, energy_and_scores
+from ..routes import FusedRoute, make_route, noisy
 from .release import RELEASE_COMMIT, RELEASE_REPOSITORY
-from .routes import FusedRoute, make_route, noisy
 
 RECIPE = {"preset": "paper", "channels": 3, "images": 2, "size": 16, "levels": [1e-9, 1e-4, 1e-2, 1.0, 1e3],
           "weight_seed": 12, "input_seed": 1212, "projection_seed": 2024, "projections": 4, "dtype": "float64"}

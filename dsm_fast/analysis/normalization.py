@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig
-from .data.gsm import GaussianScaleMixture
-from .evaluate import energies, normalizing_constant
+from ..config import TrainConfig
+from ..data.gsm import GaussianScaleMixture
+from ..evaluate import energies, normalizing_constant
 
 TESTED_T = (1e-2, 1e-1, 1.0, 1e1, 1e2)
 INITIAL_OFFSET = 0.02  # the radial model starts with log p_t off by −0.02·log t nats/dim (0.18 at t = 1e-2)
@@ -58,7 +58,7 @@ def run_comparison(objectives=("dual", "single"), steps: int = 1500, seed: int =
                    **changes) -> dict:
     """Train one radial model per objective (runs in OUT/<objective>, or temporary folders) and compare each
     with the exact log p_t."""
-    from .train import Trainer
+    from ..train import Trainer
 
     results = {}
     for objective in objectives:

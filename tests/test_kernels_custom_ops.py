@@ -8,7 +8,7 @@ from dsm_fast.kernels import dual_score_loss as loss_op
 from dsm_fast.kernels import norm_act as na
 from triton.runtime import interpreter
 
-from dsm_fast.cost import CostMode
+from dsm_fast.tools.cost import CostMode
 
 
 def norm_act_inputs(device="cpu", dtype=torch.float64):

@@ -1,4 +1,4 @@
-"""The cost report (dsm_fast/cost.py): operator counts on the meta device, the launch-overhead fit, the anchors."""
+"""The cost report (dsm_fast/tools/cost.py): operator counts on the meta device, the launch-overhead fit, the anchors."""
 import json
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsm_fast import cost
 from dsm_fast.cli import main
+from dsm_fast.tools import cost
 
 
 def test_counts_one_convolution_exactly():

@@ -1,5 +1,5 @@
 """Parity with the paper's released code (FlorentinGuth/DualScoreMatching c84182f), against the numbers it produced
-in float64 for the seeded recipe of dsm_fast/parity.py (tests/fixtures/parity_release.json, written by
+in float64 for the seeded recipe of dsm_fast/tools/parity.py (tests/fixtures/parity_release.json, written by
 ``benchmarks/parity_release.py --release-src CHECKOUT --skip-speed --write-fixture …``).
 
 Every route must agree to 1e-10 (relative) in U, ∇_y U, ∂_t U, the loss terms and the parameter gradients, at
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsm_fast import parity, release
 from dsm_fast.model import UNetEnergy, adjoint
 from dsm_fast.routes import noisy
+from dsm_fast.tools import parity, release
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "parity_release.json").read_text())
 TOLERANCE = 1e-10

@@ -32,8 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from .model import UNetEnergy
-from .routes import ScoreRoute, make_route
+from ..model import UNetEnergy
+from ..routes import ScoreRoute, make_route
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def custom_op_launches() -> dict[str, tuple[int, int]]:
     modules that register them (none without Triton)."""
     if importlib.util.find_spec("triton") is None:
         return {}
-    from .kernels import dual_score_loss, norm_act
+    from ..kernels import dual_score_loss, norm_act
 
     return {**norm_act.LAUNCHES, **dual_score_loss.LAUNCHES}
 

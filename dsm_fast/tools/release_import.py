@@ -7,7 +7,7 @@ tensors under one or two ``network.`` prefixes. The file is read by torch's rest
 (``weights_only=True``): before unpickling starts, every global the pickle names is checked; argparse.Namespace and
 the classes of the release's own modules are admitted as :class:`InertRecord` stand-ins (our class, which only keeps
 what the pickle hands it), numpy arrays and scalars as themselves, anything else (``os.system``, ``builtins.eval``, …) refuses the file in one line.
-The tensors are mapped onto the ``paper`` preset by dsm_fast/release.py (names, shapes, colour or grayscale
+The tensors are mapped onto the ``paper`` preset by dsm_fast/tools/release.py (names, shapes, colour or grayscale
 from the first convolution) and written as a run folder like the trainer's: ``config.json`` + ``checkpoints/step_N/``.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, save_checkpoint
-from .config import TrainConfig
-from .data.imagenet64 import SafeUnpickler, sha256_file
+from ..checkpoint import CheckpointError, save_checkpoint
+from ..config import TrainConfig
+from ..data.imagenet64 import SafeUnpickler, sha256_file
 from .release import RELEASE_COMMIT, RELEASE_REPOSITORY, ReleaseMismatch, from_release, infer_channels, strip_prefixes
 
 # Where the release's pickled classes live: its top-level modules (and ``__main__`` when main.py ran as a script).
@@ -183,7 +183,7 @@ def perf_summary(perf: InertRecord | None) -> dict[str, float]:
 
 # --- the run folder ------------------------------------------------------------------------------------------
 def paper_weights(state: dict[str, torch.Tensor], origin: str) -> tuple[dict[str, torch.Tensor], int]:
-    """(dsm_fast weights of the paper preset, channels): names and shapes by dsm_fast/release.py, channels from
+    """(dsm_fast weights of the paper preset, channels): names and shapes by dsm_fast/tools/release.py, channels from
     the first convolution; every tensor must be finite floating point (stored as float32, the release's dtype)."""
     try:
         channels = infer_channels(state)

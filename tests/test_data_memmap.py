@@ -4,12 +4,13 @@ pipeline (CPU-only mode where DALI is installed) yields the very same batches.""
 import numpy as np
 import pytest
 import torch
-from test_imagenet64 import official_batches, write_official
+from test_data_imagenet64 import official_batches, write_official
 
 from dsm_fast.config import TrainConfig
 from dsm_fast.data import DataError, ImageBatches, make_test_data, make_training_data
 from dsm_fast.data import dali as dali_module
-from dsm_fast.data.imagenet64 import MemmapBatches, SortedGather, load_split
+from dsm_fast.data.imagenet64 import load_split
+from dsm_fast.data.memmap import MemmapBatches, SortedGather
 from dsm_fast.data.prepare import prepare
 
 

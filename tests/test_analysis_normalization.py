@@ -9,10 +9,10 @@ import math
 
 import torch
 
+from dsm_fast.analysis.normalization import INITIAL_OFFSET, TESTED_T, plot_comparison, run_comparison
 from dsm_fast.data.gsm import GaussianScaleMixture
 from dsm_fast.losses import sample_noise_levels
 from dsm_fast.model import RadialEnergy
-from dsm_fast.normalization import INITIAL_OFFSET, TESTED_T, plot_comparison, run_comparison
 from dsm_fast.routes import ReferenceRoute
 
 

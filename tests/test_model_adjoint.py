@@ -1,5 +1,4 @@
 """The explicit adjoint (dsm_fast/model/adjoint.py) and the fused route against eager autograd, in float64."""
-import math
 import os
 
 import pytest
@@ -7,39 +6,22 @@ import torch
 
 from dsm_fast.model import RadialEnergy, UNetEnergy, adjoint, energy_and_scores
 from dsm_fast.routes import FusedRoute, ReferenceRoute, make_route, noisy, resolve_kernels
-from dsm_fast.testing import TOLERANCES, assert_rel_close, relative_error
+from dsm_fast.tools.testing import (
+    TOLERANCES,
+    assert_rel_close,
+    draw_batch,
+    parameter_gradients,
+    perturbed,
+    relative_error,
+)
 
 TOL = TOLERANCES[torch.float64]  # 1e-6
 
 
-def perturbed_model(channels: int) -> UNetEnergy:
-    """The tiny preset in float64 with every parameter moved off its initial value (gains off 1, deep layers'
-    variances off eps), so that every path, the noise embedding's to ∂_t U included, carries weight."""
-    model = UNetEnergy(channels, "tiny").double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
-
-
-def draw(n: int, channels: int):
-    """Images in [0, 1], t spanning 1e-9 … 1e3 (both ends and a log-uniform draw between), noise."""
-    x = torch.rand(n, channels, 16, 16, dtype=torch.float64)
-    middle = torch.exp(math.log(1e-9) + torch.rand(n - 2, dtype=torch.float64) * math.log(1e12))
-    t = torch.cat([torch.tensor([1e-9], dtype=torch.float64), middle, torch.tensor([1e3], dtype=torch.float64)])
-    return x, t, torch.randn_like(x)
-
-
-def parameter_gradients(model, route, x, t, eps):
-    model.zero_grad(set_to_none=True)
-    route(x, t, eps)["loss"].mean().backward()
-    return [p.grad.clone() for p in model.parameters()]
-
-
 @pytest.mark.parametrize("channels", [1, 3])
 def test_energy_and_scores_equal_autograd(channels, seed):
-    model = perturbed_model(channels)
-    x, t, eps = draw(3, channels)
+    model = perturbed(UNetEnergy(channels, "tiny").double())
+    x, t, eps = draw_batch(3, channels)
     y = noisy(x, t, eps)
     expected = energy_and_scores(model, y, t)
     actual = adjoint.energy_and_scores(model, y, t)
@@ -49,8 +31,8 @@ def test_energy_and_scores_equal_autograd(channels, seed):
 
 @pytest.mark.parametrize("channels, objective", [(1, "dual"), (3, "dual"), (3, "single")])
 def test_fused_route_gradients_equal_reference(channels, objective, seed):
-    model = perturbed_model(channels)
-    x, t, eps = draw(3, channels)
+    model = perturbed(UNetEnergy(channels, "tiny").double())
+    x, t, eps = draw_batch(3, channels)
     expected = parameter_gradients(model, ReferenceRoute(model, objective), x, t, eps)
     route = FusedRoute(model, objective, kernels="torch")
     assert_rel_close(parameter_gradients(model, route, x, t, eps), expected, TOL, "fused (torch) gradients", seed)
@@ -59,8 +41,8 @@ def test_fused_route_gradients_equal_reference(channels, objective, seed):
 def test_fused_route_backward_is_first_order(monkeypatch, seed):
     """The fused terms are built without autograd.grad, and one plain backward (no create_graph) gives θ's
     gradients with no graph left on them."""
-    model = perturbed_model(1)
-    x, t, eps = draw(2, 1)
+    model = perturbed(UNetEnergy(1, "tiny").double())
+    x, t, eps = draw_batch(2, 1)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the fused route called autograd.grad")
@@ -75,8 +57,8 @@ def test_fused_route_backward_is_first_order(monkeypatch, seed):
 def test_fused_route_triton_kernels_equal_reference(seed, channels=3):
     """The same equality with NormAct and the loss terms run by the Triton kernels (interpreted on the CPU; colour
     only, since the kernels see the hidden layers alone, the same for gray, and an interpreted case costs ≈ 45 s)."""
-    model = perturbed_model(channels)
-    x, t, eps = draw(2, channels)
+    model = perturbed(UNetEnergy(channels, "tiny").double())
+    x, t, eps = draw_batch(2, channels)
     expected_scores = energy_and_scores(model, noisy(x, t, eps), t)
     actual_scores = adjoint.energy_and_scores(model, noisy(x, t, eps), t, kernels="triton")
     for name, a, e in zip(("U", "∇_y U", "∂_t U"), actual_scores, expected_scores):
@@ -116,7 +98,7 @@ def test_fused_triton_route_in_the_trainers_precisions(dtype, device, seed):
     which cost 1.0–1.8× over seeds 0–4."""
     torch.manual_seed(seed)
     model = UNetEnergy(3, "tiny").double()
-    x, t, eps = draw(2, 3)  # t = 1e-9 and 1e3, the ends
+    x, t, eps = draw_batch(2, 3)  # t = 1e-9 and 1e3, the ends
     expected = parameter_gradients(model, ReferenceRoute(model), x, t, eps)
     low_model = UNetEnergy(3, "tiny").to(device)
     low_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()})

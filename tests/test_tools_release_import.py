@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsm_fast.release_import import InertRecord, ReleaseError, import_release, read_release
+from dsm_fast.tools.release_import import InertRecord, ReleaseError, import_release, read_release
 
 ARGS = {"dataset": "ImageNet64", "grayscale": False, "model": "EnergyModel", "network": "UNet",
         "reparam_kwargs": "{'conversion':'inner_product'}", "min_noise_level": {"x": 90.0, "unit": "psnr"},
@@ -140,7 +140,7 @@ def test_numpy_values_in_the_records_are_read_as_numpy(tmp_path, release_modules
 
 def test_json_of_the_records_is_plain(tmp_path, release_modules):
     """imported.json keeps the release's args and losses as plain values (no record objects)."""
-    from dsm_fast.release_import import perf_summary
+    from dsm_fast.tools.release_import import perf_summary
 
     release = read_release(save_release(tmp_path / "m.pth.tar", small_state(), release_modules))
     assert perf_summary(release.train_perf) == {"loss": 0.4122, "log_normalization_constant": 3.5e4}
@@ -152,7 +152,7 @@ def test_json_of_the_records_is_plain(tmp_path, release_modules):
 def release_weights(channels, seed):
     """A paper-preset UNet's weights under the release's names, every tensor perturbed (nothing at its init)."""
     from dsm_fast.model import UNetEnergy
-    from dsm_fast.release import to_release
+    from dsm_fast.tools.release import to_release
 
     torch.manual_seed(seed)
     ours = {k: v + 0.01 * torch.randn_like(v) for k, v in UNetEnergy(channels, "paper").state_dict().items()}

@@ -1,40 +1,33 @@
 """The fast path on CUDA (skipped without a GPU; benchmarks/gpu_check.sh runs it): the custom ops' second order on
 the device, the 'cuda' backend, Inductor's compiled fused step in float32 and bf16, the captured CUDA graph step
 against eager steps, a non-finite step skipped inside the graph, and a training step that never synchronizes."""
-import dataclasses
 
 import pytest
 import torch
 
 from dsm_fast import cuda_ext
-from dsm_fast.config import TrainConfig
 from dsm_fast.model import UNetEnergy
 from dsm_fast.routes import ReferenceRoute, make_route
-from dsm_fast.testing import TOLERANCES, assert_rel_close, relative_error
+from dsm_fast.tools.testing import (
+    TOLERANCES,
+    assert_rel_close,
+    draw_batch,
+    parameter_gradients,
+    relative_error,
+    tiny_config,
+)
 from dsm_fast.train import Trainer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def draw(n=4, size=16):
-    x = torch.rand(n, 3, size, size, dtype=torch.float64)
-    t = torch.logspace(-9, 3, n, dtype=torch.float64)
-    return x, t, torch.randn_like(x)
-
-
-def gradients(model, route, x, t, eps):
-    model.zero_grad(set_to_none=True)
-    route(x, t, eps)["loss"].mean().backward()
-    return [p.grad.clone() for p in model.parameters()]
-
-
 def reference_and_gpu_model():
     """The float64 reference gradients on the CPU and a float32 CUDA copy of the same weights, the initial ones: with
-    every weight moved off them (tests/test_adjoint.py's float64 model) float32 itself is ill-conditioned at t = 1e3
+    every weight moved off them (tests/test_model_adjoint.py's float64 model) float32 itself is ill-conditioned at t = 1e3
     (the float32 reference route 7e-4 from float64, measured on the CPU)."""
     model = UNetEnergy(3, "tiny").double()
-    x, t, eps = draw()
-    expected = gradients(model, ReferenceRoute(model), x, t, eps)
+    x, t, eps = draw_batch(4, 3)
+    expected = parameter_gradients(model, ReferenceRoute(model), x, t, eps)
     gpu = UNetEnergy(3, "tiny").cuda()
     gpu.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     return expected, gpu, [v.float().cuda() for v in (x, t, eps)]
@@ -57,7 +50,7 @@ def test_second_order_kernels_on_the_device(dtype, seed):
 @pytest.mark.skipif(not cuda_ext.is_available(), reason="needs the built extension dsm_fast._cuda")
 def test_cuda_backend_gradients_match_the_reference(seed):
     expected, gpu, batch = reference_and_gpu_model()
-    actual = gradients(gpu, make_route("fused", gpu, kernels="cuda"), *batch)
+    actual = parameter_gradients(gpu, make_route("fused", gpu, kernels="cuda"), *batch)
     assert_rel_close(actual, expected, TOLERANCES[torch.float32], "fused (cuda) gradients", seed)
 
 
@@ -65,12 +58,12 @@ def test_cuda_backend_gradients_match_the_reference(seed):
 def test_inductor_compiled_fused_step_matches_the_reference(dtype, seed):
     """float32: within 1e-4 of the float64 reference. bf16 autocast: within twice the eager plain-PyTorch fused
     route's own bf16 error (the convolutions' bf16 storage costs a few 1e-2 at t = 1e3 whatever runs the rest;
-    tests/test_adjoint.py)."""
+    tests/test_model_adjoint.py)."""
     expected, gpu, batch = reference_and_gpu_model()
 
     def error(route) -> float:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            actual = gradients(gpu, route, *batch)
+            actual = parameter_gradients(gpu, route, *batch)
         return relative_error(actual, expected)  # inf if anything is not finite
 
     route = make_route("fused", gpu, kernels="triton", compile=True)
@@ -80,17 +73,14 @@ def test_inductor_compiled_fused_step_matches_the_reference(dtype, seed):
     assert compiled < bound, (dtype, compiled, bound, seed)
 
 
-def tiny_config(out, **changes) -> TrainConfig:
-    base = TrainConfig(model="tiny", image_size=16, batch_size=4, steps=8, out=str(out), progress=False,
-                       log_every=4, checkpoint_every=100, ema_decay=0.9, eval_images=0, device="cuda",
-                       compile="off")
-    return dataclasses.replace(base, **changes).validate()
+def cuda_config(out, **changes):
+    return tiny_config(out, **{"steps": 8, "log_every": 4, "device": "cuda", "compile": "off", **changes})
 
 
 def test_cuda_graph_steps_equal_eager_steps_and_skip_a_non_finite_one(tmp_path, monkeypatch):
     runs = {}
     for graph in (False, True):
-        trainer = Trainer(tiny_config(tmp_path / str(graph), cuda_graph=graph))
+        trainer = Trainer(cuda_config(tmp_path / str(graph), cuda_graph=graph))
         real_next = trainer.data.next_batch
 
         def poisoned(n, device, dtype, trainer=trainer, real_next=real_next):
@@ -105,7 +95,7 @@ def test_cuda_graph_steps_equal_eager_steps_and_skip_a_non_finite_one(tmp_path, 
 
 
 def test_a_training_step_never_synchronizes_the_host(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path / "sync", route="fused", kernels="triton"))
+    trainer = Trainer(cuda_config(tmp_path / "sync", route="fused", kernels="triton"))
     x = torch.rand(4, 3, 16, 16, device="cuda")
     t, eps = torch.logspace(-9, 3, 4, device="cuda"), torch.randn_like(x)
     trainer._update(x, t, eps)  # the first step creates the optimizer's state

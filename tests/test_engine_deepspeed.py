@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engines import assert_same_weights, errors, free_port, initial_weights, launch, single_run, tiny_config
+from test_engine import assert_same_weights, engine_config, errors, free_port, initial_weights, launch, single_run
 
 from dsm_fast.config import ConfigError
 from dsm_fast.distributed import World
@@ -160,29 +160,29 @@ def test_routes_zero_3_cannot_run_and_bad_configs_are_refused_in_one_line(tmp_pa
     world = World(0, 2, 0)
     for route in ("reference", "functional"):
         with pytest.raises(ConfigError, match=f"route {route} is refused under ZeRO-3.*use --route fused"):
-            check_engine(tiny_config(tmp_path, engine="deepspeed", zero_stage=3, route=route), world)
-    check_engine(tiny_config(tmp_path, engine="deepspeed", zero_stage=3, route="fused"), world)
+            check_engine(engine_config(tmp_path, engine="deepspeed", zero_stage=3, route=route), world)
+    check_engine(engine_config(tmp_path, engine="deepspeed", zero_stage=3, route="fused"), world)
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match="route functional is refused under ZeRO-3"):
-        check_engine(tiny_config(tmp_path, engine="deepspeed", deepspeed_config=str(user)), world)
+        check_engine(engine_config(tmp_path, engine="deepspeed", deepspeed_config=str(user)), world)
     with pytest.raises(ConfigError, match="--ema-decay needs the full weights"):
-        check_engine(tiny_config(tmp_path, engine="deepspeed", deepspeed_config=str(user), route="fused",
+        check_engine(engine_config(tmp_path, engine="deepspeed", deepspeed_config=str(user), route="fused",
                                  ema_decay=0.99), world)
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu = 3 disagrees with dsm_fast's 2"):
-        deepspeed_config(tiny_config(tmp_path, engine="deepspeed", deepspeed_config=str(user), grad_accum=2), world)
+        deepspeed_config(engine_config(tmp_path, engine="deepspeed", deepspeed_config=str(user), grad_accum=2), world)
     user.write_text(json.dumps({"gradient_clipping": 1.0}))
     with pytest.raises(ConfigError, match="gradient_clipping = 1.0 disagrees with dsm_fast's 0.0"):
-        deepspeed_config(tiny_config(tmp_path, engine="deepspeed", deepspeed_config=str(user)), world)
+        deepspeed_config(engine_config(tmp_path, engine="deepspeed", deepspeed_config=str(user)), world)
     with pytest.raises(ConfigError, match="fp64 is not supported"):
-        check_engine(tiny_config(tmp_path, engine="deepspeed", precision="fp64"), world)
+        check_engine(engine_config(tmp_path, engine="deepspeed", precision="fp64"), world)
     with pytest.raises(ConfigError, match="not divisible by world size 2 × grad_accum 8"):
-        check_engine(tiny_config(tmp_path, engine="deepspeed", grad_accum=8), world)
+        check_engine(engine_config(tmp_path, engine="deepspeed", grad_accum=8), world)
 
 
 def test_generated_config_comes_from_ours(tmp_path):
-    cfg = dataclasses.replace(tiny_config(tmp_path, engine="deepspeed", zero_stage=2, grad_accum=2, offload=True,
+    cfg = dataclasses.replace(engine_config(tmp_path, engine="deepspeed", zero_stage=2, grad_accum=2, offload=True,
                                           grad_clip=1.0), batch_size=16)
     config = deepspeed_config(cfg, World(0, 2, 0))
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],

@@ -1,10 +1,10 @@
-"""dsm_fast/release.py: the released code's state-dict names ↔ ours (the names themselves are checked against the
-release in tests/test_parity_release.py)."""
+"""dsm_fast/tools/release.py: the released code's state-dict names ↔ ours (the names themselves are checked against the
+release in tests/test_tools_parity.py)."""
 import pytest
 import torch
 
-from dsm_fast import release
 from dsm_fast.model import UNetEnergy
+from dsm_fast.tools import release
 
 
 @pytest.mark.parametrize("channels, numbers", [(3, 8_649_856), (1, 8_647_552)])

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .model import UNetEnergy
+from ..model import UNetEnergy
 
 RELEASE_REPOSITORY = "FlorentinGuth/DualScoreMatching"
 RELEASE_COMMIT = "c84182f"

@@ -1,11 +1,10 @@
 """Engines under several processes on the CPU (gloo): the parameters after K steps equal a single process's
 with the same global batch; kill-and-resume equals an uninterrupted run; a dead rank or a wrong launcher
-environment ends in one clear error on every rank, never a hang. DeepSpeed: tests/test_engines_deepspeed.py.
+environment ends in one clear error on every rank, never a hang. DeepSpeed: tests/test_engine_deepspeed.py.
 
 Each multi-process case launches fresh processes (spawn) that run a list of jobs and write, per job, the
 full weights (rank 0) or the error text (every rank) into a folder the test reads back.
 """
-import dataclasses
 import multiprocessing
 import os
 import socket
@@ -18,21 +17,21 @@ import torch
 
 from dsm_fast.config import ConfigError, TrainConfig
 from dsm_fast.distributed import DistributedError, launch_environment, start
+from dsm_fast.tools.testing import relative_error, tiny_config
 from dsm_fast.train import Trainer
 
 K = 4  # optimizer steps per run
 LAUNCH_TIMEOUT = 150  # seconds for a whole multi-process launch
 
 
-def tiny_config(out, **changes) -> TrainConfig:
-    base = TrainConfig(model="tiny", image_size=16, batch_size=8, steps=K, out=str(out), progress=False,
-                       log_every=2, checkpoint_every=2, eval_images=0, device="cpu", route="functional",
-                       lr=1e-3, dist_timeout=30.0)
-    return dataclasses.replace(base, **changes).validate()
+def engine_config(out, **changes) -> TrainConfig:
+    """The tiny run every engine test trains: K steps of batch 8 by the functional route, checkpoints every 2."""
+    return tiny_config(out, **{"batch_size": 8, "steps": K, "checkpoint_every": 2, "ema_decay": 0.0,
+                               "route": "functional", "lr": 1e-3, "dist_timeout": 30.0, **changes})
 
 
 def single_run(out, **changes) -> dict[str, torch.Tensor]:
-    trainer = Trainer(tiny_config(out, **changes))
+    trainer = Trainer(engine_config(out, **changes))
     trainer.run()
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
@@ -50,7 +49,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict], folder: str) -> 
     for job in jobs:
         name = job["name"]
         try:
-            trainer = Trainer(tiny_config(Path(folder) / name.split("+")[0], **job["changes"]),
+            trainer = Trainer(engine_config(Path(folder) / name.split("+")[0], **job["changes"]),
                               resume=job.get("resume", False))
             if job.get("die", (None,))[0] == rank:  # this rank dies abruptly inside step job["die"][1]
                 route_call = trainer.route.__class__.__call__
@@ -96,13 +95,6 @@ def errors(folder: Path, name: str) -> dict[int, str]:
     return {int(p.name.split(".rank")[1].split(".")[0]): p.read_text() for p in folder.glob(f"{name}.rank*.err")}
 
 
-def relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    """‖θ_got − θ_want‖ / ‖θ_want‖ over the whole parameter vector."""
-    assert got.keys() == want.keys()
-    diff = torch.cat([(got[k].double() - want[k].double()).flatten() for k in want])
-    return float(diff.norm() / torch.cat([want[k].double().flatten() for k in want]).norm())
-
-
 def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
                         tol: float = 1e-6) -> None:
     """fp32: relative error of the parameter vector < tol (a tensor initialised at zero, like the modulation
@@ -115,7 +107,7 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 
 def initial_weights(out) -> dict[str, torch.Tensor]:
-    trainer = Trainer(tiny_config(out, steps=0))
+    trainer = Trainer(engine_config(out, steps=0))
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
@@ -181,19 +173,19 @@ def test_wrong_engine_for_the_launch_is_refused(tmp_path, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="--engine ddp needs a launcher"):
-        Trainer(tiny_config(tmp_path / "a", engine="ddp"))
+        Trainer(engine_config(tmp_path / "a", engine="ddp"))
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                         ("MASTER_PORT", "1")):
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match="launched as 2 processes but --engine single"):
-        Trainer(tiny_config(tmp_path / "b"))
+        Trainer(engine_config(tmp_path / "b"))
 
 
 def test_global_batch_must_split_over_ranks_and_micro_steps(tmp_path):
     with pytest.raises(ConfigError, match="grad_accum must be positive and divide batch_size"):
-        tiny_config(tmp_path, grad_accum=3)
+        engine_config(tmp_path, grad_accum=3)
     with pytest.raises(ConfigError, match="offload and deepspeed_config need --engine deepspeed"):
-        tiny_config(tmp_path, offload=True)
+        engine_config(tmp_path, offload=True)
 
 
 def test_single_process_grad_accum_equals_one_big_batch(tmp_path):

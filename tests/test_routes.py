@@ -1,53 +1,19 @@
-"""Dual score matching terms and the equality of the training routes' parameter gradients."""
-import math
+"""The training routes (dsm_fast/routes.py): equal parameter gradients, auto choice, compile and its fallback."""
 import warnings
 
 import pytest
 import torch
 
-from dsm_fast.losses import objective_terms, sample_noise_levels
-from dsm_fast.model import UNetEnergy, energy_and_scores
-from dsm_fast.routes import Compiled, FunctionalRoute, ReferenceRoute, make_route, noisy
-from dsm_fast.testing import assert_rel_close
+from dsm_fast.model import UNetEnergy
+from dsm_fast.routes import Compiled, FunctionalRoute, ReferenceRoute, make_route
+from dsm_fast.tools.testing import assert_rel_close, parameter_gradients
 
 T_SPAN = torch.tensor([1e-9, 1e-5, 1e-2, 1.0, 30.0, 1e3], dtype=torch.float64)
-
-
-def parameter_gradients(model, route, x, t, eps):
-    model.zero_grad(set_to_none=True)
-    route(x, t, eps)["loss"].mean().backward()
-    return [p.grad.clone() for p in model.parameters()]
 
 
 def batch(n=6, channels=3, size=16, dtype=torch.float64):
     x = torch.rand(n, channels, size, size, dtype=dtype)
     return x, T_SPAN[:n].to(dtype), torch.randn(x.shape, dtype=dtype)
-
-
-def test_terms_equal_the_method_definitions(seed):
-    """space = ‖D − x‖²/(d t),  time = (t/d)² (∂_t U − d/(2t) + ‖y − x‖²/(2t²))²."""
-    model = UNetEnergy(3, "tiny").double()
-    x, t, eps = batch()
-    y = noisy(x, t, eps)
-    _, grad_y, grad_t = energy_and_scores(model, y, t)
-    terms = objective_terms("dual", grad_y, grad_t, eps, t)
-    d = x[0].numel()
-    tt = t[:, None, None, None]
-    space = ((y - tt * grad_y - x) ** 2).sum(dim=(1, 2, 3)) / (d * t)
-    time = (t / d) ** 2 * (grad_t - d / (2 * t) + ((y - x) ** 2).sum(dim=(1, 2, 3)) / (2 * t**2)) ** 2
-    assert_rel_close(terms["space"], space, 1e-9, "space term", seed)
-    assert_rel_close(terms["time"], time, 1e-6, "time term", seed)
-    assert_rel_close(terms["loss"], space + time, 1e-6, "dual loss", seed)
-    single = objective_terms("single", grad_y, grad_t, eps, t)
-    assert set(single) == {"loss", "space"} and torch.equal(single["loss"], terms["space"])
-
-
-def test_noise_levels_are_log_uniform_on_the_range(seed):
-    t = sample_noise_levels(20000, 1e-9, 1e3, dtype=torch.float64)
-    assert t.min() >= 1e-9 and t.max() <= 1e3
-    log_t = torch.log10(t)
-    assert abs(log_t.mean().item() - (-3.0)) < 0.1  # uniform on [−9, 3] has mean −3, std 12/√12
-    assert abs(log_t.std().item() - 12 / math.sqrt(12)) < 0.1
 
 
 def test_functional_route_matches_reference_in_float64(seed):
@@ -62,7 +28,7 @@ def test_compiled_fused_step_matches_reference(seed):
     """torch.compile over the whole fused (explicit-adjoint) terms; its backward by AOTAutograd. Parameter
     gradients equal the eager reference route's: float64 < 1e-10, float32 < 1e-4 (fresh inputs on a second call
     go through the same compiled graph). Backend aot_eager: Inductor's CPU code generation takes minutes for this
-    graph on 2 cores; Inductor itself is checked on CUDA (tests/test_fast_path_cuda.py) and timed by bench."""
+    graph on 2 cores; Inductor itself is checked on CUDA (tests/test_routes_cuda.py) and timed by bench."""
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
         model = UNetEnergy(1, "tiny").to(dtype)
         x, t, eps = batch(2, channels=1, size=8, dtype=dtype)
