@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_engines import assert_same_weights, initial_weights, tiny_config
+from test_engine import assert_same_weights, engine_config, initial_weights
 
 from dsm_fast.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint
 from dsm_fast.runlock import LOCK_NAME
@@ -95,9 +95,9 @@ def test_ddp_run_survives_a_kill_signals_and_another_world_size(tmp_path):
 
     # the uninterrupted run: one process (bit-exact resume), copied at step 3 for the 1 → 2 case
     reference = tmp_path / "reference"
-    Trainer(tiny_config(reference, steps=3, checkpoint_every=1, log_every=1)).run()
+    Trainer(engine_config(reference, steps=3, checkpoint_every=1, log_every=1)).run()
     shutil.copytree(reference, tmp_path / "one_to_two")
-    trainer = Trainer(tiny_config(reference, steps=total, checkpoint_every=1, log_every=1), resume=True)
+    trainer = Trainer(engine_config(reference, steps=total, checkpoint_every=1, log_every=1), resume=True)
     trainer.run()
     want = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
