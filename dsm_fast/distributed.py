@@ -78,7 +78,7 @@ def start(engine: str, timeout_s: float, device_type: str, local_rank: int | Non
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         try:
-            dist.init_process_group(backend, rank=world.rank, world_size=world.size,
+            dist.init_process_group(backend, rank=world.rank, world_size=world.size, store=restart_store(timeout_s),
                                     timeout=timedelta(seconds=timeout_s))
         except Exception as error:  # noqa: BLE001 — the store raises several types for one cause
             raise DistributedError(f"rank {world.rank}/{world.size}: rendezvous at {os.environ['MASTER_ADDR']}:"
@@ -88,6 +88,17 @@ def start(engine: str, timeout_s: float, device_type: str, local_rank: int | Non
     if _host_group is None and dist.get_backend() != "gloo":  # host-side flags (max_over_ranks) go over gloo
         _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return world
+
+
+def restart_store(timeout_s: float):
+    """Under torchrun, the store of this attempt: torchrun's own TCPStore keeps its keys across the restarts of
+    ``--max-restarts``, so a restarted group could read the previous attempt's addresses (gloo: "Connection
+    refused"); a prefix per attempt (TORCHELASTIC_RESTART_COUNT) keeps them apart. None elsewhere (env://)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"dsm_fast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
 
 
 def stop() -> None:
