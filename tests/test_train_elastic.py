@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,3 +122,19 @@ def test_ddp_run_survives_a_kill_signals_and_another_world_size(tmp_path):
 def stats(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows}
+
+
+def test_two_nodes_of_one_process_each_rendezvous_on_127_0_0_1(tmp_path):
+    """The multi-node recipe of the README on one machine: torchrun --nnodes 2 --node-rank 0|1, one process each."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m",
+                               "dsm_fast", "train", *FLAGS, "--engine", "ddp", "--steps", "2", "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+             for rank in (1, 0)]
+    for node in nodes:
+        assert node.wait(timeout=WAIT) == 0, node.communicate()[1][-3000:]
+    assert newest_step(out) == 2 and load_checkpoint(out)[1]["world_size"] == 2
