@@ -10,6 +10,10 @@ values are written; at load every file must match its digest (the engine's own f
 ``native``) and the weights must be finite, else the checkpoint is named in one line. A checkpoint is *healthy*
 when it was written outside a run of non-finite steps; the rotation keeps the ``keep_last`` newest plus the
 newest healthy one from before the current run of bad steps (see ``save_checkpoint``).
+
+World size: ``state.pt`` holds each rank's stream state and, beside them, the unsharded data position, so a
+single/DDP run resumes on any number of processes (``restore_streams``). A checkpoint that cannot be written (a full
+disk) is one line saying how much it needed; the previous checkpoints stay (``CheckpointWriteError``).
 """
 from __future__ import annotations
 
@@ -259,20 +263,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
     return weights, state, ema
 
 
-def rank_streams(state: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
-    """This rank's stream state from a checkpoint written by any number of processes: {"data": its data state,
-    "noise_generator", "torch_rng"} when the world size is the same; on another, {"data_position": the unsharded
-    stream's (epoch, position) for ``seek``, "noise_generator" (the same on every rank), "torch_rng": None (the
-    rank-local RNG is reseeded)}. A stream with no world-independent position (GSM draws are per rank) is refused."""
+def restore_streams(run_dir: Path, state: dict[str, Any], world, deepspeed: bool, data, noise_generator) -> None:
+    """Put this rank's data stream, noise generator and torch RNG where checkpoint ``state`` left them, whatever
+    world size wrote it: the same world size takes each rank's own state (bit-exact); another takes the unsharded
+    data position ``data_position`` (``data.seek``), the noise generator (the same on every rank) and leaves the
+    rank-local torch RNG as seeded. Refused in one line: a change of engine format, another world size under
+    DeepSpeed (ZeRO's optimizer state is partitioned per rank), a stream without a shared position (GSM)."""
     saved = int(state.get("world_size", 1))
-    first = state if saved == 1 else state["ranks"][0]
-    if saved == world:
-        local = state if saved == 1 else state["ranks"][rank]
-        return {key: local[key] for key in ("data", "noise_generator", "torch_rng")}
-    if "data_position" not in state:
-        raise ConfigError(f"the run was written by {saved} process(es) and its data stream has no position that "
+    written_by_deepspeed = bool(state.get("engine_format", False))
+    if written_by_deepspeed != deepspeed:
+        raise ConfigError(f"{run_dir} was written {'with' if written_by_deepspeed else 'without'} DeepSpeed; "
+                          f"resume it with --engine {'deepspeed' if written_by_deepspeed else 'single or ddp'}")
+    if saved == world.size:
+        local = state if saved == 1 else state["ranks"][world.rank]
+        data.load_state_dict(local["data"])
+        torch.set_rng_state(local["torch_rng"].cpu())
+    elif deepspeed:
+        raise ConfigError(f"{run_dir} was written by {saved} DeepSpeed processes, whose ZeRO optimizer state is "
+                          f"partitioned per rank; resume it with {saved} processes")
+    elif "data_position" not in state:
+        raise ConfigError(f"{run_dir} was written by {saved} process(es) and its data stream has no position that "
                           f"another world size can continue (GSM draws are per rank); resume it with {saved}")
-    return {"data_position": state["data_position"], "noise_generator": first["noise_generator"], "torch_rng": None}
+    else:
+        local = state if saved == 1 else state["ranks"][0]
+        data.seek(state["data_position"])
+    noise_generator.set_state(local["noise_generator"].cpu())
 
 
 def reject(folder: Path, run_dir: Path) -> Path:

@@ -1,7 +1,8 @@
 """The training loop: one explicit loop over steps (EDM-style), a status line per tick mirrored into
 TensorBoard and ``stats.jsonl``, atomic checkpoints, bit-exact resume, and non-finite steps skipped.
 
-Never losing work: a fresh run checkpoints step 0; SIGTERM is handled as Ctrl-C (checkpoint, then stop); a
+Never losing work: a fresh run checkpoints step 0; SIGTERM and Ctrl-C stop every rank after the same step with one
+checkpoint (dsm_fast/stopsignal.py); one ``train`` per run folder (dsm_fast/runlock.py); a
 resume continues from the newest checkpoint that passes its checks (dsm_fast/checkpoint.py), setting newer ones
 aside and dropping the stats rows past it. Divergence: only non-finite losses are seen, not the update that
 caused them, so a stop after ``max_bad_steps`` bad steps in a row that began at step b distrusts state b too
@@ -33,9 +34,9 @@ from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
     non_finite,
-    rank_streams,
     read_manifest,
     reject,
+    restore_streams,
     save_checkpoint,
     set_aside_incomplete,
     write_run_config,
@@ -246,24 +247,11 @@ class Trainer:
             for newer in found[found.index(folder) + 1:]:
                 reject(newer, self.run_dir)
             drop_stats_after(self.run_dir / "stats.jsonl", int(state["step"]))
-        saved_world, deepspeed_format = int(state.get("world_size", 1)), bool(state.get("engine_format", False))
-        if deepspeed_format != (self.engine.name == "deepspeed"):
-            raise ConfigError(f"{self.run_dir} was written {'with' if deepspeed_format else 'without'} DeepSpeed; "
-                              f"resume it with --engine {'deepspeed' if deepspeed_format else 'single or ddp'}")
-        if deepspeed_format and saved_world != self.world.size:
-            raise ConfigError(f"{self.run_dir} was written by {saved_world} DeepSpeed processes, whose ZeRO optimizer "
-                              f"state is partitioned per rank; resume it with {saved_world} processes")
-        streams = rank_streams(state, self.world.rank, self.world.size)  # any world size for single/DDP
+        restore_streams(self.run_dir, state, self.world, self.engine.name == "deepspeed", self.data,
+                        self.noise_generator)  # any world size for single/DDP (checkpoint.restore_streams)
         self.engine.load(self.run_dir, int(state["step"]), weights, state)
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema)
-        if "data_position" in streams:
-            self.data.seek(streams["data_position"])
-        else:
-            self.data.load_state_dict(streams["data"])
-        self.noise_generator.set_state(streams["noise_generator"].cpu())
-        if streams["torch_rng"] is not None:
-            torch.set_rng_state(streams["torch_rng"].cpu())
         self.step, self.bad_total = int(state["step"]), int(state["bad_total"])
         self.bad_in_row = int(state.get("bad_in_row", 0))
 
@@ -349,8 +337,8 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train to ``cfg.steps``; checkpoint every ``checkpoint_every`` steps, at the end, on Ctrl-C, on error.
-        With several ranks a failure is not checkpointed (the peers may be gone; the last periodic checkpoint
-        stands) and ends as a DistributedError naming the rank, so every rank stops with one clear line.
+        With several ranks a failure other than a stop signal is not checkpointed (the peers may be gone; the last
+        periodic checkpoint stands) and ends as a DistributedError naming the rank, so every rank stops with one clear line.
         Meanwhile, on the CPU in float32, subnormals flush to zero (dsm_fast/subnormals.py; config.json's
         flush_denormal), as before afterwards."""
         try:
