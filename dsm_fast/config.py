@@ -132,7 +132,8 @@ class TrainConfig:
 MAX_IMAGE_SIZE = 1024  # beyond it the paper's UNet does not fit in memory at any batch size
 
 # What a resumed run may change: how long it trains, how it logs and checkpoints, when it gives up, the learning
-# rate, and where and how it runs (engine and grad_accum: the global batch stays, split over another world size). Everything else comes from the run's config.json (see check_resume).
+# rate, and where and how it runs (engine and grad_accum: the same global batch, split over another world size).
+# Everything else comes from the run's config.json (see check_resume).
 RESUME_MAY_CHANGE = ("steps", "lr", "log_every", "checkpoint_every", "max_bad_steps", "eval_images", "progress",
                      "plots", "device", "dist_timeout", "out", "engine", "grad_accum")
 
