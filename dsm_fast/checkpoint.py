@@ -280,7 +280,8 @@ def restore_streams(run_dir: Path, state: dict[str, Any], world, deepspeed: bool
         torch.set_rng_state(local["torch_rng"].cpu())
     elif deepspeed:
         raise ConfigError(f"{run_dir} was written by {saved} DeepSpeed processes, whose ZeRO optimizer state is "
-                          f"partitioned per rank; resume it with {saved} processes")
+                          f"partitioned per rank (DeepSpeed cannot load it on another world size); resume it with "
+                          f"{saved} processes")
     elif "data_position" not in state:
         raise ConfigError(f"{run_dir} was written by {saved} process(es) and its data stream has no position that "
                           f"another world size can continue (GSM draws are per rank); resume it with {saved}")

@@ -185,7 +185,7 @@ class Trainer:
         local = {**(streams or self._stream_state()), "torch_rng": torch.get_rng_state()}
         ranks = distributed.gather_objects(local)
         state = dict(local) if self.world.size == 1 else {"ranks": ranks}
-        if hasattr(self.data, "shared_position"):  # what another world size continues from (rank_streams)
+        if hasattr(self.data, "shared_position"):  # what another world size continues from (restore_streams)
             state["data_position"] = self.data.shared_position([rank["data"] for rank in ranks])
         state.update(self.engine.checkpoint_state(), bad_total=self.bad_total, bad_in_row=self.bad_in_row,
                      world_size=self.world.size, engine_format=self.engine.name == "deepspeed")
