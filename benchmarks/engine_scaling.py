@@ -1,7 +1,7 @@
 """Communication volume per optimizer step and projected data-parallel scaling efficiency, computed from the
 parameter count and a single-device step time (weak scaling: the per-device batch stays fixed).
 
-    python benchmarks/engine_scaling.py                      # the README table (GPU anchor of method.md §6)
+    python benchmarks/engine_scaling.py                      # the README table (GPU anchor of docs/method.md §6.2)
     python benchmarks/engine_scaling.py --step-ms 26 --accum 4
     python benchmarks/engine_scaling.py --measure            # also time 1 vs 2 processes here (CPU, gloo)
 
@@ -26,7 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ANCHOR_MS = 265.0  # method.md §6: the reference route, paper preset, batch 128, one H100, fp32 (not measured here)
+# docs/method.md §6.2: the reference route, paper preset, batch 128, one H100, fp32 (not measured here)
+ANCHOR_MS = 265.0
 BIG_PARAMS = 300_000_000
 BANDWIDTH_GBS = {"1 node (NVLink, 350 GB/s bus bw, assumed)": 350.0,
                  "multi-node (400 Gb/s IB per GPU, 50 GB/s, assumed)": 50.0}
@@ -101,7 +102,7 @@ def measure(args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step-ms", type=float, default=ANCHOR_MS,
-                        help="single-device step time of the paper preset (default: method.md §6 anchor)")
+                        help="single-device step time of the paper preset (default: docs/method.md §6.2 anchor)")
     parser.add_argument("--big-params", type=int, default=BIG_PARAMS, help="parameters of the large preset")
     parser.add_argument("--accum", type=int, default=1, help="gradient accumulation (ZeRO-2/3 communicate per "
                                                              "micro-step)")
@@ -117,7 +118,7 @@ def main() -> None:
     # compute grows with width², as parameters do, at a fixed resolution and batch).
     presets = {"paper": (paper, args.step_ms), "300M": (args.big_params, args.step_ms * args.big_params / paper)}
     print(f"Step time of the paper preset: {args.step_ms:g} ms"
-          + (" (method.md §6 anchor: reference route, one H100, batch 128, fp32; not measured here)"
+          + (" (docs/method.md §6.2 anchor: reference route, one H100, batch 128, fp32; not measured here)"
              if args.step_ms == ANCHOR_MS else "") + f"; grad_accum {args.accum}\n")
     print(table(presets, [int(w) for w in args.worlds.split(",")], args.accum))
     if args.measure:

@@ -171,7 +171,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # noise levels and loss.
     "demo": {"data": "demo", "model": "tiny", "energy": "gaussian", "channels": 1, "image_size": 32,
              "batch_size": 32, "steps": 1000, "lr": 2e-3, "checkpoint_every": 1000},
-    # The paper's run (method.md): the defaults, named.
+    # The paper's run (docs/method.md §6.1): the defaults, named.
     "paper": {},
 }
 

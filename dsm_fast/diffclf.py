@@ -1,4 +1,4 @@
-"""DiffCLF (method.md §2): a diffusive classification loss beside the space term.
+"""DiffCLF (docs/method.md §2.4): a diffusive classification loss beside the space term.
 
 Grid: N noise levels log-spaced over [t_min, t_max],  t_j = t_min (t_max / t_min)^(j / (N − 1)),  j = 0 … N − 1.
 For each sample the trainer's log-uniform t picks a level uniformly, k = ⌊N u⌋ with u = log(t/t_min)/log(t_max/t_min);

@@ -13,7 +13,7 @@ so the update is that of the mean loss over the global batch on every engine. DD
 route as a module (RouteModule): one wrapped forward per micro-step whose outputs are the loss terms, so
 their hooks run outside the route's inner torch.func transform.
 
-Routes under DeepSpeed (method.md §7). ``engine.backward`` has no ``create_graph``, so a double backward
+Routes under DeepSpeed (docs/method.md §7.2). ``engine.backward`` has no ``create_graph``, so a double backward
 must be built inside the forward. Since DeepSpeed 0.18.3 the engine hooks its forward's outputs and divides
 every gradient flowing out of them by grad_accum — an inner ``autograd.grad`` included: wrapping the energy
 U itself would silently rescale ∇_y U and ∂_t U. dsm_fast therefore wraps the whole route (RouteModule):

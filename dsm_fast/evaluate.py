@@ -1,4 +1,4 @@
-"""Normalized log-probabilities, NLL in bits/dim and denoising quality (method.md §3, §4).
+"""Normalized log-probabilities, NLL in bits/dim and denoising quality (docs/method.md §3).
 
 1. C = (d/2) log(2πe (t_max + v)) − mean_x U(x + √t_max ε, t_max)   (v = 0 is the paper's protocol; v, the
    data's variance per dimension, corrects the Gaussian approximation of p_{t_max} when t_max is not ≫ v)

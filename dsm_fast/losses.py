@@ -1,4 +1,4 @@
-"""Training objectives as per-sample terms (method.md §2).
+"""Training objectives as per-sample terms (docs/method.md §2).
 
 With y = x + √t ε, d the number of dimensions of one sample, and the scores of U:
     space = ‖D(y, t) − x‖² / (d t)                      = ‖√t ∇_y U − ε‖² / d

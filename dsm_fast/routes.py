@@ -7,7 +7,7 @@ Three orthogonal choices, each named once: the route (how ∇_y U and ∂_t U ar
   backward is a double backward through the network (the paper's way, the yardstick of every test). It cannot be
   compiled: torch.compile refuses a create_graph double backward.
 - ``functional``: the inner gradient by ``torch.func.grad``: a first-order graph, so one plain backward through
-  any engine is the whole double backward (see dsm_fast/engine.py); compiled, it is method.md §6's torch.func +
+  any engine is the whole double backward (see dsm_fast/engine.py); compiled, it is docs/method.md §6.2's torch.func +
   torch.compile row.
 - ``fused``: the explicit adjoint of dsm_fast/model/adjoint.py: U, ∇_y U and ∂_t U from one ordinary forward
   graph (every layer's transposed Jacobian written out), so the loss's backward is a single first-order backward;

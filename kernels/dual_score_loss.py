@@ -1,6 +1,6 @@
 """The dual-score-matching terms as Triton kernels: both residuals, the per-image reductions and their gradients.
 
-Per image, with d dimensions, g = ∇_y U, g_t = ∂_t U, ε the noise and t the noise variance (method.md §2):
+Per image, with d dimensions, g = ∇_y U, g_t = ∂_t U, ε the noise and t the noise variance (docs/method.md §2.2, §4.6):
 
     res = √t g − ε,   space = Σ res² / d
     ρ = t g_t / d − ½ + Σ ε² / (2d),   time = ρ²

@@ -6,12 +6,15 @@ For image b and channel c over the n = H·W positions (statistics in float32, fl
     k_c = g_c (1 + m_c),  z_c = GELU(a_c),  a_c = x̂_c s_c k_c          (the released code's normalization, eps = 1e-5)
 
 The adjoint (vector-Jacobian product with an incoming ḡ, what the explicit-adjoint network needs; derived in
-dsm_fast/model/adjoint.py's norm_act_adjoint) is
+docs/method.md §4.4) is
 
     ā = ḡ GELU'(a),  Q_c = Σ ā x̂_c,  k̄_c = s_c Q_c,  m̄_c = g_c k̄_c,  u_c = k_c Q_c / s_c
     h̄_c = s_c k_c (ā − mean ā) + (−V w_c² u_c + mean_c' w_c' u_c') / n · x̂_c
 
 s_c ≥ sqrt(eps) and w_c ≤ 1/eps: nothing divides by zero where V ≪ eps (deep layers at initialization).
+
+The plain-PyTorch reference of both, ``norm_act_ref`` and ``norm_act_adjoint_ref``, is kernels/norm_act_ref.py
+(re-exported here): the model builds on it and must import without Triton.
 
 Custom operators (torch.library, so torch.compile traces them without graph breaks and meta/fake tensors flow):
 dsm_fast::norm_act, whose backward is dsm_fast::norm_act_adjoint, whose backward — the second derivatives of the
@@ -22,55 +25,31 @@ Storage may be bfloat16/float16.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-NORM_EPS = 1e-5
+from .norm_act_ref import (  # noqa: F401 (re-exported)
+    NORM_EPS,
+    modulated_gain,
+    norm_act_adjoint_ref,
+    norm_act_ref,
+    scaled_norm_act_adjoint_ref,
+    scaled_norm_act_ref,
+)
+
 MAX_BLOCK = 1024
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 NORM_EPS_C = tl.constexpr(NORM_EPS)
 
 
-# --- reference (plain PyTorch, the same math) -----------------------------------------------------------------
-def norm_scale_ref(var: torch.Tensor) -> torch.Tensor:
-    """s_c = sqrt(V / (v_c + eps) + eps), V = mean_c v_c over dim 1 of var (B, C[, 1, 1])."""
-    return torch.sqrt(var.mean(dim=1, keepdim=True) / (var + NORM_EPS) + NORM_EPS)
-
-
-def scaled_norm_act_ref(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """z = GELU(x̂ s k) with k = g (1 + m) of shape (B, C); statistics in float32 at least."""
-    h32 = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
-    xhat = h32 - h32.mean(dim=(2, 3), keepdim=True)
-    var = xhat.square().mean(dim=(2, 3), keepdim=True)
-    return F.gelu(xhat * norm_scale_ref(var) * k.to(h32.dtype)[:, :, None, None]).to(h.dtype)
-
-
-def norm_act_ref(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-    """z = GELU(Normalization(h) · g · (1 + m)); h: (B, C, H, W), gain g: (C,), modulation m: (B, C)."""
-    return scaled_norm_act_ref(h, gain * (1.0 + modulation))
-
-
-def norm_act_adjoint_ref(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor, grad_out: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̄, m̄) = (∂z/∂h)ᵀ ḡ, (∂z/∂m)ᵀ ḡ by autograd of :func:`norm_act_ref`, differentiable again."""
-    with torch.enable_grad():
-        h_, m_ = (x if x.requires_grad else x.detach().requires_grad_() for x in (h, modulation))
-        grad_h, grad_m = torch.autograd.grad(norm_act_ref(h_, gain, m_), (h_, m_), grad_out, create_graph=True)
-    return grad_h, grad_m
-
-
-def scaled_norm_act_adjoint_ref(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̄, k̄) = (∂z/∂h)ᵀ ḡ, (∂z/∂k)ᵀ ḡ by autograd of :func:`scaled_norm_act_ref`, differentiable again."""
-    with torch.enable_grad():
-        h_, k_ = (x if x.requires_grad else x.detach().requires_grad_() for x in (h, k))
-        grad_h, grad_k = torch.autograd.grad(scaled_norm_act_ref(h_, k_), (h_, k_), grad_out, create_graph=True)
-    return grad_h, grad_k
-
-
 # --- Triton kernels ---------------------------------------------------------------------------------------------
+@triton.jit
+def _row_load(ptr, row, offs, mask, n, acc_ty: tl.constexpr):
+    """Positions ``offs`` of ``row`` of an (R, n) array, in acc_ty, zero where masked."""
+    return tl.load(ptr + row.to(tl.int64) * n + offs, mask=mask, other=0.0).to(acc_ty)
+
+
 @triton.jit
 def _row_stats_kernel(h_ptr, mean_ptr, var_ptr, n, BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
     """One program per row (image b, channel c). h: (R, n) contiguous rows; mean, var: (R,) statistics dtype;
@@ -109,9 +88,8 @@ def _norm_act_fwd_kernel(h_ptr, mean_ptr, scale_ptr, out_ptr, n, BLOCK: tl.const
 @triton.jit
 def _adjoint_abar(h_ptr, g_ptr, row, offs, mask, n, mean, scale, acc_ty: tl.constexpr):
     """x̂ = h − μ and ā = ḡ GELU'(x̂ · scale) at positions ``offs`` of ``row`` (zero where masked)."""
-    x = tl.load(h_ptr + row.to(tl.int64) * n + offs, mask=mask, other=0.0).to(acc_ty)
-    g = tl.load(g_ptr + row.to(tl.int64) * n + offs, mask=mask, other=0.0).to(acc_ty)
-    xhat = tl.where(mask, x - mean, 0.0)
+    xhat = tl.where(mask, _row_load(h_ptr, row, offs, mask, n, acc_ty) - mean, 0.0)
+    g = _row_load(g_ptr, row, offs, mask, n, acc_ty)
     a = xhat * scale
     gelu_prime = 0.5 * (1.0 + tl.math.erf(a * SQRT_HALF)) + a * tl.exp(-0.5 * a * a) * INV_SQRT_2PI
     return xhat, g * gelu_prime
@@ -174,7 +152,7 @@ def _adj_bwd_reduce_kernel(h_ptr, g_ptr, hh_ptr, mean_ptr, scale_ptr, sums_ptr, 
         offs = i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         xhat, abar = _adjoint_abar(h_ptr, g_ptr, row, offs, mask, n, mean, scale, acc_ty)
-        hh = tl.load(hh_ptr + row.to(tl.int64) * n + offs, mask=mask, other=0.0).to(acc_ty)
+        hh = _row_load(hh_ptr, row, offs, mask, n, acc_ty)
         s_a += abar
         s_ax += abar * xhat
         s_h += hh
@@ -188,32 +166,36 @@ def _adj_bwd_reduce_kernel(h_ptr, g_ptr, hh_ptr, mean_ptr, scale_ptr, sums_ptr, 
 
 
 @triton.jit
-def _adj_bwd_pass(h_ptr, g_ptr, hh_ptr, coef_ptr, row, offs, mask, n, acc_ty: tl.constexpr):
-    """At positions ``offs`` of ``row``, with coef (R, 7) = (μ, scale σ, dQ, dS, ·, ·, ·):
-    x̂, ā = ḡ GELU'(a), H, da = dā ḡ GELU''(a) and the gradient of ḡ, dḡ = dā GELU'(a), where dā = σ H + dQ x̂ + dS."""
-    x = tl.load(h_ptr + row.to(tl.int64) * n + offs, mask=mask, other=0.0).to(acc_ty)
-    g = tl.load(g_ptr + row.to(tl.int64) * n + offs, mask=mask, other=0.0).to(acc_ty)
-    hh = tl.load(hh_ptr + row.to(tl.int64) * n + offs, mask=mask, other=0.0).to(acc_ty)
-    scale = tl.load(coef_ptr + 7 * row + 1)
-    xhat = tl.where(mask, x - tl.load(coef_ptr + 7 * row), 0.0)
-    d1, d2 = _gelu_derivatives(xhat * scale)
-    dabar = tl.where(mask, scale * hh + tl.load(coef_ptr + 7 * row + 2) * xhat + tl.load(coef_ptr + 7 * row + 3), 0.0)
-    return xhat, g * d1, hh, dabar * g * d2, dabar * d1
+def _second_order_gelu(x, c, mask):
+    """(x̂ = x − μ, zero where masked; GELU'(a); GELU''(a)) at a = x̂ σ, with c → this row's coef (μ, σ, …)."""
+    xhat = tl.where(mask, x - tl.load(c), 0.0)
+    d1, d2 = _gelu_derivatives(xhat * tl.load(c + 1))
+    return xhat, d1, d2
+
+
+@triton.jit
+def _second_order_dabar(xhat, hh, c, mask):
+    """dā = σ H + dQ x̂ + dS, zero where masked, with c → this row's coef (μ, σ, dQ, dS, …)."""
+    return tl.where(mask, tl.load(c + 1) * hh + tl.load(c + 2) * xhat + tl.load(c + 3), 0.0)
 
 
 @triton.jit
 def _adj_bwd_dg_kernel(h_ptr, g_ptr, hh_ptr, coef_ptr, grad_g_ptr, sums_ptr, n, BLOCK: tl.constexpr,
                        N_BLOCKS: tl.constexpr):
-    """One program per row: writes dḡ (R, n) and sums (R, 2) ← (Σ da x̂, Σ da); coef as in _adj_bwd_pass."""
+    """One program per row. h, ḡ, H: (R, n); coef: (R, 7) = (μ, σ, dQ, dS, ·, ·, ·). Writes dḡ = dā GELU'(a)
+    (R, n) and sums (R, 2) ← (Σ da x̂, Σ da), da = dā ḡ GELU''(a)."""
     row = tl.program_id(0)
     acc_ty = coef_ptr.dtype.element_ty
+    c = coef_ptr + 7 * row
     s_dax = tl.zeros([BLOCK], dtype=acc_ty)
     s_da = tl.zeros([BLOCK], dtype=acc_ty)
     for i in range(N_BLOCKS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        xhat, _, _, da, dg = _adj_bwd_pass(h_ptr, g_ptr, hh_ptr, coef_ptr, row, offs, mask, n, acc_ty)
-        tl.store(grad_g_ptr + row.to(tl.int64) * n + offs, dg.to(grad_g_ptr.dtype.element_ty), mask=mask)
+        xhat, d1, d2 = _second_order_gelu(_row_load(h_ptr, row, offs, mask, n, acc_ty), c, mask)
+        dabar = _second_order_dabar(xhat, _row_load(hh_ptr, row, offs, mask, n, acc_ty), c, mask)
+        da = dabar * _row_load(g_ptr, row, offs, mask, n, acc_ty) * d2
+        tl.store(grad_g_ptr + row.to(tl.int64) * n + offs, (dabar * d1).to(grad_g_ptr.dtype.element_ty), mask=mask)
         s_dax += da * xhat
         s_da += da
     tl.store(sums_ptr + 2 * row, tl.sum(s_dax, axis=0))
@@ -227,9 +209,11 @@ def _adj_bwd_dh_kernel(h_ptr, g_ptr, hh_ptr, coef_ptr, grad_h_ptr, n, BLOCK: tl.
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc_ty = coef_ptr.dtype.element_ty
-    xhat, abar, hh, da, _ = _adj_bwd_pass(h_ptr, g_ptr, hh_ptr, coef_ptr, row, offs, mask, n, acc_ty)
     c = coef_ptr + 7 * row
-    grad_h = (tl.load(c + 4) * hh + tl.load(c + 2) * abar + tl.load(c + 1) * da + tl.load(c + 5) * xhat
+    g, hh = _row_load(g_ptr, row, offs, mask, n, acc_ty), _row_load(hh_ptr, row, offs, mask, n, acc_ty)
+    xhat, d1, d2 = _second_order_gelu(_row_load(h_ptr, row, offs, mask, n, acc_ty), c, mask)
+    da = _second_order_dabar(xhat, hh, c, mask) * g * d2
+    grad_h = (tl.load(c + 4) * hh + tl.load(c + 2) * g * d1 + tl.load(c + 1) * da + tl.load(c + 5) * xhat
               - tl.load(c + 6))
     tl.store(grad_h_ptr + row.to(tl.int64) * n + offs, grad_h.to(grad_h_ptr.dtype.element_ty), mask=mask)
 
@@ -251,33 +235,37 @@ def _channel_store(ptr, b, C, value, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _channel_scale(var_ptr, k_ptr, b, C, BLOCK_C: tl.constexpr):
-    """(v, mask, V, w, s, k, σ) of image b: V = mean_c v, w = 1/(v + eps), s = sqrt(V w + eps), σ = s k."""
-    v, mask = _channel_load(var_ptr, b, C, BLOCK_C)
-    k, _ = _channel_load(k_ptr, b, C, BLOCK_C)
+def _sums_column(sums_ptr, b, C, column, width, BLOCK_C: tl.constexpr):
+    """Column ``column`` of image b's rows of a (B, C, width) array, zero beyond C."""
+    offs = tl.arange(0, BLOCK_C)
+    return tl.load(sums_ptr + (b * C + offs) * width + column, mask=offs < C, other=0.0)
+
+
+@triton.jit
+def _channel_stats(var_ptr, b, C, BLOCK_C: tl.constexpr):
+    """(V, w, s) of image b: V = mean_c v (a scalar), w = 1/(v + eps) and s = sqrt(V w + eps) (each (C,))."""
+    v, _ = _channel_load(var_ptr, b, C, BLOCK_C)
     big_v = tl.sum(v, axis=0) / C
     w = 1.0 / (v + NORM_EPS_C)
-    s = tl.sqrt(big_v * w + NORM_EPS_C)
-    return v, mask, big_v, w, s, k, s * k
+    return big_v, w, tl.sqrt(big_v * w + NORM_EPS_C)
 
 
 @triton.jit
-def _scale_kernel(var_ptr, k_ptr, s_ptr, scale_ptr, C, BLOCK_C: tl.constexpr):
-    """s = sqrt(V / (v + eps) + eps) and scale σ = s k, each (B, C)."""
+def _scale_kernel(var_ptr, k_ptr, scale_ptr, C, BLOCK_C: tl.constexpr):
+    """σ = s k, (B, C), s = sqrt(V / (v + eps) + eps)."""
     b = tl.program_id(0)
-    _, _, _, _, s, _, scale = _channel_scale(var_ptr, k_ptr, b, C, BLOCK_C)
-    _channel_store(s_ptr, b, C, s, BLOCK_C)
-    _channel_store(scale_ptr, b, C, scale, BLOCK_C)
+    _, _, s = _channel_stats(var_ptr, b, C, BLOCK_C)
+    k, _ = _channel_load(k_ptr, b, C, BLOCK_C)
+    _channel_store(scale_ptr, b, C, s * k, BLOCK_C)
 
 
 @triton.jit
-def _adjoint_terms(var_ptr, k_ptr, q_ptr, b, C, n, BLOCK_C: tl.constexpr):
-    """The adjoint's channel terms of image b: (mask, V, w, s, k, σ, Q, u = k Q / s, coef_x = (−V w² u + M)/n)."""
-    _, mask, big_v, w, s, k, scale = _channel_scale(var_ptr, k_ptr, b, C, BLOCK_C)
-    q, _ = _channel_load(q_ptr, b, C, BLOCK_C)
+def _adjoint_coef_x(var_ptr, k_ptr, q, b, C, n, BLOCK_C: tl.constexpr):
+    """(u = k Q / s, coef_x = (−V w² u + mean_c w u) / n) of image b, Q its (C,) row of Σ ā x̂."""
+    big_v, w, s = _channel_stats(var_ptr, b, C, BLOCK_C)
+    k, mask = _channel_load(k_ptr, b, C, BLOCK_C)
     u = k * q / s
-    coef_x = (-big_v * w * w * u + tl.sum(tl.where(mask, w * u, 0.0), axis=0) / C) / n
-    return mask, big_v, w, s, k, scale, q, u, coef_x
+    return u, (-big_v * w * w * u + tl.sum(tl.where(mask, w * u, 0.0), axis=0) / C) / n
 
 
 @triton.jit
@@ -285,47 +273,45 @@ def _adj_coef_kernel(var_ptr, k_ptr, q_ptr, sum_abar_ptr, grad_k_ptr, coef_x_ptr
                      BLOCK_C: tl.constexpr):
     """k̄ = s Q, coef_x and mean ā = Σ ā / n, each (B, C), from v, k, Q, Σ ā."""
     b = tl.program_id(0)
-    _, _, _, s, _, _, q, _, coef_x = _adjoint_terms(var_ptr, k_ptr, q_ptr, b, C, n, BLOCK_C)
+    _, _, s = _channel_stats(var_ptr, b, C, BLOCK_C)
+    q, _ = _channel_load(q_ptr, b, C, BLOCK_C)
     sum_abar, _ = _channel_load(sum_abar_ptr, b, C, BLOCK_C)
+    _, coef_x = _adjoint_coef_x(var_ptr, k_ptr, q, b, C, n, BLOCK_C)
     _channel_store(grad_k_ptr, b, C, s * q, BLOCK_C)
     _channel_store(coef_x_ptr, b, C, coef_x, BLOCK_C)
     _channel_store(abar_mean_ptr, b, C, sum_abar / n, BLOCK_C)
 
 
 @triton.jit
-def _bwd_terms(var_ptr, k_ptr, kk_ptr, sums_ptr, b, C, n, BLOCK_C: tl.constexpr):
-    """Channel terms of the adjoint's backward for image b (sums (B, C, 5) from _adj_bwd_reduce_kernel; K the
-    cotangent of k̄): (mask, V, w, s, k, σ, S, Q, ΣH, ΣHā, ΣHx̂, u, coef_x, dM, du, dQ)."""
-    offs = tl.arange(0, BLOCK_C)
-    mask = offs < C
-    base = sums_ptr + (b * C + offs) * 5
-    sum_a = tl.load(base, mask=mask, other=0.0)
-    q = tl.load(base + 1, mask=mask, other=0.0)
-    sum_h = tl.load(base + 2, mask=mask, other=0.0)
-    sum_ha = tl.load(base + 3, mask=mask, other=0.0)
-    sum_hx = tl.load(base + 4, mask=mask, other=0.0)
-    _, _, big_v, w, s, k, scale = _channel_scale(var_ptr, k_ptr, b, C, BLOCK_C)
-    u = k * q / s
-    coef_x = (-big_v * w * w * u + tl.sum(tl.where(mask, w * u, 0.0), axis=0) / C) / n
+def _bwd_dq(var_ptr, k_ptr, kk_ptr, sum_hx, b, C, n, BLOCK_C: tl.constexpr):
+    """(dM, du, dQ) of image b, the cotangents of M = mean_c w u, u and Q, from Σ H x̂ and K (kk, the cotangent of
+    k̄): dM = Σ_c Σ H x̂ / n, du = −V w² Σ H x̂ / n + dM w / C, dQ = K s + du k / s."""
+    big_v, w, s = _channel_stats(var_ptr, b, C, BLOCK_C)
+    k, _ = _channel_load(k_ptr, b, C, BLOCK_C)
+    kk, _ = _channel_load(kk_ptr, b, C, BLOCK_C)
     d_m = tl.sum(sum_hx, axis=0) / n
     du = -big_v * w * w * sum_hx / n + d_m * w / C
-    kk, _ = _channel_load(kk_ptr, b, C, BLOCK_C)
-    dq = kk * s + du * k / s
-    return mask, big_v, w, s, k, scale, sum_a, q, sum_h, sum_ha, sum_hx, u, coef_x, d_m, du, dq
+    return d_m, du, kk * s + du * k / s
 
 
 @triton.jit
 def _adj_bwd_coef1_kernel(mean_ptr, var_ptr, k_ptr, kk_ptr, sums_ptr, coef_ptr, C, n, BLOCK_C: tl.constexpr):
-    """coef (B, C, 7) columns 0–4 ← (μ, σ, dQ, dS = −σ ΣH / n, coef_x) for pass 2."""
+    """coef (B, C, 7) columns 0–4 ← (μ, σ, dQ, dS = −σ ΣH / n, coef_x) for pass 2, from pass 1's sums (B, C, 5) =
+    (Σ ā, Σ ā x̂, Σ H, Σ H ā, Σ H x̂)."""
     b = tl.program_id(0)
-    mask, _, _, _, _, scale, _, _, sum_h, _, _, _, coef_x, _, _, dq = _bwd_terms(var_ptr, k_ptr, kk_ptr, sums_ptr,
-                                                                                b, C, n, BLOCK_C)
+    offs = tl.arange(0, BLOCK_C)
+    mask = offs < C
+    q, sum_h = _sums_column(sums_ptr, b, C, 1, 5, BLOCK_C), _sums_column(sums_ptr, b, C, 2, 5, BLOCK_C)
+    _, _, s = _channel_stats(var_ptr, b, C, BLOCK_C)
+    k, _ = _channel_load(k_ptr, b, C, BLOCK_C)
     mean, _ = _channel_load(mean_ptr, b, C, BLOCK_C)
-    base = coef_ptr + (b * C + tl.arange(0, BLOCK_C)) * 7
+    _, coef_x = _adjoint_coef_x(var_ptr, k_ptr, q, b, C, n, BLOCK_C)
+    _, _, dq = _bwd_dq(var_ptr, k_ptr, kk_ptr, _sums_column(sums_ptr, b, C, 4, 5, BLOCK_C), b, C, n, BLOCK_C)
+    base = coef_ptr + (b * C + offs) * 7
     tl.store(base, mean, mask=mask)
-    tl.store(base + 1, scale, mask=mask)
+    tl.store(base + 1, s * k, mask=mask)
     tl.store(base + 2, dq, mask=mask)
-    tl.store(base + 3, -scale * sum_h / n, mask=mask)
+    tl.store(base + 3, -s * k * sum_h / n, mask=mask)
     tl.store(base + 4, coef_x, mask=mask)
 
 
@@ -334,12 +320,17 @@ def _adj_bwd_coef2_kernel(var_ptr, k_ptr, kk_ptr, sums_ptr, sums2_ptr, coef_ptr,
                           BLOCK_C: tl.constexpr):
     """From pass 2's (Σ da x̂, Σ da) (B, C, 2): dk (B, C) and coef columns 5–6 ← (2 dv / n, mean of dx)."""
     b = tl.program_id(0)
-    mask, big_v, w, s, k, scale, sum_a, q, sum_h, sum_ha, sum_hx, u, coef_x, d_m, du, dq = _bwd_terms(
-        var_ptr, k_ptr, kk_ptr, sums_ptr, b, C, n, BLOCK_C)
     offs = tl.arange(0, BLOCK_C)
-    sum_dax = tl.load(sums2_ptr + (b * C + offs) * 2, mask=mask, other=0.0)
-    sum_da = tl.load(sums2_ptr + (b * C + offs) * 2 + 1, mask=mask, other=0.0)
+    mask = offs < C
+    sum_a, q = _sums_column(sums_ptr, b, C, 0, 5, BLOCK_C), _sums_column(sums_ptr, b, C, 1, 5, BLOCK_C)
+    sum_h, sum_ha = _sums_column(sums_ptr, b, C, 2, 5, BLOCK_C), _sums_column(sums_ptr, b, C, 3, 5, BLOCK_C)
+    sum_hx = _sums_column(sums_ptr, b, C, 4, 5, BLOCK_C)
+    sum_dax, sum_da = _sums_column(sums2_ptr, b, C, 0, 2, BLOCK_C), _sums_column(sums2_ptr, b, C, 1, 2, BLOCK_C)
+    big_v, w, s = _channel_stats(var_ptr, b, C, BLOCK_C)
+    k, _ = _channel_load(k_ptr, b, C, BLOCK_C)
     kk, _ = _channel_load(kk_ptr, b, C, BLOCK_C)
+    u, coef_x = _adjoint_coef_x(var_ptr, k_ptr, q, b, C, n, BLOCK_C)
+    d_m, du, dq = _bwd_dq(var_ptr, k_ptr, kk_ptr, sum_hx, b, C, n, BLOCK_C)
     d_scale = sum_ha - sum_h * sum_a / n + sum_dax
     d_s = kk * q - du * u / s + d_scale * k
     _channel_store(grad_k_ptr, b, C, du * q / s + d_scale * s, BLOCK_C)
@@ -348,7 +339,7 @@ def _adj_bwd_coef2_kernel(var_ptr, k_ptr, kk_ptr, sums_ptr, sums2_ptr, coef_ptr,
     d_var = -w * w * d_w + d_big_v / C
     base = coef_ptr + (b * C + offs) * 7
     tl.store(base + 5, 2 * d_var / n, mask=mask)
-    tl.store(base + 6, (coef_x * sum_h + dq * sum_a + scale * sum_da) / n, mask=mask)
+    tl.store(base + 6, (coef_x * sum_h + dq * sum_a + s * k * sum_da) / n, mask=mask)
 
 
 # --- launchers --------------------------------------------------------------------------------------------------
@@ -358,20 +349,20 @@ def _block(n: int) -> int:
     return min(MAX_BLOCK, triton.next_power_of_2(n))
 
 
-def _statistics(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Row statistics of contiguous h (B, C, H, W): μ, v, s (each (B, C)) and scale = s k (two launches)."""
+def _statistics(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row statistics of contiguous h (B, C, H, W): (μ, v, σ = s k), each (B, C) (two launches)."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
     mean = torch.empty(b, c, device=h.device, dtype=k.dtype)
-    var, s, scale = torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
+    var, scale = torch.empty_like(mean), torch.empty_like(mean)
     _row_stats_kernel[(b * c,)](h, mean, var, n, BLOCK=_block(n), N_BLOCKS=triton.cdiv(n, _block(n)))
-    _scale_kernel[(b,)](var, k, s, scale, c, BLOCK_C=triton.next_power_of_2(c))
-    return mean, var, s, scale
+    _scale_kernel[(b,)](var, k, scale, c, BLOCK_C=triton.next_power_of_2(c))
+    return mean, var, scale
 
 
 def norm_act_forward_launch(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """z = GELU(x̂ s k) for contiguous h (B, C, H, W) and k (B, C) in the statistics dtype."""
     n = h.shape[2] * h.shape[3]
-    mean, _, _, scale = _statistics(h, k)
+    mean, _, scale = _statistics(h, k)
     out = torch.empty_like(h)
     _norm_act_fwd_kernel[(h.shape[0] * h.shape[1], triton.cdiv(n, _block(n)))](h, mean, scale, out, n,
                                                                                  BLOCK=_block(n))
@@ -383,7 +374,7 @@ def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Te
     """(h̄, k̄) for contiguous h, ḡ (B, C, H, W) and k (B, C) in the statistics dtype (formulas in the module doc)."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
     rows, block = b * c, _block(n)
-    mean, var, _, scale = _statistics(h, k)
+    mean, var, scale = _statistics(h, k)
     sum_abar, q, grad_k = torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
     coef_x, abar_mean = torch.empty_like(mean), torch.empty_like(mean)
     _norm_act_adj_reduce_kernel[(rows,)](h, grad_out, mean, scale, sum_abar, q, n, BLOCK=block,
@@ -413,7 +404,7 @@ def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, grad_out:
     channel terms, pass 2, channel terms, pass 3."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
     rows, block, block_c = b * c, _block(n), triton.next_power_of_2(c)
-    mean, var, _, scale = _statistics(h, k)
+    mean, var, scale = _statistics(h, k)
     sums = torch.empty(b, c, 5, device=h.device, dtype=k.dtype)
     _adj_bwd_reduce_kernel[(rows,)](h, grad_out, grad_grad_h, mean, scale, sums, n, BLOCK=block,
                                     N_BLOCKS=triton.cdiv(n, block))
@@ -491,19 +482,14 @@ torch.library.register_autograd("dsm_fast::norm_act", _norm_act_backward, setup_
 torch.library.register_autograd("dsm_fast::norm_act_adjoint", _norm_act_adjoint_backward, setup_context=_save_inputs)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint_backward", _third_order, setup_context=_save_inputs)
 # Per op and call: (kernels launched, all Triton; full passes over an h-sized tensor, each read or write), what
-# dsm-fast profile --cost counts for an op it sees only from outside (tests/test_kernels_custom_ops.py recounts the kernels).
+# dsm-fast profile --cost counts for an op it sees only from outside (tests/test_kernels_custom_ops.py recounts
+# the kernels).
 # Statistics read h twice; forward: + read h, write z; adjoint: + read h, ḡ twice, write h̄; its backward: + read
 # h, ḡ, H three times, write dḡ and dh.
 LAUNCHES = {"dsm_fast.norm_act": (3, 4), "dsm_fast.norm_act_adjoint": (5, 7), "dsm_fast.norm_act_adjoint_backward": (7, 13)}
 
 
 # --- public functions -------------------------------------------------------------------------------------------
-def modulated_gain(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-    """k = g (1 + m): (B, C) in the statistics dtype (float64 for float64 h, else float32)."""
-    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    return (gain.to(dtype) * (1.0 + modulation.to(dtype))).contiguous()
-
-
 def norm_act(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
     """GELU(Normalization(h) · g · (1 + m)) by the Triton kernels; h: (B, C, H, W), g: (C,), m: (B, C)."""
     return norm_act_op(h.contiguous(), modulated_gain(h, gain, modulation))

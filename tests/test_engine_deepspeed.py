@@ -1,7 +1,7 @@
 """DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo): ZeRO 1, 2 and 3 in two processes equal one process with the
 same global batch, gradient accumulation included (ZeRO 1/2 with the first-order and the reference routes, ZeRO-3
 with the explicit adjoint and every weight partitioned); a killed run resumes from DeepSpeed's own checkpoint to
-the same weights; each pitfall of method.md §7 is shown, and the routes it breaks are refused in one line."""
+the same weights; each pitfall of docs/method.md §7.2 is shown, and the routes it breaks are refused in one line."""
 import dataclasses
 import inspect
 import json

@@ -1,4 +1,5 @@
-"""kernels/norm_act.py against its plain-PyTorch reference: outputs, first- and second-order gradients.
+"""kernels/norm_act.py against its plain-PyTorch reference (kernels/norm_act_ref.py): outputs, first- and
+second-order gradients; and the reference's explicit adjoint against autograd of its forward.
 
 Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py), so sizes are small but awkward (odd, non powers of
 two, rows longer than one block). Every kernel output is allocated NaN-filled, so an element a kernel fails to
@@ -6,11 +7,8 @@ write cannot pass.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from dsm_fast.kernels import norm_act as op
 
-from dsm_fast.model import adjoint
-from dsm_fast.model.layers import normalize_ref
 from dsm_fast.tools.testing import TOLERANCES, assert_rel_close, relative_error
 
 SHAPES = [(2, 3, 5, 7), (3, 5, 9, 6), (1, 2, 37, 29)]  # the last: rows of 1,073 > one 1,024 block
@@ -31,10 +29,22 @@ def draw(shape, dtype, requires_grad=False):
     return [x.requires_grad_(requires_grad) for x in (h, gain, modulation, grad_out)]
 
 
-def test_reference_is_the_models_normact(seed):
-    h, gain, modulation, _ = draw(SHAPES[0], torch.float64)
-    assert_rel_close(op.norm_act_ref(h, gain, modulation), F.gelu(normalize_ref(h, gain, modulation)), 1e-14,
-                     "norm_act_ref vs layers.normalize_ref", seed)
+def vjp_by_autograd(h, gain, modulation, grad_out):
+    """(h̄, m̄) by autograd of the forward reference, differentiable again: the yardstick of its explicit adjoint."""
+    with torch.enable_grad():
+        h_, m_ = (x if x.requires_grad else x.detach().requires_grad_() for x in (h, modulation))
+        return torch.autograd.grad(op.norm_act_ref(h_, gain, m_), (h_, m_), grad_out, create_graph=True)
+
+
+def test_reference_adjoint_is_the_vjp_of_the_reference(seed):
+    """docs/method.md §4.4's derivation: the explicit (h̄, m̄) and their derivatives in (h, g, m, ḡ) equal autograd's
+    of the forward formula, float64."""
+    inputs = draw(SHAPES[1], torch.float64, requires_grad=True)
+    explicit, by_autograd = op.norm_act_adjoint_ref(*inputs), vjp_by_autograd(*inputs)
+    assert_rel_close(list(explicit), list(by_autograd), 1e-12, "adjoint (h̄, m̄)", seed)
+    w_h, w_m = torch.randn_like(inputs[0]), torch.randn_like(inputs[2])
+    assert_rel_close(list(torch.autograd.grad(explicit, inputs, (w_h, w_m))),
+                     list(torch.autograd.grad(by_autograd, inputs, (w_h, w_m))), 1e-12, "second order", seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -50,14 +60,13 @@ def test_forward_and_adjoint(shape, dtype, seed):
 @pytest.mark.parametrize("spread", [1e-22, 1e-3], ids=["V<<eps, denormal V", "V~eps"])
 def test_float32_where_the_variance_is_tiny(spread, seed):
     """V ≪ eps (deep layers at initialization: V ~ 1e-44 in the release, a float32 denormal): the Triton kernels and
-    the explicit adjoint of dsm_fast/model/adjoint.py, in float32, against the float64 reference of the same inputs."""
+    the plain-PyTorch reference (the model's explicit adjoint), in float32, against float64 autograd of the same
+    inputs."""
     h, gain, modulation, grad_out = draw(SHAPES[1], torch.float64)
     inputs = [x.float() for x in (h * spread, gain, modulation, grad_out)]
-    exact = [op.norm_act_ref(*(x.double() for x in inputs[:3])),
-             *op.norm_act_adjoint_ref(*(x.double() for x in inputs))]
-    z, saved = adjoint.norm_act_forward(*inputs[:3])
+    exact = [op.norm_act_ref(*(x.double() for x in inputs[:3])), *vjp_by_autograd(*(x.double() for x in inputs))]
     routes = {"triton": [op.norm_act(*inputs[:3]), *op.norm_act_adjoint(*inputs)],
-              "explicit adjoint": [z, *adjoint.norm_act_adjoint(saved, inputs[3])]}
+              "reference": [op.norm_act_ref(*inputs[:3]), *op.norm_act_adjoint_ref(*inputs)]}
     for name, actual in routes.items():
         assert_rel_close([x.double() for x in actual], [x.detach() for x in exact], TOLERANCES[torch.float32], name,
                          seed)

@@ -1,9 +1,10 @@
 """The paper's UNet, the normalization layer and the energy wrapper."""
 import pytest
 import torch
+import torch.nn.functional as F
+from dsm_fast.kernels.norm_act_ref import modulated_gain, norm_act_forward_ref, norm_act_ref
 
 from dsm_fast.model import EnergyUNet, RadialEnergy, UNetEnergy, build_model, denoise, energy_and_scores
-from dsm_fast.model.layers import normalize_ref
 
 
 def n_params(module) -> int:
@@ -43,14 +44,16 @@ def test_energy_is_one_scalar_per_image_and_denoiser_matches_tweedie(channels, s
 def test_normalization_matches_its_definition(seed):
     h = torch.randn(2, 5, 6, 7, dtype=torch.float64) * torch.rand(1, 5, 1, 1, dtype=torch.float64) * 3 + 1
     gain, mod = torch.rand(5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
-    out = normalize_ref(h, gain, mod)
+    out, terms = norm_act_forward_ref(h, modulated_gain(h, gain, mod))
     mean, var = h.mean(dim=(2, 3), keepdim=True), h.var(dim=(2, 3), unbiased=False, keepdim=True)
     # the released code's scale: sqrt(V / (v_c + eps) + eps), V the channel mean of v_c without eps
     expected = (h - mean) * torch.sqrt(var.mean(dim=1, keepdim=True) / (var + 1e-5) + 1e-5)
     expected = expected * gain[None, :, None, None] * (1 + mod[:, :, None, None])
-    torch.testing.assert_close(out, expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(terms.a, expected, rtol=1e-14, atol=0)  # the normalization, before the GELU
+    torch.testing.assert_close(out, F.gelu(terms.a), rtol=0, atol=0)
+    torch.testing.assert_close(norm_act_ref(h, gain, mod), out, rtol=0, atol=0)
     # no batch statistics: an image's output does not depend on the others in the batch
-    torch.testing.assert_close(normalize_ref(h[:1], gain, mod[:1]), out[:1])
+    torch.testing.assert_close(norm_act_ref(h[:1], gain, mod[:1]), out[:1])
 
 
 @pytest.mark.parametrize("spread", [1e-22, 1e-3], ids=["V<<eps, denormal V", "V~eps"])
@@ -59,8 +62,8 @@ def test_normalization_in_float32_where_the_variance_is_tiny(spread, seed):
     follow the float64 result to float32 precision (s_c → sqrt(eps), no division by zero)."""
     h = torch.randn(2, 6, 5, 7, dtype=torch.float64) * torch.rand(1, 6, 1, 1, dtype=torch.float64) * spread
     gain, mod = 1 + 0.3 * torch.randn(6, dtype=torch.float64), 0.3 * torch.randn(2, 6, dtype=torch.float64)
-    out32 = normalize_ref(h.float(), gain.float(), mod.float()).double()
-    out64 = normalize_ref(h.float().double(), gain.float().double(), mod.float().double())
+    out32 = norm_act_ref(h.float(), gain.float(), mod.float()).double()
+    out64 = norm_act_ref(h.float().double(), gain.float().double(), mod.float().double())
     assert torch.isfinite(out32).all()
     assert ((out32 - out64).abs().max() / out64.abs().max()).item() < 1e-6
 

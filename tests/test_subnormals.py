@@ -3,10 +3,10 @@ restored after, and without changing the step beyond float32 rounding."""
 import json
 
 import torch
+from dsm_fast.kernels.norm_act_ref import normalization_scale
 
 from dsm_fast.config import TrainConfig
 from dsm_fast.model import UNetEnergy
-from dsm_fast.model.layers import normalization_scale
 from dsm_fast.routes import make_route
 from dsm_fast.subnormals import SMALLEST_NORMAL, flushed_subnormals, flushing
 from dsm_fast.tools.testing import TOLERANCES, assert_rel_close

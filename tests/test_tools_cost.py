@@ -56,7 +56,7 @@ def test_profile_cost_cli_predicts_the_anchors_within_30_percent(tmp_path, capsy
         assert {"kernels", "flops", "bytes", "saved_bytes"} <= row.keys()
         assert set(row["predicted_ms"]) == {"H100 SXM", "H200 SXM"}
         assert row["predicted_ms"]["H200 SXM"] < row["predicted_ms"]["H100 SXM"]  # same FLOP/s, more bandwidth
-    assert math.isclose(report["routes"]["reference"]["flops"] / 1e12, 4.04, rel_tol=0.01)  # method.md §6
+    assert math.isclose(report["routes"]["reference"]["flops"] / 1e12, 4.04, rel_tol=0.01)  # docs/method.md §6.2
     for anchor in report["anchors"]:
         assert abs(anchor["predicted_ms"] / anchor["measured_ms"] - 1) < 0.3, anchor
 

@@ -1,2 +1,2 @@
-"""What users do with a normalized energy (method.md §4): one module per analysis, each a function returning
+"""What users do with a normalized energy (docs/method.md §3.5): one module per analysis, each a function returning
 numbers plus a plot function; the ``dsm-fast`` subcommands of the same names call them."""

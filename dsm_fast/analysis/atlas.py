@@ -1,4 +1,4 @@
-"""Log-probability against image content (method.md §4): the distribution of test log p with a Gumbel fit, the
+"""Log-probability against image content (docs/method.md §3.5): the distribution of test log p with a Gumbel fit, the
 images ranked by log p, and log p under contrast and offset changes,
 
     contrast α:  x ↦ m + α (x − m)   (m the image's mean),        offset β:  x ↦ x + β,

@@ -1,4 +1,4 @@
-"""Effective dimensionality and expected log-probability across noise levels (method.md §4):
+"""Effective dimensionality and expected log-probability across noise levels (docs/method.md §3.5):
 
     d_eff(x, t) = E_ε ‖x − D(x + √t ε, t)‖² / t,      D(y, t) = y − t ∇_y U(y, t),
     E[log p_t(y) | x] = −E_ε U(x + √t ε, t) − C,

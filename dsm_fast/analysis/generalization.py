@@ -1,4 +1,4 @@
-"""Strong generalization (method.md §4): two models trained on disjoint subsets (``--subset first:N`` and
+"""Strong generalization (docs/method.md §3.5): two models trained on disjoint subsets (``--subset first:N`` and
 ``--subset last:N``) evaluated on the same images.
 
 Units. A log-probability per dimension in decibels is  dB/dim = (10 / ln 10) · log p(x) / d  (log p in nats), i.e.

@@ -1,4 +1,4 @@
-"""Proof of normalization on the Gaussian scale mixture (method.md §3), whose log p_t is exact.
+"""Proof of normalization on the Gaussian scale mixture (docs/method.md §3.4), whose log p_t is exact.
 
 For each objective, train the radial energy on GSM draws, fix the constant C by the t_max protocol
 (``evaluate.normalizing_constant``, with the data's variance), and compare the learned
@@ -25,7 +25,7 @@ INITIAL_OFFSET = 0.02  # the radial model starts with log p_t off by −0.02·lo
 
 
 def gsm_config(objective: str, steps: int = 1500, seed: int = 0, out: str | None = None, **changes) -> TrainConfig:
-    """The GSM run of method.md §3: d = 1000, σ ∈ {1, 4}, t ∈ [1e-2, 1e2], float64 on the CPU, radial model
+    """The GSM run of docs/method.md §3.4: d = 1000, σ ∈ {1, 4}, t ∈ [1e-2, 1e2], float64 on the CPU, radial model
     started mis-normalized by ``INITIAL_OFFSET`` (its ½ log r term alone would be nearly normalized from the
     start, which would hide whether an objective learns the constant); DiffCLF's 9 levels include every tested t."""
     base = TrainConfig(model="radial", radial_offset=INITIAL_OFFSET, data="gsm", gsm_dim=1000, gsm_sigmas=(1.0, 4.0),

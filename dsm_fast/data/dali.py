@@ -15,7 +15,7 @@ Semantic differences from the CPU loader (:class:`~dsm_fast.data.memmap.MemmapBa
   build): reproducible, but not the trainer's per-global-position noise, which keeps a run independent of the
   world size; the trainer therefore draws its own t and ε (on the GPU) and uses ``next_batch``.
 - The input is fed from this process (no worker processes), so starting DALI before or after CUDA makes no
-  difference here (the method.md §7 constraint is about forked workers); the pipeline is built on first use.
+  difference here (the docs/method.md §7.3 constraint is about forked workers); the pipeline is built on first use.
 """
 from __future__ import annotations
 

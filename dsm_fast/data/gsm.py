@@ -1,4 +1,4 @@
-"""The analytic data set: a Gaussian scale mixture in R^d (method.md §3),
+"""The analytic data set: a Gaussian scale mixture in R^d (docs/method.md §3.4),
 
     p(x) = Σ_k w_k N(x; 0, σ_k² I),   p_t(y) = Σ_k w_k N(y; 0, (σ_k² + t) I),
 

@@ -1,4 +1,4 @@
-"""Downsampled ImageNet 64×64 (method.md §5): reading the official files safely, and the prepared dataset.
+"""Downsampled ImageNet 64×64 (docs/method.md §7.1): reading the official files safely, and the prepared dataset.
 
 A prepared dataset is a folder holding, per split (``train``, ``val``), ``{split}_images.npy`` (uint8
 (N, 3, 64, 64), memory-mappable) and ``{split}_labels.npy`` (int16 (N,), 1…1000 for the official files),

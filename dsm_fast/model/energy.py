@@ -1,4 +1,4 @@
-"""Energy models U_θ(y, t) — one scalar per sample — and the quantities derived from them.
+"""Energy models U_θ(y, t) — one scalar per sample — and the quantities derived from them (docs/method.md §1.2).
 
     space score  −∇_y U,   time score  ∂_t U,   denoiser (Tweedie)  D(y, t) = y − t ∇_y U.
 """

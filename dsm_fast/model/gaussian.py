@@ -1,4 +1,5 @@
-"""A better-conditioned start for the image energy (``--energy gaussian``; the paper's runs use ``--energy paper``).
+"""A better-conditioned start for the image energy (``--energy gaussian``, docs/method.md §1.6; the paper's runs use
+``--energy paper``).
 
     U(y, t) = ‖y − μ‖² / (2 a²) + (d/2) log a² + ½ ⟨ỹ, f_θ(ỹ, τ)⟩,
     a² = t + s²,   ỹ = (y − μ) / a,   τ = log(1 + t/δ),

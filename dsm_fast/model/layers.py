@@ -1,7 +1,7 @@
-"""Building blocks of the paper's energy UNet (method.md §1).
+"""Building blocks of the paper's energy UNet (docs/method.md §1.3–§1.5).
 
 Every convolution is bias-free; every convolution but the last is followed by
-:class:`NormAct` = Normalization × (1 + modulation(emb(t))) → GELU.
+:class:`NormAct` = Normalization × (1 + modulation(emb(t))) → GELU, whose formula is kernels/norm_act_ref.py's.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORM_EPS = 1e-5
+from ..kernels.norm_act_ref import norm_act_ref
 
 
 class NoiseEmbedding(nn.Module):
@@ -38,34 +38,13 @@ class NoiseEmbedding(nn.Module):
         return F.silu(self.fc2(F.silu(self.fc1(features))))
 
 
-def normalization_scale(var: torch.Tensor) -> torch.Tensor:
-    """s_c = sqrt(V / (v_c + eps) + eps), V = mean_c v_c (no eps on V): the released normalization's scale.
-
-    var: (B, C, 1, 1) per-channel variances v_c, in the statistics dtype. s_c ≥ sqrt(eps) and v_c + eps ≥ eps, so
-    nothing divides by zero, even where V ≪ eps (deep layers at initialization; V underflows to 0 harmlessly).
-    """
-    return torch.sqrt(var.mean(dim=1, keepdim=True) / (var + NORM_EPS) + NORM_EPS)
-
-
-def normalize_ref(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-    """The paper's Normalization (the released code's), per image and channel c over the spatial positions:
-
-        out_c = x̂_c · sqrt(V / (v_c + eps) + eps) · g_c · (1 + m_c),   x̂_c = h_c − μ_c,  v_c = mean x̂_c²,  V = mean_c v_c
-
-    h: (B, C, H, W); gain g: (C,); modulation m: (B, C). Statistics in float32 at least.
-    """
-    dtype = h.dtype
-    h32 = h.float() if dtype in (torch.float16, torch.bfloat16) else h
-    mean = h32.mean(dim=(2, 3), keepdim=True)
-    centred = h32 - mean
-    var = centred.square().mean(dim=(2, 3), keepdim=True)
-    scale = normalization_scale(var) * gain.to(h32.dtype)[None, :, None, None]
-    scale = scale * (1.0 + modulation.to(h32.dtype))[:, :, None, None]
-    return (centred * scale).to(dtype)
-
-
 class NormAct(nn.Module):
-    """GELU(Normalization(h) · g · (1 + Linear(emb))): the layer every hidden convolution feeds.
+    """GELU(Normalization(h) · g · (1 + Linear(emb))): the layer every hidden convolution feeds (docs/method.md §1.4),
+
+        z_c = GELU(x̂_c · sqrt(V / (v_c + eps) + eps) · g_c · (1 + m_c)),   x̂_c = h_c − μ_c,  v_c = mean x̂_c²,
+        V = mean_c v_c,
+
+    per image and channel c over the spatial positions, statistics in float32 at least (:func:`norm_act_ref`).
 
     Initialization as in the released code: gains 1, the modulation Linear with PyTorch's default init (not zero).
     """
@@ -76,7 +55,7 @@ class NormAct(nn.Module):
         self.modulation = nn.Linear(emb_dim, channels)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return F.gelu(normalize_ref(h, self.gain, self.modulation(emb)))
+        return norm_act_ref(h, self.gain, self.modulation(emb))
 
 
 class ConvNormAct(nn.Module):

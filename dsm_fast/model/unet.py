@@ -1,4 +1,4 @@
-"""The paper's bias-free UNet f_θ(y, t) (method.md §1) and its size presets.
+"""The paper's bias-free UNet f_θ(y, t) (docs/method.md §1.3) and its size presets.
 
 Scale s of the encoder holds ``convs_per_block`` layers (the first of scales ≥ 1 is the 2×2 stride-2
 down convolution); the middle is down → convs → up; each decoder scale takes the concatenated skip,
@@ -7,6 +7,7 @@ and all but the outermost end with a 2×2 transposed 'up' convolution. The outer
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,17 +73,26 @@ class EnergyUNet(nn.Module):
     def downsampling(self) -> int:
         return 2 ** (len(self.preset.widths) - 1)
 
-    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.embedding(t)
+    def walk(self, y: torch.Tensor, layer_fn: Callable[[ConvNormAct, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The network's order, h = layer_fn(layer, h) for each layer: the encoder (each scale's output kept as a
+        skip), the middle, the decoder (the skip of its scale concatenated before each of its blocks)."""
         h, skips = y, []
         for block in self.encoder:
             for layer in block:
-                h = layer(h, emb)
+                h = layer_fn(layer, h)
             skips.append(h)
         for layer in self.middle:
-            h = layer(h, emb)
+            h = layer_fn(layer, h)
         for block in self.decoder:
             h = torch.cat([h, skips.pop()], dim=1)
             for layer in block:
-                h = layer(h, emb)
+                h = layer_fn(layer, h)
         return h
+
+    def skip_channels(self) -> list[int]:
+        """Channels of the skip each encoder scale hands to the decoder, outermost first."""
+        return [block[-1].conv.out_channels for block in self.encoder]
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.embedding(t)
+        return self.walk(y, lambda layer, h: layer(h, emb))

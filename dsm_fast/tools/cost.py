@@ -16,7 +16,8 @@ Roofline, per operator i on device D, then summed over the step:
 
 P the peak dense FLOP/s of the dtype's tensor-core path (fp32 convolutions run as TF32 under cuDNN's default,
 fp32 matmuls as plain fp32), BW the HBM bandwidth, η the achieved fractions, n_i the kernels operator i launches
-and τ the per-launch cost: fitted (least squares in log time) to the three eager H100 anchors of method.md §6.
+and τ the per-launch cost: fitted (least squares in log time) to the three eager H100 anchors of docs/method.md §6.2
+(the model: docs/method.md §5).
 What it cannot see: caching, fusion by a compiler, overlap of launches with work, kernels below peak for a
 reason other than bytes (small grids, poor tiling), and the host; a compiled route is therefore not predicted.
 """
@@ -54,7 +55,7 @@ DEVICES = (H100, H200)
 FLOP_EFFICIENCY = 0.5  # η_F: cuDNN/cuBLAS reach about half the dense peak on this UNet's conv shapes (assumed)
 BANDWIDTH_EFFICIENCY = 0.8  # η_B: elementwise/reduction kernels reach ~80 % of HBM peak (STREAM-like copy)
 
-# method.md §6, one H100 80GB, PyTorch 2.11, paper preset, batch 128, fp32, eager (ms).
+# docs/method.md §6.2, one H100 80GB, PyTorch 2.11, paper preset, batch 128, fp32, eager (ms).
 ANCHORS = {"forward": 17.2, "score": 58.3, "reference": 265.0}
 NOT_KERNELS = ("aten._local_scalar_dense", "aten.empty", "aten.empty_strided", "aten.empty_like", "aten.lift_fresh",
                "profiler._record_function_enter_new", "profiler._record_function_exit")  # no device work
@@ -246,8 +247,8 @@ def format_cost_report(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"{r['route']:<20}{r['kernels']:>9}{r['flops'] / 1e12:>8.2f}{r['bytes'] / 1e9:>10.1f}"
                      f"{r['saved_bytes'] / 1e9:>10.2f}" + "".join(f"{r['predicted_ms'][n]:>14.1f}" for n in names))
-    lines += ["", (f"calibration on the H100 anchors (method.md §6, eager fp32, paper preset, batch 128): launch "
-                   f"overhead τ = {report['launch_overhead_us']:.2f} µs, η_F = {FLOP_EFFICIENCY}, "
+    lines += ["", (f"calibration on the H100 anchors (docs/method.md §6.2, eager fp32, paper preset, batch 128): "
+                   f"launch overhead τ = {report['launch_overhead_us']:.2f} µs, η_F = {FLOP_EFFICIENCY}, "
                    f"η_B = {BANDWIDTH_EFFICIENCY}")]
     head = f"{'anchor':<20}{'kernels':>9}{'roofline ms':>13}{'predicted ms':>14}{'measured ms':>13}{'error':>8}"
     lines += [head, "-" * len(head)]

@@ -1,4 +1,4 @@
-"""Kernel-level and step-level profiling of the fused route (``dsm-fast profile``).
+"""Kernel-level and step-level profiling of the fused route (``dsm-fast profile``; docs/method.md §5.3).
 
 Per op (NormAct forward, NormAct adjoint, dual-score loss terms), side by side: the plain-PyTorch reference, the
 Triton kernel and the CUDA C++ kernel where built — median time, achieved bandwidth (the op's ideal traffic, each
@@ -66,8 +66,8 @@ def implementations(device: torch.device, use_triton: bool, use_cuda: bool) -> d
 
     ops = {
         "norm_act forward": {"torch (ref)": lambda x: na.norm_act_ref(x["h"], x["gain"], x["modulation"])},
-        "norm_act adjoint": {"torch (explicit)": lambda x: adjoint.norm_act_adjoint(
-            adjoint.norm_act_forward(x["h"], x["gain"], x["modulation"])[1], x["grad_out"])},
+        "norm_act adjoint": {"torch (ref)": lambda x: na.norm_act_adjoint_ref(x["h"], x["gain"], x["modulation"],
+                                                                             x["grad_out"])},
         "dual loss terms": {"torch (ref)": lambda x: loss_op.dual_score_loss_ref(x["grad_y"], x["grad_t"], x["eps"],
                                                                                  x["t"])},
     }
