@@ -9,9 +9,10 @@ import copy
 import pytest
 import torch
 
+from dsm_fast.config import ROUTES
 from dsm_fast.losses import sample_noise_levels
 from dsm_fast.model import UNetEnergy
-from dsm_fast.routes import ROUTES, make_route
+from dsm_fast.routes import make_route
 from dsm_fast.tools.bench import step_function
 from dsm_fast.tools.testing import assert_rel_close, parameter_gradients
 

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,44 @@ def reject(folder: Path, run_dir: Path) -> Path:
     target.parent.mkdir(exist_ok=True)
     os.replace(folder, target)
     return target
+
+
+def reject_from(run_dir: Path, step: int) -> None:
+    """Set aside (:func:`reject`) every checkpoint of the run from ``step`` on."""
+    for folder in list_checkpoints(run_dir):
+        if checkpoint_step(folder) >= step:
+            reject(folder, run_dir)
+
+
+def newest_loadable(run_dir: Path, map_location: str | torch.device = "cpu", warn: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
+    """(weights, state, ema) of the newest healthy checkpoint of a run that passes its checks; each newer one is
+    named in a warning on stderr (``warn``). A CheckpointError when none does."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        try:
+            if not read_manifest(folder).get("healthy"):
+                raise CheckpointError(f"{folder}: written during a run of non-finite steps")
+            return load_checkpoint(folder, map_location=map_location)
+        except CheckpointError as error:
+            if warn:
+                print(f"warning: {error}; resuming from an earlier checkpoint", file=sys.stderr, flush=True)
+    raise CheckpointError(f"{run_dir}: no checkpoint passes its checks; start a new run")
+
+
+def drop_stats_after(path: Path, step: int) -> None:
+    """Keep the rows of stats.jsonl up to ``step`` (a resume redoes the later ones; a torn last line goes too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def write_run_config(run_dir: str | Path, values: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import importlib
 
 import torch
 
-MODES = ("auto", "on", "off")
+from .config import SWITCH
 
 
 def _import():
@@ -56,7 +56,7 @@ def resolve(mode: str) -> bool:
         return True
     if mode == "off":
         return False
-    raise ValueError(f"unknown CUDA extension mode {mode!r}; choose from {', '.join(MODES)}")
+    raise ValueError(f"unknown CUDA extension mode {mode!r}; choose from {', '.join(SWITCH)}")
 
 
 def norm_act_forward(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,8 @@ import math
 
 import torch
 
+from .config import OBJECTIVES
 from .model.energy import sum_per_sample
-
-OBJECTIVES = ("dual", "single", "diffclf")
 
 
 def expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -54,17 +53,25 @@ def classification_term(logits: torch.Tensor, level: torch.Tensor) -> torch.Tens
 def objective_terms(objective: str, grad_y: torch.Tensor, grad_t: torch.Tensor, eps: torch.Tensor,
                     t: torch.Tensor, time_weight: float = 1.0, logits: torch.Tensor | None = None,
                     level: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-sample terms of ``objective``; the key 'loss' is what training averages over the batch.
-    'diffclf' also needs the noise-level ``logits`` (B, N) and each sample's true ``level`` (B,)."""
-    space = space_term(grad_y, eps, t)
+    """Per-sample terms of ``objective`` from the scores (:func:`combine_terms`); the key 'loss' is what training
+    averages over the batch. 'diffclf' also needs the noise-level ``logits`` (B, N) and each sample's true ``level``
+    (B,)."""
+    if objective == "diffclf" and (logits is None or level is None):
+        raise ValueError("objective 'diffclf' needs the noise-level logits and levels")
+    return combine_terms(objective, space_term(grad_y, eps, t),
+                         time=time_term(grad_t, eps, t) if objective == "dual" else None,
+                         classification=classification_term(logits, level) if objective == "diffclf" else None,
+                         time_weight=time_weight)
+
+
+def combine_terms(objective: str, space: torch.Tensor, time: torch.Tensor | None = None,
+                  classification: torch.Tensor | None = None, time_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """The objective from its per-sample terms (docs/method.md §2): loss = space (single), space + λ·time
+    (dual) or space + λ·classification (diffclf), returned beside the terms it combines."""
     if objective == "single":
         return {"loss": space, "space": space}
-    if objective == "diffclf":
-        if logits is None or level is None:
-            raise ValueError("objective 'diffclf' needs the noise-level logits and levels")
-        classification = classification_term(logits, level)
-        return {"loss": space + time_weight * classification, "space": space, "classification": classification}
     if objective == "dual":
-        time = time_term(grad_t, eps, t)
         return {"loss": space + time_weight * time, "space": space, "time": time}
+    if objective == "diffclf":
+        return {"loss": space + time_weight * classification, "space": space, "classification": classification}
     raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")

@@ -5,12 +5,16 @@ The smoothed loss is an exponential moving average kept on the device,
     L̄_k = β L̄_{k−1} + (1 − β) L_k,   β = 1 − 1/window,   L̄_1 = L_1,
 
 over the steps that were not skipped (the step's ``ok`` flag, a device tensor, selects), so a step adds a few device
-operations and no host synchronization; the average is read (one sync) only when the line is redrawn. The logged rows (stats.jsonl, TensorBoard) are written elsewhere and are not touched here.
+operations and no host synchronization; the average is read (one sync) only when the line is redrawn.
+
+The logged rows, one every ``log_every`` steps, go to RUN/stats.jsonl and TensorBoard (:class:`StatsLog`).
 """
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -66,3 +70,34 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class StatsLog:
+    """The logged rows: one per ``log_every`` steps, with img/s since the previous row, into RUN/stats.jsonl and
+    TensorBoard (RUN/tb) on rank 0; other ranks only compute the row."""
+
+    def __init__(self, run_dir: Path, step: int, batch_size: int, enabled: bool):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=step) if enabled else None
+        self.file = (run_dir / "stats.jsonl").open("a") if enabled else None
+        self.batch_size, self.last_time, self.last_step = batch_size, time.perf_counter(), step
+
+    def write(self, step: int, terms: dict[str, torch.Tensor], **extra) -> dict:
+        now = time.perf_counter()
+        record = {k: float(v) for k, v in terms.items()}
+        record.update(step=step, img_per_s=(step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9),
+                      **extra)
+        self.last_time, self.last_step = now, step
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, step)
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        return record
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.file.close()

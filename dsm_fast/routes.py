@@ -14,28 +14,23 @@ Three orthogonal choices, each named once: the route (how ∇_y U and ∂_t U ar
   NormAct and the loss terms optionally by the Triton kernels of dsm_fast.kernels.
 - ``score``: the plain denoising-score-matching step of the same UNet used as a score network
   (D = y − t f(y, t), no double backward) — what a diffusion trainer pays; for benchmarks.
-- ``auto`` (resolved by :func:`resolve_route`): fused for the UNet energies with the dual or single objective,
-  else reference; compiled on CUDA (:func:`resolve_compile`).
+- ``auto`` (resolved once, by dsm_fast/config.py's ``resolve_route``): fused for the UNet energies with the dual
+  or single objective, else reference; compiled on CUDA (``resolve_compile``).
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 import warnings
 
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .losses import expand_like, objective_terms, space_term
-from .model import adjoint
+from .config import FIRST_ORDER, ROUTES, ConfigError, resolve_kernels, resolve_route
+from .losses import combine_terms, expand_like, objective_terms, space_term
+from .model import GaussianStartEnergy, UNetEnergy, adjoint
 from .model.energy import energy_and_scores
 
 Terms = dict[str, torch.Tensor]
-ROUTES = ("reference", "functional", "fused")
-FIRST_ORDER = ("functional", "fused", "score")  # routes whose step is a first-order graph: compilable
-COMPILE_MODES = ("auto", "on", "off")
 
 
 def noisy(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -95,35 +90,7 @@ class FusedRoute(ReferenceRoute):
         from .kernels.dual_score_loss import dual_score_loss
 
         space, time = dual_score_loss(grad_y, grad_t, eps, t)
-        if self.objective == "single":
-            return {"loss": space, "space": space}
-        if self.objective == "dual":
-            return {"loss": space + self.time_weight * time, "space": space, "time": time}
-        raise ValueError(f"unknown objective {self.objective!r}")
-
-
-def resolve_kernels(kernels: str, device: torch.device) -> str:
-    """'auto' → 'triton' on CUDA with Triton installed, else 'torch'; an explicit 'triton' fails loudly if it
-    cannot run here (on the meta device its custom ops' fake implementations trace, see dsm_fast/tools/cost.py)."""
-    has_triton = importlib.util.find_spec("triton") is not None
-    if kernels == "auto":
-        return "triton" if device.type == "cuda" and has_triton else "torch"
-    if kernels == "triton":
-        if not has_triton:
-            raise RuntimeError("kernels='triton' but Triton is not installed (pip install triton)")
-        if device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f"kernels='triton' on {device.type} needs TRITON_INTERPRET=1 (set before Triton is "
-                               "imported) to run the kernels interpreted")
-        return kernels
-    if kernels == "cuda":
-        from . import cuda_ext
-
-        if not has_triton or not cuda_ext.is_available():
-            raise RuntimeError(cuda_ext.unavailable_reason() or "kernels='cuda' needs Triton for its second order")
-        return kernels
-    if kernels == "torch":
-        return kernels
-    raise ValueError(f"unknown kernels {kernels!r}; choose from auto, torch, triton, cuda")
+        return combine_terms(self.objective, space, time=time, time_weight=self.time_weight)
 
 
 class ScoreRoute:
@@ -188,37 +155,11 @@ def compile_failure(error: Exception) -> str:
     return f"{type(cause).__name__}: {lines[0][:200]}" if lines else type(cause).__name__
 
 
-def resolve_route(name: str, model: nn.Module, objective: str) -> str:
-    """'auto' → 'fused' for the UNet energies (paper or Gaussian start) with the dual or single objective, else
-    'reference'."""
-    if name != "auto":
-        return name
-    from .model import GaussianStartEnergy, UNetEnergy
-
-    unet = isinstance(model, (UNetEnergy, GaussianStartEnergy))
-    return "fused" if unet and objective in ("dual", "single") else "reference"
-
-
-def resolve_compile(mode: str, route: str, device: torch.device, engine: str = "single") -> bool:
-    """'auto' → compile a first-order route on CUDA (not under DeepSpeed); 'on' insists (a route that cannot be
-    compiled is refused in one line); 'off' never."""
-    if mode == "auto":
-        return device.type == "cuda" and route in FIRST_ORDER and engine != "deepspeed"
-    if mode == "on":
-        if route not in FIRST_ORDER:
-            raise ConfigError(f"--compile: route {route} cannot be compiled (torch.compile refuses its double "
-                              f"backward); use --route functional or fused")
-        return True
-    if mode == "off":
-        return False
-    raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
-
-
 def make_route(name: str, model: nn.Module, objective: str = "dual", time_weight: float = 1.0, kernels: str = "auto",
                compile: bool = False, **compile_options):
     """The route called ``name`` ('auto' resolved) for ``model`` (an energy module U(y, t)); ``kernels`` applies
     to 'fused'; ``compile`` wraps it in :class:`Compiled`."""
-    name = resolve_route(name, model, objective)
+    name = resolve_route(name, isinstance(model, (UNetEnergy, GaussianStartEnergy)), objective)
     if objective == "diffclf" and name != "reference":
         raise ConfigError(f"objective diffclf runs on the reference route only, not {name!r}")
     if name == "reference":

@@ -84,3 +84,23 @@ def hold_for_world(run_dir: str | Path, world) -> None:
         raise refusal
     if message is not None:
         raise ConfigError(message)
+
+
+def take_run_folder(cfg, resume: bool, world) -> None:
+    """What ``train`` does to its folder before anything else: the lock (``hold_for_world``; the folder is created
+    or refused in one line), the checks of config.check_run_folder, and, on rank 0, interrupted saves set aside
+    (checkpoint.set_aside_incomplete), each named in a warning."""
+    import sys
+
+    from . import distributed
+    from .checkpoint import set_aside_incomplete
+    from .config import check_run_folder
+
+    hold_for_world(cfg.out, world)
+    check_run_folder(cfg, resume)
+    if world.is_main:
+        for moved in set_aside_incomplete(Path(cfg.out)):
+            print(f"warning: {moved.name} had no manifest (an interrupted save); moved to {moved.parent}",
+                  file=sys.stderr, flush=True)
+    distributed.barrier()
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Self
 
 from . import distributed
 
@@ -16,19 +17,19 @@ CAUGHT = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
-    """Between ``install()`` and ``restore()``, SIGTERM and SIGINT set ``number`` instead of interrupting (main
+    """Within ``with StopSignals() as stop:``, SIGTERM and SIGINT set ``stop.number`` instead of interrupting (main
     thread only: elsewhere Python cannot install handlers, and the defaults stay)."""
 
     def __init__(self):
         self.number = 0
         self.previous: dict[int, object] = {}
 
-    def install(self) -> StopSignals:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             self.previous = {number: signal.signal(number, self._catch) for number in CAUGHT}
         return self
 
-    def restore(self) -> None:
+    def __exit__(self, *exc) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         self.previous = {}

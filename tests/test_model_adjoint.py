@@ -4,8 +4,9 @@ import os
 import pytest
 import torch
 
+from dsm_fast.config import resolve_kernels
 from dsm_fast.model import RadialEnergy, UNetEnergy, adjoint, energy_and_scores
-from dsm_fast.routes import FusedRoute, ReferenceRoute, make_route, noisy, resolve_kernels
+from dsm_fast.routes import FusedRoute, ReferenceRoute, make_route, noisy
 from dsm_fast.tools.testing import (
     TOLERANCES,
     assert_rel_close,

@@ -42,13 +42,12 @@ def test_compiled_fused_step_matches_reference(seed):
 
 
 def test_auto_route_and_compile_resolve_once():
-    from dsm_fast.config import ConfigError
-    from dsm_fast.model import RadialEnergy
-    from dsm_fast.routes import resolve_compile, resolve_route
+    from dsm_fast.config import ConfigError, resolve_compile, resolve_route
 
-    unet, radial = UNetEnergy(3, "tiny"), RadialEnergy(8)
-    assert resolve_route("auto", unet, "dual") == "fused" and resolve_route("auto", unet, "single") == "fused"
-    assert resolve_route("auto", unet, "diffclf") == "reference" and resolve_route("auto", radial, "dual") == "reference"
+    unet = UNetEnergy(3, "tiny")
+    assert resolve_route("auto", True, "dual") == "fused" and resolve_route("auto", True, "single") == "fused"
+    assert resolve_route("auto", True, "diffclf") == "reference" and resolve_route("auto", False, "dual") == "reference"
+    assert resolve_route("functional", True, "dual") == "functional"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not resolve_compile("auto", "fused", cpu) and resolve_compile("auto", "fused", cuda)
     assert not resolve_compile("auto", "reference", cuda) and not resolve_compile("auto", "fused", cuda, "deepspeed")

@@ -89,7 +89,7 @@ def test_cuda_graph_steps_equal_eager_steps_and_skip_a_non_finite_one(tmp_path, 
 
         monkeypatch.setattr(trainer.data, "next_batch", poisoned)
         trainer.run()
-        assert trainer.bad_total == 1 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+        assert trainer.skipped.total == 1 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
         runs[graph] = [p.detach().clone() for p in trainer.model.parameters()]
     assert_rel_close(runs[True], runs[False], 1e-5, "CUDA graph vs eager weights after 8 steps")
 

@@ -194,8 +194,8 @@ def test_import_writes_a_run_that_eval_and_the_analyses_read(channels, prefix, t
 
 
 def test_another_architecture_is_refused_naming_the_first_tensor(tmp_path, release_modules, seed):
-    from dsm_fast.config import ConfigError
-    from dsm_fast.train import Trainer, config_from_run
+    from dsm_fast.config import ConfigError, config_from_run
+    from dsm_fast.train import Trainer
 
     released, _ = release_weights(3, seed)
     cases = [({**released, "encoder.1.3.weight": torch.zeros(128, 128, 5, 5)}, r"'encoder\.1\.3\.weight' has shape"),

@@ -62,7 +62,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     with pytest.raises(TrainingStopped, match="3 non-finite losses in a row at step 8: the update to step 5 diverged"
                                               ".*--resume continues from the newest healthy one, step 4"):
         trainer.run()
-    assert trainer.bad_total == 4 and trainer.step == 8
+    assert trainer.skipped.total == 4 and trainer.step == 8
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     weights, state, _ = load_checkpoint(tmp_path / "nan")  # no checkpoint written at the stop: step 4 is the newest

@@ -32,10 +32,9 @@ class LoadedRun:
 def load_run(path: str | Path, device: str = "auto", ema: bool = False) -> LoadedRun:
     """The energy of a run folder (its newest checkpoint) or of one checkpoint folder, in eval mode."""
     from ..checkpoint import load_checkpoint, resolve_checkpoint
-    from ..config import ConfigError
+    from ..config import ConfigError, compute_dtype, config_from_run, resolve_device
     from ..diffclf import with_free_energies
     from ..model import build_model
-    from ..train import compute_dtype, config_from_run, resolve_device
 
     checkpoint = resolve_checkpoint(path)
     cfg = config_from_run(checkpoint.parent.parent, device=device)

@@ -1,7 +1,7 @@
 """``dsm-fast bench``: the training routes (or the data loader) timed side by side on this device."""
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..config import FIRST_ORDER, ROUTES, ConfigError, choices
 from .common import Formatter, add_step_shape, check_step_shape, examples, write_json
 
 
@@ -23,16 +23,16 @@ def add_bench(sub) -> None:
     p.add_argument("--routes", default=None, help="comma-separated route specs (default: score and every dual route)")
     p.add_argument("--compile", action="store_true", help="add +compile to every first-order route of --routes")
     p.add_argument("--cuda-graph", action="store_true", help="add +graph to every route of --routes (CUDA)")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cuda"),
+    p.add_argument("--kernels", default="auto", choices=choices("kernels"),
                    help="the fused route's kernels (auto: triton on CUDA; cuda: the CUDA C++ NormAct, built)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per route")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp64"))
+    p.add_argument("--precision", default="fp32", choices=choices("precision"))
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="PATH", help="write the table as JSON")
     p.add_argument("--data", metavar="PATH", help="time the data loader (images/s) of this prepared ImageNet64 "
                                                   "folder instead of the routes; --steps batches of --batch-size")
-    p.add_argument("--loader", default="auto", choices=("auto", "cpu", "dali"), help="the loader timed with --data")
+    p.add_argument("--loader", default="auto", choices=choices("loader"), help="the loader timed with --data")
 
 
 def run_bench(args) -> int:
@@ -50,9 +50,8 @@ def run_bench(args) -> int:
         write_json(args.json, {"config": vars(args), "versions": {"torch": torch.__version__}, "rows": [row]})
         return 0
 
-    from ..routes import FIRST_ORDER, ROUTES, resolve_kernels
+    from ..config import resolve_device, resolve_kernels
     from ..tools.bench import bench_routes, format_table, parse_spec
-    from ..train import resolve_device
 
     check_step_shape(args)
     routes = args.routes.split(",") if args.routes else ["score", *ROUTES]

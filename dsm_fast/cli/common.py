@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, choices
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -38,7 +38,7 @@ def add_step_shape(p: argparse.ArgumentParser, preset_help: str = "UNet preset")
     p.add_argument("--preset", default="paper", help=preset_help)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--channels", type=int, default=3, choices=choices("channels"))
 
 
 def check_step_shape(args, size: bool = True) -> None:

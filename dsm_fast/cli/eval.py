@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, compute_dtype, config_from_run, resolve_device
 from .common import Formatter, examples, write_json
 
 
@@ -74,7 +74,6 @@ def run_eval(args) -> int:
     from ..diffclf import with_free_energies
     from ..evaluate import clean_noise_level, denoising_psnr, evaluate_nll, sample_dim, variance_per_dim
     from ..model import build_model
-    from ..train import compute_dtype, config_from_run, resolve_device
 
     if args.batch_size <= 0:
         raise ConfigError("--batch-size must be positive")

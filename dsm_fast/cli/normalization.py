@@ -1,7 +1,7 @@
 """``dsm-fast normalization``: the proof of normalization on the Gaussian scale mixture."""
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..config import OBJECTIVES, ConfigError
 from .common import Formatter, examples, write_json
 
 
@@ -22,7 +22,6 @@ def add_normalization(sub) -> None:
 
 def run_normalization(args) -> int:
     from ..analysis.normalization import plot_comparison, run_comparison
-    from ..losses import OBJECTIVES
 
     objectives = args.objectives.split(",")
     unknown = [o for o in objectives if o not in OBJECTIVES]

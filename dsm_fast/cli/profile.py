@@ -1,7 +1,7 @@
 """``dsm-fast profile``: per-kernel rows (PyTorch, Triton, CUDA C++) and the fused step by phase."""
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..config import SWITCH, ConfigError, choices
 from .common import Formatter, add_step_shape, check_step_shape, examples, write_json
 
 
@@ -22,9 +22,9 @@ def add_profile(sub) -> None:
     add_step_shape(p, "UNet preset of the step breakdown and the cost report")
     p.add_argument("--width", type=int, default=64, help="channels of the NormAct input timed per kernel")
     p.add_argument("--repeat", type=int, default=20, help="timed calls per row")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp64"),
+    p.add_argument("--precision", default="fp32", choices=choices("precision"),
                    help="storage dtype of the kernel rows and of the step (bf16: kernel rows only)")
-    p.add_argument("--cuda", default="auto", choices=("auto", "on", "off"),
+    p.add_argument("--cuda", default="auto", choices=SWITCH,
                    help="the CUDA C++ extension: auto (if built and on a GPU), on (fail if not), off")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-step", dest="step", action="store_false", help="kernel rows only")
@@ -39,8 +39,8 @@ def run_profile(args) -> int:
     import torch
 
     from .. import cuda_ext
+    from ..config import resolve_device
     from ..tools.profile import format_kernel_table, format_step_table, profile_kernels, profile_step, trace_steps
-    from ..train import resolve_device
 
     check_step_shape(args, size=args.step or args.cost)
     if min(args.batch_size, args.repeat, args.width, args.image_size) <= 0:

@@ -8,46 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import PRESETS, ConfigError, TrainConfig, resume_flags
+from ..config import PRESETS, TrainConfig, resume_flags
 from .common import Formatter, examples
-
-FIELD_HELP = {
-    "model": "UNet preset (paper, small, tiny) or 'radial' for --data gsm",
-    "energy": "paper (U = ½<y, f(y, t)>, the paper's) or gaussian (U starts at the data's Gaussian energy and the UNet "
-              "learns the difference; see dsm_fast/model/gaussian.py)",
-    "plots": "write RUN/plots/ (loss curve, loss per noise level, denoising grid, plots.json) when training ends",
-    "data": "'demo' (photographs shipped with scikit-image), 'gsm' (Gaussian scale mixture), a folder or a .npy",
-    "gsm_sigmas": "comma-separated standard deviations of the mixture components",
-    "radial_offset": "radial model: start mis-normalized, log p_t off by -a*log t nats/dim (normalization uses 0.02)",
-    "route": "auto (fused for a UNet with dual/single, else reference), reference (eager double backward), "
-             "functional (torch.func; first-order) or fused (explicit adjoint, first-order; Triton on CUDA)",
-    "kernels": "the fused route's NormAct and loss kernels: auto (triton on CUDA, else torch), torch, triton or cuda "
-               "(the CUDA C++ NormAct, when built; second order by Triton)",
-    "compile": "torch.compile the first-order step: auto (on CUDA), on (bare --compile) or off; falls back to eager "
-               "with one warning",
-    "cuda_graph": "CUDA, --engine single: capture the whole step (forward, backward, Adam, EMA) once and replay it",
-    "precision": "fp32, bf16 (autocast, CUDA only) or fp64",
-    "objective": "dual (space + time score), single (space only) or diffclf (space + noise-level classification; "
-                 "reference route only)",
-    "time_weight": "λ in loss = space + λ·time (diffclf: space + λ·classification)",
-    "diffclf_levels": "diffclf: N noise levels, log-spaced over [t_min, t_max], that the classifier tells apart",
-    "subset": "train on 'first:N' or 'last:N' of the training images (disjoint runs for dsm-fast generalization)",
-    "lr_halve_every": "halve the learning rate every this many steps",
-    "ema_decay": "EMA of the weights (0 disables)",
-    "grad_clip": "max global gradient norm (0 disables)",
-    "max_bad_steps": "stop after this many non-finite losses in a row; --resume then continues from the healthy "
-                     "checkpoint before them",
-    "eval_images": "held-out images whose NLL is printed when training ends (0 skips)",
-    "loader": "prepared ImageNet64 only: auto (DALI if installed and on CUDA, else cpu), cpu, or dali",
-    "optimizer": "auto (apex FusedAdam if installed, else torch Adam, fused on CUDA), torch or apex",
-    "batch_size": "the global batch: images per optimizer step over all ranks and micro-steps",
-    "engine": "single, ddp or deepspeed (launch ddp/deepspeed with torchrun or the deepspeed launcher)",
-    "grad_accum": "micro-batches per optimizer step on each rank",
-    "zero_stage": "DeepSpeed ZeRO stage 0-3 (3 only with --route fused, see README)",
-    "offload": "DeepSpeed: keep optimizer state in CPU memory",
-    "deepspeed_config": "DeepSpeed JSON used instead of the generated one (batch keys must agree)",
-    "dist_timeout": "seconds a rendezvous or collective may wait before every rank stops",
-}
 
 
 def add_train(sub) -> None:
@@ -79,28 +41,18 @@ def add_train(sub) -> None:
         const = bare.get(f.name, bare.get(f.type))
         p.add_argument(flag, dest=f.name, default=None, metavar=f.type.upper() if f.type in ("int", "float") else None,
                        nargs="?" if const else None, const=const,
-                       help=f"{FIELD_HELP.get(f.name, '')} (default: {f.default})".strip())
+                       help=f"{f.metadata['help']} (default: {f.default})".strip())
 
 
 def run_train(args) -> int:
-    from ..checkpoint import list_checkpoints
-    from ..config import check_resume, given_options
+    from ..config import resolve_config
     from ..data import make_test_data
     from ..distributed import stop
-    from ..train import Trainer, config_from_run
+    from ..train import Trainer
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    given = given_options(args.config, overrides, args.preset)
-    run_dir = Path(given.get("out", TrainConfig.out))
-    resume = args.resume == "yes" or (args.resume == "auto" and bool(list_checkpoints(run_dir)))
-    if resume:  # the run's resolved options ← the few a resume may change
-        if not (run_dir / "config.json").is_file():
-            raise ConfigError(f"--resume: {run_dir} holds no run to resume (no config.json); drop --resume to start one")
-        saved = config_from_run(run_dir)
-        check_resume(saved, given)
-        cfg = dataclasses.replace(saved, **given).validate()
-    else:
-        cfg = TrainConfig(**given).validate()
+    resume = resume_wanted(args, overrides)
+    cfg = resolve_config(args.config, overrides, args.preset, resume=resume)
     if cfg.eval_images > 0:
         make_test_data(cfg, 1)  # a data set too small to hold out images is refused before training, not after
     try:
@@ -121,6 +73,16 @@ def run_train(args) -> int:
         return 0
     report(trainer, cfg, summary, start, first_step, time.perf_counter() - began)
     return 0
+
+
+def resume_wanted(args, overrides: dict) -> bool:
+    """--resume: continue; --resume auto: continue when --out already holds a checkpoint, else start the run."""
+    if args.resume != "auto":
+        return args.resume == "yes"
+    from ..checkpoint import list_checkpoints
+    from ..config import given_options
+
+    return bool(list_checkpoints(Path(given_options(args.config, overrides, args.preset).get("out", TrainConfig.out))))
 
 
 def warn_small_data(trainer, cfg) -> None:

@@ -1,12 +1,10 @@
 """Energy networks: the paper's UNet, the energy wrappers and the radial model for analytic data."""
+from ..config import ENERGIES
 from .energy import RadialEnergy, UNetEnergy, denoise, energy_and_scores, sum_per_sample
 from .gaussian import GaussianStartEnergy
 from .unet import PRESETS, EnergyUNet, UNetPreset
 
-ENERGIES = ("paper", "gaussian")
-
 __all__ = [
-    "ENERGIES",
     "PRESETS",
     "EnergyUNet",
     "GaussianStartEnergy",

@@ -32,9 +32,6 @@ from .energy import UNetEnergy, sum_per_sample
 from .gaussian import T_FLOOR, GaussianStartEnergy, noise_input
 from .layers import ConvNormAct, NoiseEmbedding
 
-KERNELS = ("torch", "triton", "cuda")
-
-
 # layer kind → (its convolution, that convolution's transpose), both taking (input, weight) (docs/method.md §4.3):
 # a bias-free convolution is linear, so Jᵀ ḡ is the transposed operator with the same weights, and vice versa.
 CONVOLUTIONS = {"same": (functools.partial(F.conv2d, padding=1), functools.partial(F.conv_transpose2d, padding=1)),
@@ -141,7 +138,7 @@ def energy_and_scores(model: UNetEnergy | GaussianStartEnergy, y: torch.Tensor, 
     if not isinstance(model, UNetEnergy):
         raise TypeError(f"the explicit adjoint needs a UNetEnergy or GaussianStartEnergy, got {type(model).__name__}")
     if kernels not in NORM_ACT_OPS:
-        raise ValueError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNELS)}")
+        raise ValueError(f"unknown kernels {kernels!r}; choose from {', '.join(NORM_ACT_OPS)}")
     forward, adjoint = NORM_ACT_OPS[kernels]
     unet = model.unet
     emb, emb_saved = embedding_forward(unet.embedding, t)

@@ -21,10 +21,11 @@ import time
 
 import torch
 
+from ..config import resolve_kernels
 from ..graphs import GraphedStep
 from ..losses import sample_noise_levels
 from ..model import UNetEnergy
-from ..routes import Compiled, ScoreRoute, make_route, resolve_kernels
+from ..routes import Compiled, ScoreRoute, make_route
 from ..subnormals import flushed_subnormals
 
 MODIFIERS = ("compile", "reduce-overhead", "graph", "channels-last")
