@@ -250,10 +250,10 @@ class Trainer:
         log = StatsLog(self.run_dir, self.step, cfg.batch_size, enabled=self.world.is_main)
         progress = Progress(cfg.steps, self.step, cfg.batch_size, enabled=cfg.progress and self.world.is_main,
                             window=cfg.log_every)
-        with contextlib.closing(log), contextlib.closing(progress), StopSignals() as stop:
+        with contextlib.closing(log), contextlib.closing(progress), StopSignals() as signals:
             try:
                 while self.step < cfg.steps:
-                    if number := stop.agreed():  # SIGTERM/SIGINT on any rank: all checkpoint this step, below
+                    if number := signals.agreed():  # SIGTERM/SIGINT on any rank: all checkpoint this step, below
                         raise Interrupted(number)
                     terms = self.train_step()
                     self._record_compile_fallback()
