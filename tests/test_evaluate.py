@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dsm_fast.data import GaussianScaleMixture
+from dsm_fast.data.gsm import ExactEnergy as ExactMixtureEnergy
 from dsm_fast.evaluate import (
     bootstrap_interval,
     denoising_psnr,
@@ -16,22 +17,6 @@ from dsm_fast.evaluate import (
     uniform_dequantize,
     variance_per_dim,
 )
-
-
-class ExactMixtureEnergy(nn.Module):
-    """U(y, t) = −log p_t(y) + c for a Gaussian scale mixture (c an arbitrary constant the protocol must remove)."""
-
-    def __init__(self, mixture: GaussianScaleMixture, offset: float):
-        super().__init__()
-        self.mixture, self.offset = mixture, offset
-        self.dummy = nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-    def forward(self, y, t):
-        y = y.reshape(len(y), -1)
-        sq = y.square().sum(1)
-        terms = [math.log(w) - 0.5 * y.shape[1] * torch.log(2 * math.pi * (s * s + t)) - sq / (2 * (s * s + t))
-                 for w, s in zip(self.mixture.weights, self.mixture.sigmas)]
-        return self.offset - torch.logsumexp(torch.stack(terms, 1), 1) + 0 * self.dummy
 
 
 def test_protocol_recovers_the_exact_nll_whatever_the_offset(seed):

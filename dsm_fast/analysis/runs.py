@@ -51,21 +51,25 @@ def load_run(path: str | Path, device: str = "auto", ema: bool = False) -> Loade
     return LoadedRun(model, cfg, checkpoint, int(state["step"]), device, dtype)
 
 
-def evaluation_images(cfg: TrainConfig, source: str | None, n: int, seed: int = 0) -> torch.Tensor:
+def evaluation_images(cfg: TrainConfig, source: str | None, n: int, seed: int = 0,
+                      spread: bool = False) -> torch.Tensor:
     """Up to n samples as float64: images in [0, 1] from a folder / .npy (``source``), else the run's held-out
-    split (demo test photographs, the ImageNet64 val split, or fresh GSM draws)."""
+    split (demo test photographs, the ImageNet64 val split, or fresh GSM draws); the first n, or with ``spread``
+    n evenly spaced over the whole set (neighbouring held-out patches come from the same part of one photograph)."""
     from ..config import ConfigError
-    from ..data import make_test_data
+    from ..data import image_split, make_test_data
     from ..data.images import load_images
 
     if n <= 0:
         raise ConfigError("the number of images must be positive")
-    if source is None:
+    if source is None and (cfg.data == "gsm" or not spread):
         return make_test_data(cfg, n, seed=seed)[0].double()
-    if cfg.data == "gsm":
+    if source is not None and cfg.data == "gsm":
         raise ConfigError("a run on the GSM data is evaluated on fresh GSM draws, not on image files")
-    images = load_images(source, cfg.channels, cfg.image_size)[:n]
-    return torch.from_numpy(np.array(images)).double() / 255.0
+    images = image_split(cfg, "test") if source is None else load_images(source, cfg.channels, cfg.image_size)
+    rows = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(np.int64)) if spread else (
+        slice(0, n))
+    return torch.from_numpy(np.array(images[rows])).double() / 255.0
 
 
 def log_probabilities(run: LoadedRun, x: torch.Tensor, seed: int = 0, batch_size: int = 64) -> tuple[np.ndarray, float]:

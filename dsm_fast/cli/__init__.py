@@ -14,7 +14,7 @@ from ..config import ConfigError
 from .common import Formatter, examples
 
 MODULES = ("train", "eval", "plots", "bench", "profile", "data", "normalization", "dimensionality", "sample",
-           "denoise", "atlas", "generalization", "import_release")
+           "denoise", "atlas", "generalization", "import_release", "restore", "score")
 COMMANDS = {name: command for module in MODULES
             for name, command in importlib.import_module(f".{module}", __name__).COMMANDS.items()}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 
 class GaussianScaleMixture:
@@ -34,14 +35,36 @@ class GaussianScaleMixture:
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return (scale[:, None] * z).to(device=device, dtype=dtype)
 
-    def log_prob(self, y: torch.Tensor, t: torch.Tensor | float = 0.0) -> torch.Tensor:
-        """Exact log p_t(y) per sample, computed in float64; y (B, dim), t scalar or (B,)."""
+    def component_log_probs(self, y: torch.Tensor, t: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """log w_k + log N(y; 0, (σ_k² + t) I) per sample and component, float64; y (B, dim), t scalar or (B,)."""
         y = y.double().reshape(y.shape[0], -1)
         t = torch.as_tensor(t, dtype=torch.float64, device=y.device).expand(y.shape[0])
         sq_norm = y.square().sum(dim=1)
-        terms = [math.log(w) - 0.5 * self.dim * torch.log(2 * math.pi * (s * s + t)) - sq_norm / (2 * (s * s + t))
-                 for w, s in zip(self.weights, self.sigmas)]
-        return torch.logsumexp(torch.stack(terms, dim=1), dim=1)
+        return torch.stack([math.log(w) - 0.5 * self.dim * torch.log(2 * math.pi * (s * s + t))
+                            - sq_norm / (2 * (s * s + t)) for w, s in zip(self.weights, self.sigmas)], dim=1)
+
+    def log_prob(self, y: torch.Tensor, t: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """Exact log p_t(y) per sample, computed in float64; y (B, dim), t scalar or (B,)."""
+        return torch.logsumexp(self.component_log_probs(y, t), dim=1)
+
+    def responsibilities(self, y: torch.Tensor, t: float = 0.0) -> torch.Tensor:
+        """p(k | y) under p_t, (B, K). Averaged over draws of a posterior p(x | m), it is that posterior's weight of
+        component k (k and m are independent given x)."""
+        return torch.softmax(self.component_log_probs(y, t), dim=1)
+
+
+class ExactEnergy(nn.Module):
+    """The mixture's own energy, U(y, t) = c − log p_t(y) (c an arbitrary constant, which the normalizing
+    protocol must remove): the exact model that the analyses are checked against. Its one (unused) float64
+    parameter gives the device and dtype that callers read from ``model.parameters()``."""
+
+    def __init__(self, mixture: GaussianScaleMixture, offset: float = 0.0):
+        super().__init__()
+        self.mixture, self.offset = mixture, offset
+        self.dummy = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.offset - self.mixture.log_prob(y, t) + 0 * self.dummy
 
 
 class MixtureBatches:

@@ -1,0 +1,126 @@
+"""Restoring samples from a linear measurement m = A x + s n with the energy as the prior (docs/method.md §1, §3).
+
+Two methods, both batched over the measurements (one row of ``m`` per image):
+
+- :func:`constrained_ascent`, the stochastic coarse-to-fine ascent of Kadkhodaie & Simoncelli ("Solving linear
+  inverse problems using the prior implicit in a denoiser", 2021) with the energy's denoiser D(y, t) = y − t ∇_y U.
+  Their denoiser is blind; ours takes the noise level, fed the effective level σ² estimated from the previous
+  step's residual. With x̂(y) = W(D(y, σ²)), W the measurement's correction of the denoised image (the Gaussian
+  posterior mean given m of N(D, σ² I); for s = 0, W(D) = (I − P) D + A⁺ m, the paper's constraint),
+
+      d = x̂(y) − y,   σ² = ‖d‖² / N,   h_k = h₀ k / (1 + h₀ (k − 1)),   γ_k² = ((1 − β h_k)² − (1 − h_k)²) σ²,
+      y ← y + h_k d + γ_k z,
+
+  from y ~ N(W(c), σ₀² I) (c the data's centre) until σ ≤ σ_end; the restoration is x̂(y), which for s = 0 keeps
+  the measured part A⁺ m exactly. The paper's defaults: σ₀ = 1, σ_end = 0.01, h₀ = 0.01, β = 0.01.
+- :func:`posterior_sampling`, annealed Metropolis-adjusted Langevin sampling of
+
+      π_t(y) ∝ exp(−U(y, t)) N(m; A y, s² I)
+
+  at log-spaced levels t from t_start down to t_end (π_{t_end} is the posterior under the prior p_{t_end}): between
+  levels one Heun step of the prior's probability-flow ODE, then MALA steps whose accept/reject needs U itself
+  (sampling.annealed_langevin), with h = r · t s² / (s² + c t) (c the largest eigenvalue of AAᵀ: the likelihood's
+  curvature caps the step). For s = 0 the chain stays on {A y = m}: it starts there and every move is projected by
+  I − P.
+
+The ascent's effective noise level comes from the residual, as the paper's; with a denoiser that is told the level
+(ours) rather than blind, that estimate runs low (an MMSE denoiser removes less than the noise), so the ascent tends
+to stop with some noise left — one reason it is the weaker of the two methods on the demo run (README).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..model.energy import denoise, energy_and_scores, sum_per_sample
+from .measurements import LinearMeasurement, gaussian_posterior_mean
+from .sampling import annealed_langevin
+
+KADKHODAIE_SIMONCELLI = {"h0": 0.01, "beta": 0.01, "sigma_start": 1.0, "sigma_end": 0.01}
+
+
+def model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters())
+    return parameter.device, parameter.dtype
+
+
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) values shaped to broadcast against a (B, ...) tensor."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+@torch.no_grad()
+def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor, noise: float,
+                       generator: torch.Generator, h0: float = 0.01, beta: float = 0.01, sigma_start: float = 1.0,
+                       sigma_end: float = 0.01, centre: float = 0.0, t_range: tuple[float, float] = (0.0, math.inf),
+                       max_iterations: int = 3000, progress: bool = True) -> dict:
+    """The restorations x̂ (B, ...) of the measurements m (B, ...) by the ascent above; also the iterations run
+    and, per sample, the last σ (the ascent stops for a sample once σ ≤ σ_end; noise levels given to D are
+    clamped to the model's ``t_range``)."""
+    device, dtype = model_device(model)
+    m = m.to(device, dtype)
+    n, size = len(m), op.dim
+    centre_image = torch.full((1, *op.sample_shape), float(centre), device=device, dtype=dtype)
+    y = gaussian_posterior_mean(op, m, centre_image, sigma_start**2, noise)
+    y = y + sigma_start * torch.randn(y.shape, generator=generator, dtype=torch.float64).to(device, dtype)
+    sigma2 = torch.full((n,), sigma_start**2, device=device, dtype=dtype)
+    running = torch.ones(n, dtype=torch.bool, device=device)
+
+    def restoration(y: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        return gaussian_posterior_mean(op, m, denoise(model, y, level), level, noise)
+
+    bar = tqdm(total=100, desc="ascent (% of log σ₀/σ_end)", disable=not progress, leave=False)
+    k, decades = 0, math.log(sigma_start / sigma_end)
+    while running.any() and k < max_iterations:
+        k += 1
+        h = h0 * k / (1 + h0 * (k - 1))
+        level = sigma2.clamp(*t_range)
+        d = restoration(y, level) - y
+        sigma2 = torch.where(running, sum_per_sample(d.square()) / size, sigma2)
+        gamma = torch.sqrt(((1 - beta * h) ** 2 - (1 - h) ** 2) * sigma2)
+        z = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(device, dtype)
+        y = torch.where(per_sample(running, y), y + h * d + per_sample(gamma, y) * z, y)
+        running = running & (sigma2.sqrt() > sigma_end)
+        sigma_max = sigma2.sqrt().max().item()
+        bar.n = int(100 * min(1.0, max(0.0, math.log(sigma_start / sigma_max) / decades)))
+        bar.set_postfix(iteration=k, sigma=f"{sigma_max:.4f}")
+    bar.close()
+    return {"restored": restoration(y, sigma2.clamp(*t_range)), "iterations": k,
+            "sigma": sigma2.sqrt().cpu(), "converged": not running.any().item()}
+
+
+def posterior_potential(model: nn.Module, op: LinearMeasurement, m: torch.Tensor, noise: float, t: torch.Tensor):
+    """y ↦ (V, ∇_y V) with V(y) = U(y, t) + ‖A y − m‖² / (2 s²) (just U(y, t) for s = 0)."""
+    def potential(y: torch.Tensor):
+        energy, grad, _ = energy_and_scores(model, y, t)
+        if noise == 0:
+            return energy, grad
+        residual = op.apply(y) - m
+        return energy + sum_per_sample(residual.square()) / (2 * noise**2), grad + op.adjoint(residual) / noise**2
+    return potential
+
+
+@torch.no_grad()
+def posterior_sampling(model: nn.Module, op: LinearMeasurement, m: torch.Tensor, noise: float, samples: int,
+                       generator: torch.Generator, t_start: float, t_end: float, levels: int = 100,
+                       mala_steps: int = 4, centre: float = 0.0, ratio: float = 0.05, progress: bool = True) -> dict:
+    """``samples`` draws of π_{t_end} per measurement by annealed MALA: 'samples' (B, S, ...), their 'mean' and
+    per-coordinate 'std' (B, ...), and the acceptance rate and step ratio per level."""
+    device, dtype = model_device(model)
+    m = m.to(device, dtype).repeat_interleave(samples, 0)
+    centre_image = torch.full((1, *op.sample_shape), float(centre), device=device, dtype=dtype)
+    project = (lambda v: v - op.project(v)) if noise == 0 else None
+    z = torch.randn((len(m), *op.sample_shape), generator=generator, dtype=torch.float64).to(device, dtype)
+    y = gaussian_posterior_mean(op, m, centre_image, t_start, noise) + math.sqrt(t_start) * (project or (
+        lambda v: v))(z)
+    levels = np.geomspace(t_start, t_end, levels)
+    y, acceptance = annealed_langevin(
+        model, y, levels, generator, mala_steps, ratio, lambda t: posterior_potential(model, op, m, noise, t),
+        lambda t: t if noise == 0 else t * noise**2 / (noise**2 + op.gain * t), project, "posterior", progress)
+    draws = y.reshape(-1, samples, *op.sample_shape)
+    return {"samples": draws, "mean": draws.mean(1), "std": draws.std(1) if samples > 1 else torch.zeros_like(
+        draws[:, 0]), "mala": acceptance}
