@@ -2,9 +2,10 @@
 # One GPU check in one device call (≤ 8 minutes on an H100/H200): install (with the CUDA C++ extension), the CUDA
 # tests, the step benchmark of score / reference / fused eager / fused compiled / fused compiled + CUDA graph (and
 # torch.compile's reduce-overhead) at the paper preset, batch 128, fp32 and bf16, channels_last rows with the time
-# left, `profile`, the cost report, and a markdown table for benchmarks/RESULTS.md printed last. Every part has its
-# own time limit and log under $OUT, so one that fails or runs long does not cost the others; the script stays
-# within 470 s (the channels_last part runs only if it fits).
+# left, `profile`, the cost report, the sm_80/sm_90 compile check of every Triton kernel under the machine's Triton
+# (`profile --ptx --largest-only`, with the time left), and a markdown table for benchmarks/RESULTS.md printed last.
+# Every part has its own time limit and log under $OUT, so one that fails or runs long does not cost the others;
+# the script stays within 470 s (the channels_last and compile-check parts run only if they fit).
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine (device `run`), writes $OUT/*
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh  # on the CPU: every part at the tiny preset, graph rows left out
@@ -15,13 +16,13 @@ PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
 if [ "${DRY_RUN:-0}" = 1 ]; then
   PRESET=tiny BATCH=4 SIZE=16 STEPS=3 WARMUP=1 DEVICE=cpu GRAPH="" EAGER_S=600 COMPILED_S=900 PROFILE_S=600
-  LAYOUT_S=900 BUDGET_S=100000
+  LAYOUT_S=900 PTX_S=900 BUDGET_S=100000
   INSTALL="echo dry run: no install"
   TESTS="$PY -m pytest -q tests/test_routes_cuda.py tests/test_kernels_custom_ops.py --benchmark-disable -x"
   export TRITON_INTERPRET=1
 else
   PRESET=paper BATCH=128 SIZE=64 STEPS=20 WARMUP=3 DEVICE=cuda GRAPH=",fused+compile+graph,fused+reduce-overhead"
-  EAGER_S=40 COMPILED_S=95 PROFILE_S=25 LAYOUT_S=60 BUDGET_S=470
+  EAGER_S=40 COMPILED_S=95 PROFILE_S=25 LAYOUT_S=60 PTX_S=45 BUDGET_S=470
   INSTALL="env DSM_FAST_BUILD_CUDA=1 $PY -m pip install -q --no-deps --no-build-isolation -e ."
   TESTS="$PY -m pytest -q tests/test_routes_cuda.py tests/test_csrc.py \
          tests/test_model_adjoint.py::test_fused_triton_route_in_the_trainers_precisions \
@@ -65,6 +66,12 @@ fi
 timeout "$PROFILE_S" $PY -m dsm_fast profile --preset $PRESET --batch-size $BATCH --image-size $SIZE --device $DEVICE \
   --repeat 10 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1; status profile $?
 timeout $((PROFILE_S + 5)) $PY -m dsm_fast profile --cost --json "$OUT/cost.json" > "$OUT/cost.log" 2>&1; status "profile --cost" $?
+if [ $((SECONDS + PTX_S)) -le $BUDGET_S ]; then  # needs no GPU: last, with the time left
+  timeout "$PTX_S" env -u TRITON_INTERPRET $PY -m dsm_fast profile --ptx --largest-only --jobs 8 \
+    --json "$OUT/ptx.json" > "$OUT/ptx.log" 2>&1; status "profile --ptx" $?
+else
+  status "profile --ptx skipped (time)" 0
+fi
 $PY benchmarks/gpu_table.py "$OUT" > "$OUT/table.md" 2>&1; status table $?
 tail -n 3 "$OUT/tests.log"
 cat "$OUT/table.md"

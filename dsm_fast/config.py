@@ -35,6 +35,8 @@ OPTIMIZERS = ("auto", "torch", "apex")
 ENGINES = ("single", "ddp", "deepspeed")  # dsm_fast/engine.py
 CHANNELS = (1, 3)
 ZERO_STAGES = (0, 1, 2, 3)
+CHECKPOINTS = ("none", "block")  # activation checkpointing of the fused graph (EDM2 presets: dsm_fast/model/edm2.py)
+RESTORE_TASKS = ("inpaint", "superres", "deblur", "compressive")  # dsm-fast restore (analysis/measurements.py)
 
 
 class ConfigError(ValueError):
@@ -50,10 +52,14 @@ def option(default: Any, help: str = "", choices: tuple = (), note: str = "") ->
 @dataclass(frozen=True)
 class TrainConfig:
     # model
-    model: str = option("paper", "UNet preset (paper, small, tiny) or 'radial' for --data gsm")
+    model: str = option("paper", "UNet preset: paper, small, tiny (the paper's UNet) or edm2-s, edm2-xs, edm2-tiny "
+                        "(EDM2-style attention UNet); or 'radial' for --data gsm")
     energy: str = option("paper", "paper (U = ½<y, f(y, t)>, the paper's) or gaussian (U starts at the data's "
                          "Gaussian energy and the UNet learns the difference; see dsm_fast/model/gaussian.py)",
                          ENERGIES)
+    checkpoint_activations: str = option("none", "none or block: the fused route keeps only each block's input and "
+                                         "recomputes the rest in the backward (EDM2 presets; less memory, about one "
+                                         "more forward and adjoint)", CHECKPOINTS)
     # data
     data: str = option("demo", "'demo' (photographs shipped with scikit-image), 'gsm' (Gaussian scale mixture), a "
                        "folder or a .npy")
@@ -158,6 +164,10 @@ class TrainConfig:
              "offload and deepspeed_config need --engine deepspeed"),
             (self.dist_timeout > 0 and not math.isnan(self.dist_timeout), "dist_timeout must be positive"),
             (self.radial_offset == 0 or self.model == "radial", "radial_offset needs --model radial"),
+            (self.kernels != "cuda" or not self.model.startswith("edm2"),
+             "kernels cuda has no EDM2 ops (the CUDA extension holds NormAct only); use --kernels torch or triton"),
+            (self.checkpoint_activations == "none" or (self.model.startswith("edm2") and self.route in ("auto", "fused")),
+             "checkpoint_activations block needs an EDM2 preset (--model edm2-tiny, edm2-xs, edm2-s) and the fused route"),
             (self.energy == "paper" or self.model != "radial", "energy gaussian needs a UNet preset, not radial"),
         ]
         for ok, message in checks:

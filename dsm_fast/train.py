@@ -88,6 +88,8 @@ class Trainer:
         model = build_model(cfg.model, channels=shape[0], dim=shape[-1], radial_offset=cfg.radial_offset,
                             energy=cfg.energy)
         config.check_model_fits_data(cfg, shape, getattr(getattr(model, "unet", None), "downsampling", 1))
+        if cfg.checkpoint_activations != "none":
+            model.unet.checkpoint = cfg.checkpoint_activations
         if cfg.energy == "gaussian":  # μ and s² of the training pixels (a resumed run reloads the same buffers)
             model.set_data_statistics(*pixel_statistics(self.data.images))
         self.model = with_free_energies(model, cfg)  # DiffCLF: the model also owns the free energies F_j

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 MAX_BLOCK = 2048
 
 
@@ -134,8 +136,8 @@ def dual_loss_forward_launch(grad_y: torch.Tensor, grad_t: torch.Tensor, eps: to
     b, d = eps.shape[0], eps[0].numel()
     sums = torch.empty(b, 3, device=eps.device, dtype=_sum_dtype(eps))
     space, time = eps.new_empty(b), eps.new_empty(b)
-    _dual_loss_fwd_kernel[(b,)](grad_y, eps, t, grad_t, space, time, sums, d, t.stride(0), grad_t.stride(0),
-                                BLOCK=_block(d), N_BLOCKS=triton.cdiv(d, _block(d)))
+    launch(_dual_loss_fwd_kernel, (b,), grad_y, eps, t, grad_t, space, time, sums, d, t.stride(0), grad_t.stride(0),
+           BLOCK=_block(d), N_BLOCKS=triton.cdiv(d, _block(d)))
     return space, time, sums
 
 
@@ -144,9 +146,9 @@ def dual_loss_backward_launch(grad_y, grad_t, eps, t, space_bar, time_bar, sums)
     b, d = eps.shape[0], eps[0].numel()
     grad_g, grad_e = torch.empty_like(grad_y), torch.empty_like(eps)
     grad_gt, grad_tt = grad_t.new_empty(b), t.new_empty(b)
-    _dual_loss_bwd_kernel[(b, triton.cdiv(d, _block(d)))](
-        grad_y, eps, t, grad_t, space_bar, time_bar, sums, grad_g, grad_e, grad_gt, grad_tt, d, t.stride(0),
-        grad_t.stride(0), space_bar.stride(0), time_bar.stride(0), BLOCK=_block(d))
+    launch(_dual_loss_bwd_kernel, (b, triton.cdiv(d, _block(d))), grad_y, eps, t, grad_t, space_bar, time_bar, sums,
+           grad_g, grad_e, grad_gt, grad_tt, d, t.stride(0), grad_t.stride(0), space_bar.stride(0),
+           time_bar.stride(0), BLOCK=_block(d))
     return grad_g, grad_gt, grad_e, grad_tt
 
 

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .norm_act_ref import (  # noqa: F401 (re-exported)
     NORM_EPS,
     modulated_gain,
@@ -349,13 +350,28 @@ def _block(n: int) -> int:
     return min(MAX_BLOCK, triton.next_power_of_2(n))
 
 
+def _row_loop(n: int) -> dict[str, int]:
+    """Constexprs of a kernel that loops over a whole row of n: BLOCK and N_BLOCKS = ⌈n/BLOCK⌉."""
+    return {"BLOCK": _block(n), "N_BLOCKS": triton.cdiv(n, _block(n))}
+
+
+def _row_grid(rows: int, n: int) -> tuple[int, int]:
+    """Grid of a kernel with one program per block of a row: (rows, ⌈n/BLOCK⌉)."""
+    return rows, triton.cdiv(n, _block(n))
+
+
+def _channels(c: int) -> dict[str, int]:
+    """Constexprs of a per-image kernel over c channels."""
+    return {"BLOCK_C": triton.next_power_of_2(c)}
+
+
 def _statistics(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row statistics of contiguous h (B, C, H, W): (μ, v, σ = s k), each (B, C) (two launches)."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
     mean = torch.empty(b, c, device=h.device, dtype=k.dtype)
     var, scale = torch.empty_like(mean), torch.empty_like(mean)
-    _row_stats_kernel[(b * c,)](h, mean, var, n, BLOCK=_block(n), N_BLOCKS=triton.cdiv(n, _block(n)))
-    _scale_kernel[(b,)](var, k, scale, c, BLOCK_C=triton.next_power_of_2(c))
+    launch(_row_stats_kernel, (b * c,), h, mean, var, n, **_row_loop(n))
+    launch(_scale_kernel, (b,), var, k, scale, c, **_channels(c))
     return mean, var, scale
 
 
@@ -364,8 +380,7 @@ def norm_act_forward_launch(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     n = h.shape[2] * h.shape[3]
     mean, _, scale = _statistics(h, k)
     out = torch.empty_like(h)
-    _norm_act_fwd_kernel[(h.shape[0] * h.shape[1], triton.cdiv(n, _block(n)))](h, mean, scale, out, n,
-                                                                                 BLOCK=_block(n))
+    launch(_norm_act_fwd_kernel, _row_grid(h.shape[0] * h.shape[1], n), h, mean, scale, out, n, BLOCK=_block(n))
     return out
 
 
@@ -373,16 +388,14 @@ def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Te
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, k̄) for contiguous h, ḡ (B, C, H, W) and k (B, C) in the statistics dtype (formulas in the module doc)."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
-    rows, block = b * c, _block(n)
     mean, var, scale = _statistics(h, k)
     sum_abar, q, grad_k = torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
     coef_x, abar_mean = torch.empty_like(mean), torch.empty_like(mean)
-    _norm_act_adj_reduce_kernel[(rows,)](h, grad_out, mean, scale, sum_abar, q, n, BLOCK=block,
-                                         N_BLOCKS=triton.cdiv(n, block))
-    _adj_coef_kernel[(b,)](var, k, q, sum_abar, grad_k, coef_x, abar_mean, c, n, BLOCK_C=triton.next_power_of_2(c))
+    launch(_norm_act_adj_reduce_kernel, (b * c,), h, grad_out, mean, scale, sum_abar, q, n, **_row_loop(n))
+    launch(_adj_coef_kernel, (b,), var, k, q, sum_abar, grad_k, coef_x, abar_mean, c, n, **_channels(c))
     grad_h = torch.empty_like(h)
-    _norm_act_adj_apply_kernel[(rows, triton.cdiv(n, block))](h, grad_out, mean, scale, abar_mean, coef_x,
-                                                               grad_h, n, BLOCK=block)
+    launch(_norm_act_adj_apply_kernel, _row_grid(b * c, n), h, grad_out, mean, scale, abar_mean, coef_x, grad_h, n,
+           BLOCK=_block(n))
     return grad_h, grad_k
 
 
@@ -403,20 +416,17 @@ def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, grad_out:
     h, ḡ, H contiguous (B, C, H, W); k, K (B, C) in the statistics dtype. Seven launches: statistics (2), pass 1,
     channel terms, pass 2, channel terms, pass 3."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
-    rows, block, block_c = b * c, _block(n), triton.next_power_of_2(c)
     mean, var, scale = _statistics(h, k)
     sums = torch.empty(b, c, 5, device=h.device, dtype=k.dtype)
-    _adj_bwd_reduce_kernel[(rows,)](h, grad_out, grad_grad_h, mean, scale, sums, n, BLOCK=block,
-                                    N_BLOCKS=triton.cdiv(n, block))
+    launch(_adj_bwd_reduce_kernel, (b * c,), h, grad_out, grad_grad_h, mean, scale, sums, n, **_row_loop(n))
     coef = torch.empty(b, c, 7, device=h.device, dtype=k.dtype)
-    _adj_bwd_coef1_kernel[(b,)](mean, var, k, grad_grad_k, sums, coef, c, n, BLOCK_C=block_c)
+    launch(_adj_bwd_coef1_kernel, (b,), mean, var, k, grad_grad_k, sums, coef, c, n, **_channels(c))
     grad_g, sums2 = torch.empty_like(grad_out), torch.empty(b, c, 2, device=h.device, dtype=k.dtype)
-    _adj_bwd_dg_kernel[(rows,)](h, grad_out, grad_grad_h, coef, grad_g, sums2, n, BLOCK=block,
-                                N_BLOCKS=triton.cdiv(n, block))
+    launch(_adj_bwd_dg_kernel, (b * c,), h, grad_out, grad_grad_h, coef, grad_g, sums2, n, **_row_loop(n))
     grad_k = torch.empty_like(mean)
-    _adj_bwd_coef2_kernel[(b,)](var, k, grad_grad_k, sums, sums2, coef, grad_k, c, n, BLOCK_C=block_c)
+    launch(_adj_bwd_coef2_kernel, (b,), var, k, grad_grad_k, sums, sums2, coef, grad_k, c, n, **_channels(c))
     grad_h = torch.empty_like(h)
-    _adj_bwd_dh_kernel[(rows, triton.cdiv(n, block))](h, grad_out, grad_grad_h, coef, grad_h, n, BLOCK=block)
+    launch(_adj_bwd_dh_kernel, _row_grid(b * c, n), h, grad_out, grad_grad_h, coef, grad_h, n, BLOCK=_block(n))
     return grad_h, grad_k, grad_g
 
 

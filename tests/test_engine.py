@@ -106,8 +106,8 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     assert moved > 1e3 * tol, f"weights moved by only {moved:.3g}: the comparison proves nothing"
 
 
-def initial_weights(out) -> dict[str, torch.Tensor]:
-    trainer = Trainer(engine_config(out, steps=0))
+def initial_weights(out, **changes) -> dict[str, torch.Tensor]:
+    trainer = Trainer(engine_config(out, steps=0, **changes))
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 

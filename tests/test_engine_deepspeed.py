@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not deepspeed_available(),
 # ZeRO-3 with every weight partitioned: DeepSpeed keeps weights under 1e5 elements whole by default, which would
 # leave the tiny preset unpartitioned and the ZeRO-3 case trivially equal to ZeRO-2.
 ZERO3_PARTITIONED = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+EDM2 = {"model": "edm2-tiny", "lr": 1e-2}  # the attention UNet; lr: its normalized weights move well past the bound
 
 
 def test_zero_1_2_3_equal_one_process_and_resume_after_a_kill(tmp_path):
@@ -36,6 +37,7 @@ def test_zero_1_2_3_equal_one_process_and_resume_after_a_kill(tmp_path):
         {"name": "z2_accum1", "changes": {**ds, "zero_stage": 2, "grad_accum": 1}},
         {"name": "z2_reference", "changes": {**ds, "zero_stage": 2, "route": "reference"}},
         {"name": "z3", "changes": z3},
+        {"name": "z3_edm2", "changes": {**z3, **EDM2}},
         {"name": "crafted", "changes": {**ds, "zero_stage": 2}},
         {"name": "killed", "changes": {**ds, "zero_stage": 2}, "die": (1, 3)},
     ]
@@ -70,6 +72,11 @@ def test_zero_1_2_3_equal_one_process_and_resume_after_a_kill(tmp_path):
     for name in ("z3", "killed3+resumed"):
         assert not errors(tmp_path, name), errors(tmp_path, name)
         assert_same_weights(torch.load(tmp_path / f"{name}.pt"), want_fused, start)
+    # the EDM2-style attention UNet, every weight partitioned (its weight normalization is formed in the forward)
+    assert not errors(tmp_path, "z3_edm2"), errors(tmp_path, "z3_edm2")
+    edm2_start = initial_weights(tmp_path / "edm2_init", **EDM2)
+    assert_same_weights(torch.load(tmp_path / "z3_edm2.pt"), single_run(tmp_path / "edm2", route="fused", **EDM2),
+                        edm2_start)
 
 
 class _RunsCode:

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from dsm_fast.config import resolve_kernels
-from dsm_fast.model import RadialEnergy, UNetEnergy, adjoint, energy_and_scores
-from dsm_fast.routes import FusedRoute, ReferenceRoute, make_route, noisy
+from dsm_fast.model import RadialEnergy, UNetEnergy
+from dsm_fast.routes import FusedRoute, ReferenceRoute, make_route
 from dsm_fast.tools.testing import (
     TOLERANCES,
     assert_rel_close,
+    assert_scores_equal_autograd,
     draw_batch,
     parameter_gradients,
     perturbed,
@@ -22,12 +23,7 @@ TOL = TOLERANCES[torch.float64]  # 1e-6
 @pytest.mark.parametrize("channels", [1, 3])
 def test_energy_and_scores_equal_autograd(channels, seed):
     model = perturbed(UNetEnergy(channels, "tiny").double())
-    x, t, eps = draw_batch(3, channels)
-    y = noisy(x, t, eps)
-    expected = energy_and_scores(model, y, t)
-    actual = adjoint.energy_and_scores(model, y, t)
-    for name, a, e in zip(("U", "∇_y U", "∂_t U"), actual, expected):
-        assert_rel_close(a, e, TOL, name, seed)
+    assert_scores_equal_autograd(model, *draw_batch(3, channels), TOL, seed)
 
 
 @pytest.mark.parametrize("channels, objective", [(1, "dual"), (3, "dual"), (3, "single")])
@@ -60,10 +56,7 @@ def test_fused_route_triton_kernels_equal_reference(seed, channels=3):
     only, since the kernels see the hidden layers alone, the same for gray, and an interpreted case costs ≈ 45 s)."""
     model = perturbed(UNetEnergy(channels, "tiny").double())
     x, t, eps = draw_batch(2, channels)
-    expected_scores = energy_and_scores(model, noisy(x, t, eps), t)
-    actual_scores = adjoint.energy_and_scores(model, noisy(x, t, eps), t, kernels="triton")
-    for name, a, e in zip(("U", "∇_y U", "∂_t U"), actual_scores, expected_scores):
-        assert_rel_close(a, e, TOL, f"{name} (triton)", seed)
+    assert_scores_equal_autograd(model, x, t, eps, TOL, seed, kernels="triton")
     expected = parameter_gradients(model, ReferenceRoute(model), x, t, eps)
     route = FusedRoute(model, kernels="triton")
     assert_rel_close(parameter_gradients(model, route, x, t, eps), expected, TOL, "fused (triton) gradients", seed)

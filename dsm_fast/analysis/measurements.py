@@ -1,5 +1,5 @@
 """Linear measurements m = A x (+ s n, n ~ N(0, I)) of images (B, C, H, W) or vectors (B, d), and the Gaussian
-posteriors they give in closed form (docs/method.md §3 for the GSM prior).
+posteriors they give in closed form (docs/method.md §3.6).
 
 Each operator offers A, Aᵀ, the pseudo-inverse A⁺ = Aᵀ(AAᵀ)⁻¹, the projector P = A⁺A onto the measured (row)
 space, and (v AAᵀ + s² I)⁻¹ with the eigenvalues of AAᵀ. For x ~ N(μ, v I) the posterior mean is the Wiener
@@ -20,10 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import RESTORE_TASKS, ConfigError
 from ..data.images import DataError
 
-TASKS = ("inpaint", "superres", "deblur", "compressive")
 BLUR_CUTOFF = 1e-3  # deblurring: frequencies whose gain |k̂| is below this count as unmeasured (A⁺, P)
 
 
@@ -238,8 +237,8 @@ def make_measurement(task: str, sample_shape: tuple[int, ...], seed: int = 0, bo
         count = max(1, round(random_fraction(fraction, "compressive") * dim))
         q, _ = torch.linalg.qr(torch.randn(dim, count, generator=generator, dtype=torch.float64))
         return OrthogonalRows(q.T.contiguous(), sample_shape)
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task not in RESTORE_TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose from {', '.join(RESTORE_TASKS)}")
     if task == "inpaint" and sum(option is not None for option in (box, fraction, mask)) > 1:
         raise ConfigError("inpaint takes one of --box, --fraction or --mask")
     if not images and (task != "inpaint" or fraction is None):

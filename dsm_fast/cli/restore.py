@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 
-from ..config import ConfigError
+from ..config import RESTORE_TASKS, ConfigError
 from .common import Formatter, add_run_args, examples, out_path, write_json
 
 METHODS = ("ascent", "posterior")
@@ -30,7 +30,7 @@ def add_restore(sub) -> None:
                                    "compared with the exact posterior (component weights, mean).")
     add_run_args(p, images=0, data=False)
     add_image_source(p, count=8)
-    p.add_argument("--task", required=True, choices=("inpaint", "superres", "deblur", "compressive"))
+    p.add_argument("--task", required=True, choices=RESTORE_TASKS)
     p.add_argument("--box", metavar="SIZE|T,L,H,W", help="inpaint: the missing box, a central SIZE × SIZE square or "
                                                          "TOP,LEFT,HEIGHT,WIDTH (default: a central half-side box)")
     p.add_argument("--fraction", type=float, help="inpaint: measure this fraction of random pixels; compressive: "

@@ -45,6 +45,7 @@ def run_train(args) -> int:
     from ..config import resolve_config
     from ..data import make_test_data
     from ..distributed import stop
+    from ..model import parameter_count
     from ..train import Trainer
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -56,7 +57,8 @@ def run_train(args) -> int:
         cfg = trainer.cfg  # route, kernels and compilation resolved
         start = held_out_nll(trainer, cfg) if trainer.world.is_main and not trainer.engine.partitions_weights else None
         if trainer.world.is_main:
-            print(f"training {cfg.model} on {cfg.data}{f' (preset {args.preset})' if args.preset else ''} "
+            print(f"training {cfg.model} ({parameter_count(trainer.model):,} parameters) on {cfg.data}"
+                  f"{f' (preset {args.preset})' if args.preset else ''} "
                   f"({cfg.objective} score matching, energy {cfg.energy}, route {cfg.route}, kernels {cfg.kernels}, "
                   f"compile {cfg.compile}{', CUDA graph' if cfg.cuda_graph else ''}, {trainer.optimizer_name}, "
                   f"engine {cfg.engine} × {trainer.world.size}, {trainer.device}) → {trainer.run_dir}", flush=True)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.norm_act_ref import modulated_gain, norm_act_adjoint_of_terms, norm_act_forward_ref
+from . import edm2_adjoint
+from .edm2 import EDM2UNet
 from .energy import UNetEnergy, sum_per_sample
 from .gaussian import T_FLOOR, GaussianStartEnergy, noise_input
 from .layers import ConvNormAct, NoiseEmbedding
@@ -135,6 +137,8 @@ def energy_and_scores(model: UNetEnergy | GaussianStartEnergy, y: torch.Tensor, 
     """
     if isinstance(model, GaussianStartEnergy):
         return gaussian_start_energy_and_scores(model, y, t, kernels)
+    if isinstance(model, UNetEnergy) and isinstance(model.unet, EDM2UNet):
+        return edm2_adjoint.energy_and_scores(model, y, t, kernels)
     if not isinstance(model, UNetEnergy):
         raise TypeError(f"the explicit adjoint needs a UNetEnergy or GaussianStartEnergy, got {type(model).__name__}")
     if kernels not in NORM_ACT_OPS:

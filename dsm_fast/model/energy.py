@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .edm2 import PRESETS as EDM2_PRESETS
+from .edm2 import EDM2Preset, EDM2UNet
 from .unet import EnergyUNet, UNetPreset
 
 
@@ -15,12 +17,20 @@ def sum_per_sample(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(dim=1)
 
 
-class UNetEnergy(nn.Module):
-    """U(y, t) = ½ ⟨y, f_θ(y, t)⟩, the inner product over C, H, W (no offset, no learned constant)."""
+def build_unet(channels: int, preset: UNetPreset | EDM2Preset | str) -> EnergyUNet | EDM2UNet:
+    """f_θ by preset: the paper's UNet (model/unet.py) or the EDM2-style attention UNet (model/edm2.py)."""
+    if isinstance(preset, EDM2Preset) or preset in EDM2_PRESETS:
+        return EDM2UNet(channels, preset)
+    return EnergyUNet(channels, preset)
 
-    def __init__(self, channels: int = 3, preset: UNetPreset | str = "paper"):
+
+class UNetEnergy(nn.Module):
+    """U(y, t) = ½ ⟨y, f_θ(y, t)⟩, the inner product over C, H, W (no offset, no learned constant); f_θ the
+    preset's UNet (:func:`build_unet`)."""
+
+    def __init__(self, channels: int = 3, preset: UNetPreset | EDM2Preset | str = "paper"):
         super().__init__()
-        self.unet = EnergyUNet(channels, preset)
+        self.unet = build_unet(channels, preset)
 
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         f = self.unet(y, t)

@@ -39,7 +39,7 @@ class GaussianStartEnergy(nn.Module):
     def __init__(self, channels: int = 3, preset: str = "paper"):
         super().__init__()
         self.inner = UNetEnergy(channels, preset)
-        nn.init.zeros_(self.inner.unet.decoder[-1][-1].conv.weight)  # f_θ = 0: U starts at the Gaussian energy
+        self.inner.unet.zero_output()  # f_θ = 0: U starts at the Gaussian energy
         self.register_buffer("data_mean", torch.tensor(0.5))
         self.register_buffer("data_variance", torch.tensor(1.0 / 12))  # the uniform's, until set from the data
 

@@ -73,6 +73,10 @@ class EnergyUNet(nn.Module):
     def downsampling(self) -> int:
         return 2 ** (len(self.preset.widths) - 1)
 
+    def zero_output(self) -> None:
+        """f ≡ 0: the last convolution's weights zeroed."""
+        nn.init.zeros_(self.decoder[-1][-1].conv.weight)
+
     def walk(self, y: torch.Tensor, layer_fn: Callable[[ConvNormAct, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The network's order, h = layer_fn(layer, h) for each layer: the encoder (each scale's output kept as a
         skip), the middle, the decoder (the skip of its scale concatenated before each of its blocks)."""

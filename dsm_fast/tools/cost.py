@@ -9,6 +9,9 @@ Per route, from one steady-state step (the optimizer's state already exists; vie
                  from and writes its outputs to memory: what an unfused eager step moves); a custom op moves the
                  passes its kernels make over a tensor of its first input's size (the modules' ``LAUNCHES``)
     saved_bytes  bytes of the tensors autograd keeps for the backward (each storage once)
+    peak_bytes   an estimate of the step's peak memory: weights, gradients and Adam's two moments (4 × the
+                 parameters' bytes) plus saved_bytes — it leaves out the transient tensors of the backward itself
+                 and the allocator's slack, so it is a lower bound to compare with the device's memory
 
 Roofline, per operator i on device D, then summed over the step:
 
@@ -137,18 +140,39 @@ def saved_bytes(loss: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+def saved_bytes_by_hooks(loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(loss_fn(), bytes autograd saved while it ran, each storage once), counted by a saved-tensor pack hook: a
+    checkpointed region's own hooks take its tensors, so only what survives to the backward is counted (the node
+    walk of :func:`saved_bytes` would unpack, i.e. recompute, them). torch.func refuses such hooks: not for the
+    functional route."""
+    storages: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        storage = x.untyped_storage()
+        storages[storage._cdata] = storage.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = loss_fn()
+    return loss, sum(storages.values())
+
+
 def step_closure(route: str, preset: str, batch: int, image_size: int, channels: int, kernels: str,
-                 dtype: torch.dtype) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
-    """(loss(), update()) of one training step of ``route`` on the meta device: 'forward' is the energy's forward
+                 dtype: torch.dtype, checkpoint: str = "none"
+                 ) -> tuple[Callable[[], torch.Tensor], Callable[[], None], int]:
+    """(loss(), update(), bytes of weights + gradients + Adam's moments) of one training step of ``route`` on the meta device: 'forward' is the energy's forward
     alone (no gradient), 'score' the plain score-network step, else a route of dsm_fast.routes; Adam as on CUDA
-    (foreach). ``kernels`` applies to the fused route."""
+    (foreach). ``kernels`` applies to the fused route, ``checkpoint`` ('none', 'block') to its EDM2 presets."""
     meta = torch.device("meta")
     with meta:
         model = UNetEnergy(channels, preset).to(dtype)
+    if checkpoint != "none":
+        model.unet.checkpoint = checkpoint
     x = torch.rand(batch, channels, image_size, image_size, device=meta, dtype=dtype)
     t, eps = torch.rand(batch, device=meta, dtype=dtype), torch.randn_like(x)
+    state = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
     if route == "forward":
-        return (lambda: model(x, t).detach()), (lambda: None)
+        return (lambda: model(x, t).detach()), (lambda: None), state
     step = ScoreRoute(model.unet) if route == "score" else make_route(route, model, kernels=kernels)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
 
@@ -156,13 +180,13 @@ def step_closure(route: str, preset: str, batch: int, image_size: int, channels:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return (lambda: step(x, t, eps)["loss"].mean()), update
+    return (lambda: step(x, t, eps)["loss"].mean()), update, state
 
 
 def trace_step(route: str, preset: str = "paper", batch: int = 128, image_size: int = 64, channels: int = 3,
-               kernels: str = "torch", dtype: torch.dtype = torch.float32) -> dict:
+               kernels: str = "torch", dtype: torch.dtype = torch.float32, checkpoint: str = "none") -> dict:
     """Counts of one steady-state step of ``route`` (a first step outside the count creates Adam's state)."""
-    loss_fn, update = step_closure(route, preset, batch, image_size, channels, kernels, dtype)
+    loss_fn, update, state = step_closure(route, preset, batch, image_size, channels, kernels, dtype, checkpoint)
     if route != "forward":
         loss_fn().backward()
         update()
@@ -171,13 +195,17 @@ def trace_step(route: str, preset: str = "paper", batch: int = 128, image_size: 
         if route == "forward":
             with torch.no_grad():
                 loss_fn()
+        elif checkpoint != "none":
+            loss, saved = saved_bytes_by_hooks(loss_fn)
+            loss.backward()
         else:
             loss = loss_fn()
             saved = saved_bytes(loss)
             loss.backward()
             update()
     return {"route": route, "kernels": sum(op.kernels for op in mode.ops), "flops": sum(op.flops for op in mode.ops),
-            "bytes": sum(op.bytes for op in mode.ops), "saved_bytes": saved, "ops": mode.ops}
+            "bytes": sum(op.bytes for op in mode.ops), "saved_bytes": saved, "peak_bytes": state + saved,
+            "ops": mode.ops}
 
 
 def roofline_parts(ops: list[OpCost], device: Device) -> tuple[float, int]:
@@ -210,19 +238,21 @@ def traceable_kernels() -> tuple[str, ...]:
 
 def cost_report(routes: tuple[str, ...] = ("score", "reference", "functional", "fused"), preset: str = "paper",
                 batch: int = 128, image_size: int = 64, channels: int = 3, kernels: tuple[str, ...] = ("torch",),
-                dtype: torch.dtype = torch.float32) -> dict:
+                dtype: torch.dtype = torch.float32, checkpoint: str = "none") -> dict:
     """Counts and predicted ms per route and device; τ fitted on the anchors (always traced at the paper preset,
-    batch 128, fp32, as measured); 'fused' is reported once per entry of ``kernels``."""
+    batch 128, fp32, as measured); 'fused' is reported once per entry of ``kernels``, and once more per entry with
+    activation ``checkpoint`` ('block', the EDM2 presets) when it is not 'none'."""
     anchor_traces = {a: trace_step(a) for a in ANCHORS}
     tau = fit_launch_overhead({a: roofline_parts(tr["ops"], H100) for a, tr in anchor_traces.items()}, ANCHORS)
     same = (preset, batch, image_size, channels, dtype) == ("paper", 128, 64, 3, torch.float32)
     rows = []
+    checkpoints = ("none",) if checkpoint == "none" else ("none", checkpoint)
     for route in routes:
-        for k in (kernels if route == "fused" else ("torch",)):
+        for k, ckpt in ([(k, c) for c in checkpoints for k in kernels] if route == "fused" else [("torch", "none")]):
             trace = anchor_traces[route] if same and route in ANCHORS else trace_step(
-                route, preset, batch, image_size, channels, k, dtype)
-            row = {key: trace[key] for key in ("kernels", "flops", "bytes", "saved_bytes")}
-            row["route"] = f"fused ({k})" if route == "fused" else route
+                route, preset, batch, image_size, channels, k, dtype, ckpt)
+            row = {key: trace[key] for key in ("kernels", "flops", "bytes", "saved_bytes", "peak_bytes")}
+            row["route"] = route if route != "fused" else f"fused ({k})" if ckpt == "none" else f"fused ({k}, ckpt)"
             row["predicted_ms"] = {}
             for device in DEVICES:
                 seconds, n = roofline_parts(trace["ops"], device)
@@ -241,19 +271,25 @@ def cost_report(routes: tuple[str, ...] = ("score", "reference", "functional", "
 
 def format_cost_report(report: dict) -> str:
     names = [d.name for d in DEVICES]
-    head = f"{'route':<20}{'kernels':>9}{'TFLOP':>8}{'GB moved':>10}{'GB saved':>10}" + "".join(
+    head = f"{'route':<20}{'kernels':>9}{'TFLOP':>8}{'GB moved':>10}{'GB saved':>10}{'GB peak':>9}" + "".join(
         f"{n + ' ms':>14}" for n in names)
     lines = [head, "-" * len(head)]
     for r in report["rows"]:
         lines.append(f"{r['route']:<20}{r['kernels']:>9}{r['flops'] / 1e12:>8.2f}{r['bytes'] / 1e9:>10.1f}"
-                     f"{r['saved_bytes'] / 1e9:>10.2f}" + "".join(f"{r['predicted_ms'][n]:>14.1f}" for n in names))
+                     f"{r['saved_bytes'] / 1e9:>10.2f}{r['peak_bytes'] / 1e9:>9.2f}"
+                     + "".join(f"{r['predicted_ms'][n]:>14.1f}" for n in names))
     lines += ["", (f"calibration on the H100 anchors (docs/method.md §6.2, eager fp32, paper preset, batch 128): "
                    f"launch overhead τ = {report['launch_overhead_us']:.2f} µs, η_F = {FLOP_EFFICIENCY}, "
                    f"η_B = {BANDWIDTH_EFFICIENCY}")]
-    head = f"{'anchor':<20}{'kernels':>9}{'roofline ms':>13}{'predicted ms':>14}{'measured ms':>13}{'error':>8}"
-    lines += [head, "-" * len(head)]
-    for a in report["anchors"]:
+    return "\n".join([*lines, format_anchors(report["anchors"])])
+
+
+def format_anchors(anchors: list[dict], width: int = 20) -> str:
+    """Predicted beside measured, per anchor."""
+    head = f"{'anchor':<{width}}{'kernels':>9}{'roofline ms':>13}{'predicted ms':>14}{'measured ms':>13}{'error':>8}"
+    lines = [head, "-" * len(head)]
+    for a in anchors:
         error = a["predicted_ms"] / a["measured_ms"] - 1
-        lines.append(f"{a['anchor']:<20}{a['kernels']:>9}{a['roofline_ms']:>13.1f}{a['predicted_ms']:>14.1f}"
+        lines.append(f"{a['anchor']:<{width}}{a['kernels']:>9}{a['roofline_ms']:>13.1f}{a['predicted_ms']:>14.1f}"
                      f"{a['measured_ms']:>13.1f}{error:>+8.0%}")
     return "\n".join(lines)

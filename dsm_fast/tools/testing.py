@@ -58,6 +58,21 @@ def parameter_gradients(model: torch.nn.Module, route, x: torch.Tensor, t: torch
     return [p.grad.clone() for p in model.parameters()]
 
 
+def assert_scores_equal_autograd(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                                 tol: float, seed: int | None = None, kernels: str = "torch") -> None:
+    """(U, ∇_y U, ∂_t U) of the explicit adjoint (dsm_fast.model.adjoint) equal autograd's at y = x + √t ε, each
+    within ``tol`` relative (none of the reference values zero: a vanishing reference would prove nothing)."""
+    from ..model import adjoint, energy_and_scores
+    from ..routes import noisy
+
+    y = noisy(x, t, eps)
+    expected = energy_and_scores(model, y, t)
+    actual = adjoint.energy_and_scores(model, y, t, kernels)
+    for name, a, e in zip(("U", "∇_y U", "∂_t U"), actual, expected):
+        assert_rel_close(a, e, tol, f"{name} ({kernels})", seed)
+        assert e.abs().min() > 0, f"{name}: the reference has zeros"
+
+
 def perturbed(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
     """``model`` with every parameter moved off its initial value by scale·N(0, 1) (gains off 1, the last layer off
     zero), in place, so that every path of the network carries weight in a gradient comparison."""
