@@ -10,6 +10,10 @@ values are written; at load every file must match its digest (the engine's own f
 ``native``) and the weights must be finite, else the checkpoint is named in one line. A checkpoint is *healthy*
 when it was written outside a run of non-finite steps; the rotation keeps the ``keep_last`` newest plus the
 newest healthy one from before the current run of bad steps (see ``save_checkpoint``).
+
+World size: ``state.pt`` holds each rank's stream state and, beside them, the unsharded data position, so a
+single/DDP run resumes on any number of processes (``restore_streams``). A checkpoint that cannot be written (a full
+disk) is one line saying how much it needed; the previous checkpoints stay (``CheckpointWriteError``).
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import ConfigError
+
 CHECKPOINT_PREFIX = "step_"
 CHECKPOINT_NAME = re.compile(r"step_(\d{8,})")
 MANIFEST = "manifest.json"
@@ -34,6 +40,75 @@ REJECTED = "rejected"  # RUN/rejected/step_N: set aside by resume or by a diverg
 
 class CheckpointError(ValueError):
     """A missing, unreadable or corrupt checkpoint, reported as one line."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, a lost mount): the line says where, why and how much it needed;
+    the checkpoints written before stay."""
+
+    def __init__(self, step: int, final: Path, error: OSError, needed: int):
+        super().__init__(f"could not write the checkpoint of step {step} to {final} ({os_error_line(error)}; it "
+                         f"needs about {needed / 2**20:.1f} MiB, free {free_bytes(final) / 2**20:.1f} MiB); the "
+                         f"earlier checkpoints are intact: free space, then continue with --resume")
+
+
+def os_error_line(error: OSError) -> str:
+    """An operating-system error as a short phrase: "No space left on device", "File name too long", …"""
+    if error.strerror:
+        return error.strerror
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return 0
+
+
+def checkpoint_bytes(weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None, state: Any) -> int:
+    """Roughly the bytes a checkpoint takes: every tensor in it (the pickling overhead aside)."""
+    total = 0
+
+    def walk(node: Any) -> None:
+        nonlocal total
+        if isinstance(node, torch.Tensor):
+            total += node.numel() * node.element_size()
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk([weights, ema or {}, state])
+    return total
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run folder, or refuse in one line why it cannot be (under a file, read-only, a name too long)."""
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"--out {run_dir} is a file; a run needs a folder") from None
+    except NotADirectoryError:
+        raise ConfigError(f"--out {run_dir}: cannot create the run folder (a part of the path is a file)") from None
+    except OSError as error:
+        raise ConfigError(f"--out {run_dir}: cannot create the run folder ({os_error_line(error)})") from None
+
+
+def set_aside_incomplete(run_dir: Path) -> list[Path]:
+    """At a run's start (under its lock): delete interrupted saves (checkpoints/.tmp-*) and move step folders
+    without a manifest (never loaded; e.g. left by a crash) to RUN/rejected. Returns what was moved aside."""
+    folder = Path(run_dir) / "checkpoints"
+    moved = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif CHECKPOINT_NAME.fullmatch(path.name) and not (path / MANIFEST).is_file():
+            moved.append(reject(path, run_dir))
+    return moved
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -92,15 +167,19 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     for stale in final.parent.glob(".tmp-*"):  # interrupted saves (a crash or kill -9 mid-write)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
-    if ema is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-    torch.save({**state, "step": step}, tmp / "state.pt")
-    manifest = {"step": step, "healthy": healthy,
-                "files": {p.name: file_digest(p) for p in sorted(tmp.iterdir())},
-                "native": {p.relative_to(run_dir).as_posix(): file_digest(p) for p in sorted(native)}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
+        if ema is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+        torch.save({**state, "step": step}, tmp / "state.pt")
+        manifest = {"step": step, "healthy": healthy,
+                    "files": {p.name: file_digest(p) for p in sorted(tmp.iterdir())},
+                    "native": {p.relative_to(run_dir).as_posix(): file_digest(p) for p in sorted(native)}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    except OSError as error:  # e.g. a full disk: the previous checkpoints stay, the partial one goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(step, final, error, checkpoint_bytes(weights, ema, state)) from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     rotate(run_dir, keep_last, step + 1 if trusted_before is None else trusted_before)
@@ -183,6 +262,34 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
     if bad:
         raise CheckpointError(f"{folder}: holds non-finite weights ({bad[0]})")
     return weights, state, ema
+
+
+def restore_streams(run_dir: Path, state: dict[str, Any], world, deepspeed: bool, data, noise_generator) -> None:
+    """Put this rank's data stream, noise generator and torch RNG where checkpoint ``state`` left them, whatever
+    world size wrote it: the same world size takes each rank's own state (bit-exact); another takes the unsharded
+    data position ``data_position`` (``data.seek``), the noise generator (the same on every rank) and leaves the
+    rank-local torch RNG as seeded. Refused in one line: a change of engine format, another world size under
+    DeepSpeed (ZeRO's optimizer state is partitioned per rank), a stream without a shared position (GSM)."""
+    saved = int(state.get("world_size", 1))
+    written_by_deepspeed = bool(state.get("engine_format", False))
+    if written_by_deepspeed != deepspeed:
+        raise ConfigError(f"{run_dir} was written {'with' if written_by_deepspeed else 'without'} DeepSpeed; "
+                          f"resume it with --engine {'deepspeed' if written_by_deepspeed else 'single or ddp'}")
+    if saved == world.size:
+        local = state if saved == 1 else state["ranks"][world.rank]
+        data.load_state_dict(local["data"])
+        torch.set_rng_state(local["torch_rng"].cpu())
+    elif deepspeed:
+        raise ConfigError(f"{run_dir} was written by {saved} DeepSpeed processes, whose ZeRO optimizer state is "
+                          f"partitioned per rank (DeepSpeed cannot load it on another world size); resume it with "
+                          f"{saved} processes")
+    elif "data_position" not in state:
+        raise ConfigError(f"{run_dir} was written by {saved} process(es) and its data stream has no position that "
+                          f"another world size can continue (GSM draws are per rank); resume it with {saved}")
+    else:
+        local = state if saved == 1 else state["ranks"][0]
+        data.seek(state["data_position"])
+    noise_generator.set_state(local["noise_generator"].cpu())
 
 
 def reject(folder: Path, run_dir: Path) -> Path:

@@ -198,9 +198,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # What a resumed run may change: how long it trains, how it logs and checkpoints, when it gives up, the learning
-# rate, and where and how it runs. Everything else comes from the run's config.json (see check_resume).
+# rate, and where and how it runs (engine and grad_accum: the same global batch, split over another world size).
+# Everything else comes from the run's config.json (see check_resume).
 RESUME_MAY_CHANGE = ("steps", "lr", "log_every", "checkpoint_every", "max_bad_steps", "eval_images", "progress",
-                     "plots", "device", "dist_timeout", "out")
+                     "plots", "device", "dist_timeout", "out", "engine", "grad_accum")
 RESOLVED_AT_START = ("route", "kernels", "compile")  # 'auto' is decided once and config.json holds the decision
 # What config.json records about the run's latest start beside its options, not options (--resume and --config skip
 # them): 'compile_fell_back' ("step N: reason") when torch.compile failed and the step ran eagerly (routes.Compiled;
@@ -238,10 +239,28 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def typed_like(kind: str, value: Any) -> bool:
+    """Whether a typed config-file value is one the command line would accept for a field of type ``kind``:
+    ``steps: 5.5`` or ``steps: true`` is not an int (bool is a subclass of int in Python), ``lr: 1`` is a float."""
+    if isinstance(value, bool):
+        return kind == "bool"
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float))
+    if kind == "bool":
+        return value in (0, 1)
+    if kind.startswith("tuple"):
+        return isinstance(value, (list, tuple)) and all(typed_like("float", v) for v in value)
+    return False  # a str field takes strings only
+
+
 def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
     """Convert a file or command-line value to the field's type, or raise a one-line ConfigError."""
     kind = field.type if isinstance(field.type, str) else field.type.__name__
     try:
+        if not isinstance(value, str) and not typed_like(kind, value):  # a file's YAML/TOML value
+            raise ValueError
         if kind == "bool":
             if isinstance(value, str):
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -326,9 +345,7 @@ def check_run_folder(cfg: TrainConfig, resume: bool) -> None:
     options bar RESUME_MAY_CHANGE."""
     from .checkpoint import list_checkpoints
 
-    run_dir = Path(cfg.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file; a run needs a folder")
+    run_dir = Path(cfg.out)  # created (or refused in one line) by checkpoint.make_run_dir under the run's lock
     if list_checkpoints(run_dir) and not resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose --out")
     if resume:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from .config import ConfigError
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_host_group = None  # with NCCL: a gloo group over the same ranks for host-side flags (else the default group)
 
 
 class DistributedError(RuntimeError):
@@ -77,18 +78,43 @@ def start(engine: str, timeout_s: float, device_type: str, local_rank: int | Non
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         try:
-            dist.init_process_group(backend, rank=world.rank, world_size=world.size,
+            dist.init_process_group(backend, rank=world.rank, world_size=world.size, store=restart_store(timeout_s),
                                     timeout=timedelta(seconds=timeout_s))
         except Exception as error:  # noqa: BLE001 — the store raises several types for one cause
             raise DistributedError(f"rank {world.rank}/{world.size}: rendezvous at {os.environ['MASTER_ADDR']}:"
                                    f"{os.environ['MASTER_PORT']} failed within {timeout_s:g} s "
                                    f"({first_line(error)})") from None
+    global _host_group
+    if _host_group is None and dist.get_backend() != "gloo":  # host-side flags (max_over_ranks) go over gloo
+        _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return world
 
 
+def restart_store(timeout_s: float):
+    """Under torchrun, the store of this attempt: torchrun's own TCPStore keeps its keys across the restarts of
+    ``--max-restarts``, so a restarted group could read the previous attempt's addresses (gloo: "Connection
+    refused"); a prefix per attempt (TORCHELASTIC_RESTART_COUNT) keeps them apart. None elsewhere (env://)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"dsm_fast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+
+
 def stop() -> None:
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` over the ranks, all-reduced on the host (gloo): the device is not synchronized."""
+    if not active():
+        return value
+    flag = torch.tensor([value], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_host_group or dist.group.WORLD)
+    return int(flag)
 
 
 def first_line(error: BaseException) -> str:

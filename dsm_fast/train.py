@@ -4,7 +4,8 @@ route's per-sample terms (loss = space + λ·time), backpropagates, updates (ski
 and the non-finite-step counters (dsm_fast/nonfinite.py); the host reads values only every ``log_every`` steps
 (a row of stats.jsonl and TensorBoard) or ``checkpoint_every`` steps (an atomic checkpoint).
 
-Never losing work: a fresh run checkpoints step 0; SIGTERM is handled as Ctrl-C (checkpoint, then stop); a resume
+Never losing work: a fresh run checkpoints step 0; SIGTERM and Ctrl-C stop every rank after the same step with one
+checkpoint (dsm_fast/stopsignal.py); one ``train`` per run folder (dsm_fast/runlock.py); a resume
 continues bit-exactly from the newest checkpoint that passes its checks (dsm_fast/checkpoint.py), setting newer
 ones aside and dropping the stats rows past it. ``max_bad_steps`` non-finite steps in a row stop the run and set
 aside the checkpoints from the first distrusted step on; ``--resume`` continues from the healthy one before it.
@@ -18,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
-import threading
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 
-from . import checkpoint, config, distributed
+from . import checkpoint, config, distributed, runlock
 from .config import ConfigError, TrainConfig
 from .data import make_training_data
 from .data.images import pixel_statistics
@@ -38,6 +38,7 @@ from .nonfinite import NonFiniteSteps
 from .optim import EMA, learning_rate, make_optimizer
 from .progress import Progress, StatsLog
 from .routes import make_route
+from .stopsignal import StopSignals
 from .subnormals import flushed_subnormals
 
 
@@ -53,32 +54,15 @@ class Interrupted(KeyboardInterrupt):
         self.signal_number = signal_number
 
 
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """While training (on the main thread, where signals are delivered), SIGTERM interrupts like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signal_number: int, frame) -> NoReturn:
-        raise Interrupted(signal_number)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class Trainer:
     """Trains ``cfg.model`` on ``cfg.data`` with ``cfg.objective`` through ``cfg.route``."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, local_rank: int | None = None):
-        config.check_run_folder(cfg, resume)
         self.cfg, self.run_dir, self.resumed = cfg, Path(cfg.out), resume
         self.device = config.resolve_device(cfg.device)
         config.check_device(cfg, self.device)
         self.world = distributed.start(cfg.engine, cfg.dist_timeout, self.device.type, local_rank)
+        runlock.take_run_folder(cfg, resume, self.world)  # one train per folder, checked, crash leftovers aside
         if self.device.type == "cuda" and self.world.size > 1:
             self.device = torch.device("cuda", self.world.local_rank)
         self.micro_batch, self.dtype = micro_batch(cfg, self.world), config.compute_dtype(cfg)
@@ -111,8 +95,6 @@ class Trainer:
         if resume:
             self._restore()
         self.run_record: dict = {}  # what config.json records about this start beside the options (config.RUN_RECORD)
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
 
     def _write_config(self, **record) -> None:
@@ -137,7 +119,10 @@ class Trainer:
         """Checkpoint the current step; ``streams`` overrides the data/noise position (see ``run``).
         With several ranks every rank calls it: the per-rank positions are gathered and rank 0 writes."""
         local = {**(streams or self._stream_state()), "torch_rng": torch.get_rng_state()}
-        state = local if self.world.size == 1 else {"ranks": distributed.gather_objects(local)}
+        ranks = distributed.gather_objects(local)
+        state = dict(local) if self.world.size == 1 else {"ranks": ranks}
+        if hasattr(self.data, "shared_position"):  # what another world size continues from (restore_streams)
+            state["data_position"] = self.data.shared_position([rank["data"] for rank in ranks])
         state.update(self.engine.checkpoint_state(), **self.skipped.state_dict(), world_size=self.world.size,
                      engine_format=self.engine.name == "deepspeed")
         weights = self.engine.full_state_dict()
@@ -168,17 +153,11 @@ class Trainer:
         if self.world.is_main:
             checkpoint.reject_from(self.run_dir, step + 1)
             checkpoint.drop_stats_after(self.run_dir / "stats.jsonl", step)
-        saved_world, deepspeed_format = int(state.get("world_size", 1)), bool(state.get("engine_format", False))
-        if saved_world != self.world.size or deepspeed_format != (self.engine.name == "deepspeed"):
-            raise ConfigError(f"{self.run_dir} was written by {saved_world} process(es)"
-                              f"{' with DeepSpeed' if deepspeed_format else ''}; resume it the same way")
+        checkpoint.restore_streams(self.run_dir, state, self.world, self.engine.name == "deepspeed", self.data,
+                                   self.noise_generator)  # any world size for single/DDP
         self.engine.load(self.run_dir, step, weights, state)
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema)
-        local = state if self.world.size == 1 else state["ranks"][self.world.rank]
-        self.data.load_state_dict(local["data"])
-        self.noise_generator.set_state(local["noise_generator"].cpu())
-        torch.set_rng_state(local["torch_rng"].cpu())
         self.step = step
         self.skipped.load_state_dict(state)
 
@@ -251,14 +230,18 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train to ``cfg.steps``; checkpoint every ``checkpoint_every`` steps, at the end, on Ctrl-C, on error.
-        With several ranks a failure is not checkpointed (the peers may be gone; the last periodic checkpoint
-        stands) and ends as a DistributedError naming the rank, so every rank stops with one clear line.
+        With several ranks a failure other than a stop signal is not checkpointed (the peers may be gone; the last
+        periodic checkpoint stands) and ends as a DistributedError naming the rank, so every rank stops with one
+        clear line. The run folder's lock (dsm_fast/runlock.py) is released at the end.
         Meanwhile, on the CPU in float32, subnormals flush to zero (dsm_fast/subnormals.py; config.json's
         flush_denormal), as before afterwards."""
-        with flushed_subnormals(self.device, self.dtype) as flushed:
-            if flushed:
-                self._write_config(flush_denormal=True)
-            return self._run()
+        try:
+            with flushed_subnormals(self.device, self.dtype) as flushed:
+                if flushed:
+                    self._write_config(flush_denormal=True)
+                return self._run()
+        finally:
+            runlock.release(self.run_dir)
 
     def _run(self) -> dict:
         cfg = self.cfg
@@ -269,9 +252,11 @@ class Trainer:
         log = StatsLog(self.run_dir, self.step, cfg.batch_size, enabled=self.world.is_main)
         progress = Progress(cfg.steps, self.step, cfg.batch_size, enabled=cfg.progress and self.world.is_main,
                             window=cfg.log_every)
-        with contextlib.closing(log), contextlib.closing(progress), sigterm_interrupts():
+        with contextlib.closing(log), contextlib.closing(progress), StopSignals() as signals:
             try:
                 while self.step < cfg.steps:
+                    if number := signals.agreed():  # SIGTERM/SIGINT on any rank: all checkpoint this step, below
+                        raise Interrupted(number)
                     terms = self.train_step()
                     self._record_compile_fallback()
                     progress.step(terms)
@@ -287,9 +272,9 @@ class Trainer:
                     if checkpoint_now:
                         self.save()
             except (KeyboardInterrupt, Exception) as error:
-                if isinstance(error, (TrainingStopped, ConfigError)):
+                if isinstance(error, (TrainingStopped, ConfigError, checkpoint.CheckpointError)):
                     raise
-                if self.world.size > 1:
+                if self.world.size > 1 and not isinstance(error, Interrupted):
                     raise DistributedError(f"rank {self.world.rank}/{self.world.size} stopped at step {self.step}: "
                                            f"{type(error).__name__}: {distributed.first_line(error)}") from error
                 path = self.save(streams=self._pre_step if self._in_step else None)  # an interrupted step is redrawn

@@ -1,7 +1,9 @@
 """Checkpoint files checked at load: every corruption the issue lists is named in one line; ``--resume`` falls
 back to the previous good checkpoint with a warning, ``eval`` refuses; interrupted saves are swept and a resume
 after a kill keeps each stats row once."""
+import errno
 import json
+import os
 import shutil
 
 import pytest
@@ -119,3 +121,28 @@ def test_resume_after_a_kill_sweeps_half_written_saves_and_keeps_each_stats_row_
     steps = [json.loads(line)["step"] for line in (copy / "stats.jsonl").read_text().splitlines()]
     assert steps == [1, 2], steps
     assert not half.exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(out, steps=2, checkpoint_every=1))
+    from dsm_fast import checkpoint
+
+    real_save = checkpoint.torch.save
+
+    def full_at_step_2(obj, path, *args, **kwargs):
+        if "step_00000002" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_at_step_2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not write the checkpoint of step 2 to .*\(No space "
+                                                         r"left on device; it needs about [\d.]+ MiB, free [\d.]+ MiB\)"
+                                                         r"; the earlier checkpoints are intact"):
+        trainer.run()
+    assert [checkpoint.checkpoint_step(p) for p in list_checkpoints(out)] == [0, 1]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    with pytest.raises(SystemExit) as stop:  # and a --json that cannot be written: one line too
+        main(["eval", str(out), "--images", "2", "--device", "cpu", "--json", "/sys/dsm_fast/nll.json"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "--json /sys/dsm_fast/nll.json: cannot write it" in err

@@ -222,3 +222,27 @@ def test_bench_channels_last_rows_train_the_same_network(tmp_path):
     losses = {r["route"]: r["final_loss"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
     assert losses["score+channels-last"] == pytest.approx(losses["score"], rel=1e-4)
     assert losses["fused+channels-last"] == pytest.approx(losses["fused"], rel=1e-4)
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "read_only", "long_name"])
+def test_an_out_that_cannot_be_created_is_one_line(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("")
+    out = {"under_a_file": tmp_path / "file" / "run", "read_only": "/sys/dsm_fast_run",
+           "long_name": tmp_path / ("r" * 256)}[where]
+    assert "cannot create the run folder" in cli_error(["train", *TINY, "--eval-images", "0", "--out", str(out)], capsys)
+
+
+@pytest.mark.parametrize("line, kind", [("steps: 5.5", "int"), ("steps: true", "int"), ("lr: yes", "float"),
+                                        ("progress: 2", "bool"), ("out: 7", "str"), ("gsm_sigmas: [1, true]", "tuple")])
+def test_config_file_values_are_typed_like_the_command_line(tmp_path, capsys, line, kind):
+    (tmp_path / "run.yaml").write_text(line + "\n")
+    assert f"{line.split(':')[0]} expects {kind}" in cli_error(["train", "--config", str(tmp_path / "run.yaml")], capsys)
+
+
+def test_fewer_training_images_than_the_batch_is_said_before_training(tmp_path, capsys):
+    np.save(tmp_path / "two.npy", np.random.default_rng(0).integers(0, 256, (3, 3, 16, 16), dtype=np.uint8))
+    assert main(["train", *TINY, "--data", str(tmp_path / "two.npy"), "--steps", "1", "--eval-images", "0",
+                 "--progress", "false", "--plots", "false", "--out", str(tmp_path / "r")]) == 0
+    captured = capsys.readouterr()
+    assert "warning: 2 training image(s), fewer than --batch-size 4" in captured.err
+    assert captured.out.index("training tiny") >= 0 and captured.err.count("\n") == 1

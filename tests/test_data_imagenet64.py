@@ -319,3 +319,21 @@ def test_gray_view_of_a_prepared_colour_split(tmp_path, monkeypatch):
     assert isinstance(gray[2:9], GrayView) and np.array_equal(np.asarray(gray[2:9]), want[2:9])
     monkeypatch.setattr(GrayView, "BLOCK", 4)  # converted in blocks of 4 rows: the same array
     np.testing.assert_array_equal(np.asarray(gray), want)
+
+
+def test_a_damaged_npy_header_is_named_with_the_command_that_checks_it(tmp_path, capsys):
+    from dsm_fast.cli import main
+
+    prepare(write_official(tmp_path / "src", official_batches()), tmp_path / "out", progress=False)
+    images = tmp_path / "out" / "train_images.npy"
+    raw = bytearray(images.read_bytes())
+    raw[19] = ord("(")  # inside the header's dict: numpy's parser raises tokenize.TokenError
+    images.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"train_images.npy: cannot read as .npy \(damaged .*\); check the dataset "
+                                        r"with: dsm-fast data verify"):
+        load_split(tmp_path / "out", "train")
+    with pytest.raises(SystemExit) as stop:  # a .npy given as --data: the same line
+        main(["train", "--model", "tiny", "--image-size", "16", "--device", "cpu", "--data", str(images), "--out",
+              str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "train_images.npy: cannot read as .npy" in err, err

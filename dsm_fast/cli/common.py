@@ -23,9 +23,14 @@ def examples(*lines: str) -> str:
 
 
 def write_json(path: str | None, payload) -> None:
+    """Write ``payload`` to ``path`` (creating its folder); a path that cannot be written is one line."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
+        except OSError as error:
+            reason = "a part of the path is a file" if isinstance(error, NotADirectoryError) else error.strerror
+            raise ConfigError(f"--json {path}: cannot write it ({reason or error})") from None
 
 
 def add_step_shape(p: argparse.ArgumentParser, preset_help: str = "UNet preset") -> None:

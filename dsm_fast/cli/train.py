@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+from pathlib import Path
 
 from ..config import PRESETS, TrainConfig, resume_flags
 from .common import Formatter, examples
@@ -27,9 +29,10 @@ def add_train(sub) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), help="named settings (dsm_fast/config.py): demo (the main job: "
                    "minutes on a 2-core CPU, visibly learning), paper (the defaults)")
     p.add_argument("--config", help="YAML or TOML file of the options below (keys with underscores)")
-    p.add_argument("--resume", action="store_true",
+    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"),
                    help="continue the run in --out from its newest healthy checkpoint, with the run's own options "
-                        f"(config.json); only {resume_flags()} may be given anew")
+                        f"(config.json); only {resume_flags()} may be given anew. --resume auto: continue the run "
+                        "if --out holds one, else start it (for torchrun --max-restarts and requeued jobs)")
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
                    help="passed by the deepspeed launcher; LOCAL_RANK in the environment takes precedence")
     bare = {"bool": "true", "compile": "on"}  # what a flag given without a value means
@@ -49,14 +52,16 @@ def run_train(args) -> int:
     from ..train import Trainer
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    cfg = resolve_config(args.config, overrides, args.preset, resume=args.resume)
+    resume = resume_wanted(args, overrides)
+    cfg = resolve_config(args.config, overrides, args.preset, resume=resume)
     if cfg.eval_images > 0:
         make_test_data(cfg, 1)  # a data set too small to hold out images is refused before training, not after
     try:
-        trainer = Trainer(cfg, resume=args.resume, local_rank=args.local_rank)
+        trainer = Trainer(cfg, resume=resume, local_rank=args.local_rank)
         cfg = trainer.cfg  # route, kernels and compilation resolved
         start = held_out_nll(trainer, cfg) if trainer.world.is_main and not trainer.engine.partitions_weights else None
         if trainer.world.is_main:
+            warn_small_data(trainer, cfg)
             print(f"training {cfg.model} ({parameter_count(trainer.model):,} parameters) on {cfg.data}"
                   f"{f' (preset {args.preset})' if args.preset else ''} "
                   f"({cfg.objective} score matching, energy {cfg.energy}, route {cfg.route}, kernels {cfg.kernels}, "
@@ -70,6 +75,24 @@ def run_train(args) -> int:
         return 0
     report(trainer, cfg, summary, start, first_step, time.perf_counter() - began)
     return 0
+
+
+def resume_wanted(args, overrides: dict) -> bool:
+    """--resume: continue; --resume auto: continue when --out already holds a checkpoint, else start the run."""
+    if args.resume != "auto":
+        return args.resume == "yes"
+    from ..checkpoint import list_checkpoints
+    from ..config import given_options
+
+    return bool(list_checkpoints(Path(given_options(args.config, overrides, args.preset).get("out", TrainConfig.out))))
+
+
+def warn_small_data(trainer, cfg) -> None:
+    """One line when the training set holds fewer images than one batch: every step then repeats images."""
+    images = getattr(trainer.data, "images", None)
+    if images is not None and images.shape[0] < cfg.batch_size:
+        print(f"warning: {images.shape[0]} training image(s), fewer than --batch-size {cfg.batch_size}: every batch "
+              f"repeats images (each epoch is shorter than one step)", file=sys.stderr, flush=True)
 
 
 def held_out_nll(trainer, cfg) -> dict | None:

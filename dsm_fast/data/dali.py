@@ -26,6 +26,7 @@ from collections import deque
 import numpy as np
 import torch
 
+from .images import shard_state
 from .memmap import MemmapBatches, SortedGather
 
 try:
@@ -157,3 +158,9 @@ class DaliBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._restart(state, self.batch_size)
+
+    def shared_position(self, states: list[dict[str, int]]) -> dict[str, int]:
+        return self.orders.shared_position(states)
+
+    def seek(self, shared: dict[str, int]) -> None:
+        self.load_state_dict(shard_state(shared, self.rank, self.orders.world))

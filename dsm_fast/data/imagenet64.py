@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .images import IMAGE_SUFFIXES, DataError, to_8bit
+from .images import IMAGE_SUFFIXES, DataError, load_npy, to_8bit
 from .memmap import MemmapBatches
 
 SIZE, CHANNELS = 64, 3
@@ -254,11 +254,9 @@ def load_split(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     entry = read_manifest(folder)["splits"].get(split)
     if entry is None:
         raise DataError(f"{folder}: the prepared dataset has no {split} split")
-    try:
-        images = np.load(folder / entry["images"]["file"], mmap_mode="r", allow_pickle=False)
-        labels = np.load(folder / entry["labels"]["file"], allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise DataError(f"{folder}: cannot open the {split} split ({error}); run dsm-fast data verify") from None
+    hint = f"; check the dataset with: dsm-fast data verify {folder}"
+    images = load_npy(folder / entry["images"]["file"], hint, mmap_mode="r")
+    labels = load_npy(folder / entry["labels"]["file"], hint)
     if images.shape != (entry["count"], CHANNELS, SIZE, SIZE) or images.dtype != np.uint8 or len(labels) != len(images):
         raise DataError(f"{folder}: {split} split does not match its manifest; run dsm-fast data verify")
     return images, labels

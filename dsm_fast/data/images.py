@@ -2,6 +2,7 @@
 whose position (epoch, offset) is the whole state, so a resumed run sees the same next batches."""
 from __future__ import annotations
 
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,16 @@ def load_image_folder(folder: Path, channels: int, size: int) -> np.ndarray:
     return np.stack(images)
 
 
+def load_npy(path: Path, hint: str = "", **options) -> np.ndarray:
+    """``np.load(path, allow_pickle=False, **options)``, or one DataError naming the file (a damaged header makes
+    numpy raise ValueError, SyntaxError or tokenize.TokenError); ``hint`` says what to do about it."""
+    try:
+        return np.load(path, allow_pickle=False, **options)
+    except (ValueError, OSError, SyntaxError, tokenize.TokenError) as error:
+        reason = str(error).splitlines()[0][:120] if not isinstance(error, tokenize.TokenError) else error.args[0]
+        raise DataError(f"{path}: cannot read as .npy (damaged or not an array: {reason}){hint}") from None
+
+
 def load_images(path: str | Path, channels: int, size: int) -> np.ndarray:
     """A folder of images or a .npy uint8 array (N, C, H, W), validated."""
     path = Path(path)
@@ -126,10 +137,7 @@ def load_images(path: str | Path, channels: int, size: int) -> np.ndarray:
         return check_images(load_image_folder(path, channels, size), str(path), channels, size)
     if path.suffix != ".npy":
         raise DataError(f"{path}: expected a folder of images or a .npy array")
-    try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise DataError(f"{path}: cannot read as .npy ({error})") from None
+    images = load_npy(path, mmap_mode="r")
     return check_images(as_channels(images, channels), str(path), channels, size)
 
 
@@ -147,6 +155,12 @@ def pixel_statistics(images, count: int = 4096) -> tuple[float, float]:
     index = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
     x = torch.as_tensor(np.asarray(images[index])).double() / 255.0
     return float(x.mean()), float(x.var())
+
+
+def shard_state(shared: dict[str, int], rank: int, world: int) -> dict[str, int]:
+    """A rank's (epoch, offset) when the unsharded stream stands at (epoch, position): the positions p < position
+    with p ≡ rank (mod world) are this rank's offset."""
+    return {"epoch": int(shared["epoch"]), "offset": len(range(rank, int(shared["position"]), world))}
 
 
 class ImageBatches:
@@ -200,3 +214,17 @@ class ImageBatches:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._order, self._flips = self.epoch_order(self.epoch), self.epoch_flips(self.epoch)
+
+    def shared_position(self, states: list[dict[str, int]]) -> dict[str, int]:
+        """Where the unsharded stream stands, from the states of all ``len(states)`` ranks (rank order):
+        position = Σ_r offset_r, the positions of the epoch's order taken so far (the shards [r::W] interleave).
+        Near an epoch's end, when N is not a multiple of W, a rank may have begun the next epoch: it counts as
+        having finished its shard of the earliest epoch (a resume on another world size re-visits those images)."""
+        epoch = min(int(state["epoch"]) for state in states)
+        n, world = self.images.shape[0], len(states)
+        return {"epoch": epoch, "position": sum(int(state["offset"]) if int(state["epoch"]) == epoch
+                                                else len(range(rank, n, world)) for rank, state in enumerate(states))}
+
+    def seek(self, shared: dict[str, int]) -> None:
+        """Continue the unsharded stream at ``shared_position``: this rank's shard has had ``offset`` of them."""
+        self.load_state_dict(shard_state(shared, self.rank, self.world))

@@ -1,0 +1,140 @@
+"""A DDP run under torchrun (2 CPU processes, gloo) that bends without breaking, end to end: a worker killed once
+under ``--max-restarts 1`` is brought back by ``--resume auto``; SIGTERM to one rank and SIGINT to the launcher
+each stop both ranks after the same step with one checkpoint (exit 143 / 130); the run then continues on 1
+process, and a copy of a 1-process run continues on 2 — both ending at the weights of an uninterrupted run."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_engine import assert_same_weights, engine_config, initial_weights
+
+from dsm_fast.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint
+from dsm_fast.runlock import LOCK_NAME
+from dsm_fast.train import Trainer
+
+FLAGS = ["--model", "tiny", "--image-size", "16", "--batch-size", "8", "--route", "functional", "--lr", "1e-3",
+         "--device", "cpu", "--eval-images", "0", "--progress", "false", "--plots", "false", "--log-every", "1",
+         "--checkpoint-every", "2", "--dist-timeout", "30"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+WAIT = 180  # seconds any one phase may take on a loaded 2-core machine
+
+
+def torchrun(nproc: int, out: Path, *args: str, restarts: int = 0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                             str(nproc), "--max-restarts", str(restarts), "-m", "dsm_fast", "train", *FLAGS,
+                             "--engine", "ddp", "--out", str(out), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"gave up waiting for {what}: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.1)
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The process id of the worker with RANK=rank among the launcher's children."""
+    for task in Path(f"/proc/{launcher.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                if f"RANK={rank}".encode() in (Path("/proc") / child / "environ").read_bytes().split(b"\0"):
+                    return int(child)
+            except OSError:
+                continue
+    return None
+
+
+def newest_step(out: Path) -> int:
+    found = list_checkpoints(out)
+    return checkpoint_step(found[-1]) if found else -1
+
+
+def lock_pid(out: Path) -> str:
+    text = (out / LOCK_NAME).read_text().split() if (out / LOCK_NAME).is_file() else []
+    return text[0] if text else ""
+
+
+def stopped_at(stderr: str, name: str) -> int:
+    """The step both ranks name in their one line "dsm-fast train: SIGxxx at step N: checkpoint saved at …"."""
+    lines = [line for line in stderr.splitlines() if f"dsm-fast train: {name} at step" in line]
+    steps = {int(line.split(" at step ")[1].split(":")[0]) for line in lines}
+    assert len(lines) == 2 and len(steps) == 1, stderr[-3000:]
+    return steps.pop()
+
+
+def test_ddp_run_survives_a_kill_signals_and_another_world_size(tmp_path):
+    out = tmp_path / "run"
+    # 1. a worker killed once: torchrun restarts the group, which continues from the newest checkpoint
+    launcher = torchrun(2, out, "--steps", "100000", "--resume", "auto", restarts=1)
+    wait_for(lambda: newest_step(out) >= 2 and rank_pid(launcher, 1), launcher, "the checkpoint of step 2")
+    first_holder, killed_at = lock_pid(out), newest_step(out)
+    os.kill(rank_pid(launcher, 1), signal.SIGKILL)
+    wait_for(lambda: lock_pid(out) not in ("", first_holder) and newest_step(out) >= killed_at + 2, launcher,
+             "the restarted group's next checkpoint")
+    # 2. SIGTERM to one rank: both stop after the same step, with one checkpoint
+    os.kill(rank_pid(launcher, 1), signal.SIGTERM)
+    stderr = launcher.communicate(timeout=WAIT)[1]
+    term_step = stopped_at(stderr, "SIGTERM")
+    assert newest_step(out) == term_step, stderr[-3000:]  # (exit codes: see the README; torchrun's summary varies)
+    # 3. SIGINT to the launcher (Ctrl-C): the same, exit 130
+    launcher = torchrun(2, out, "--steps", "100000", "--resume")
+    wait_for(lambda: newest_step(out) >= term_step + 2, launcher, "a checkpoint after the resume")
+    launcher.send_signal(signal.SIGINT)
+    int_step = stopped_at(launcher.communicate(timeout=WAIT)[1], "SIGINT")
+    assert newest_step(out) == int_step
+    assert load_checkpoint(out)[1]["world_size"] == 2
+    total = int_step + 2
+
+    # the uninterrupted run: one process (bit-exact resume), copied at step 3 for the 1 → 2 case
+    reference = tmp_path / "reference"
+    Trainer(engine_config(reference, steps=3, checkpoint_every=1, log_every=1)).run()
+    shutil.copytree(reference, tmp_path / "one_to_two")
+    trainer = Trainer(engine_config(reference, steps=total, checkpoint_every=1, log_every=1), resume=True)
+    trainer.run()
+    want = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    # 4. 2 → 1: the DDP run continues on one process (engine single); 5. 1 → 2: a one-process run on two
+    one = subprocess.run([sys.executable, "-m", "dsm_fast", "train", "--out", str(out), "--resume", "--engine",
+                          "single", "--steps", str(total)], check=False, capture_output=True, text=True,
+                         env=ENV, timeout=WAIT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launcher = torchrun(2, tmp_path / "one_to_two", "--steps", str(total), "--resume")
+    assert launcher.wait(timeout=WAIT) == 0, launcher.communicate()[1][-3000:]
+    initial = initial_weights(tmp_path / "initial")
+    for run in (out, tmp_path / "one_to_two"):
+        assert newest_step(run) == total
+        assert_same_weights(load_checkpoint(run)[0], want, initial)
+        losses, reference_losses = stats(run), stats(reference)
+        assert losses.keys() == reference_losses.keys() == set(range(1, total + 1))
+        for step, loss in losses.items():
+            assert abs(loss - reference_losses[step]) <= 1e-5 * abs(reference_losses[step]), (run, step)
+
+
+def stats(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def test_two_nodes_of_one_process_each_rendezvous_on_127_0_0_1(tmp_path):
+    """The multi-node recipe of the README on one machine: torchrun --nnodes 2 --node-rank 0|1, one process each."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m",
+                               "dsm_fast", "train", *FLAGS, "--engine", "ddp", "--steps", "2", "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+             for rank in (1, 0)]
+    for node in nodes:
+        assert node.wait(timeout=WAIT) == 0, node.communicate()[1][-3000:]
+    assert newest_step(out) == 2 and load_checkpoint(out)[1]["world_size"] == 2
