@@ -102,9 +102,10 @@ def _forward_backward(ctx, grad_z):
 
 
 def _adjoint_backward(ctx, grad_grad_h, grad_grad_k):
-    from .kernels.norm_act import _norm_act_adjoint_backward  # registers the Triton op
+    from .kernels.norm_act import adjoint_second_order, norm_act_statistics_op  # registers the Triton ops
 
-    return _norm_act_adjoint_backward(ctx, grad_grad_h, grad_grad_k)
+    h, k, grad_out = ctx.saved_tensors
+    return adjoint_second_order(h, k, *norm_act_statistics_op(h.detach()), grad_out, grad_grad_h, grad_grad_k)
 
 
 torch.library.register_autograd("dsm_fast::norm_act_cuda", _forward_backward, setup_context=_save_inputs)

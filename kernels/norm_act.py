@@ -17,9 +17,10 @@ The plain-PyTorch reference of both, ``norm_act_ref`` and ``norm_act_adjoint_ref
 (re-exported here): the model builds on it and must import without Triton.
 
 Custom operators (torch.library, so torch.compile traces them without graph breaks and meta/fake tensors flow):
-dsm_fast::norm_act, whose backward is dsm_fast::norm_act_adjoint, whose backward — the second derivatives of the
-forward, which a dual-score loss needs for its parameter gradient — is dsm_fast::norm_act_adjoint_backward, three
-Triton passes (formulas at its launcher). A third derivative raises instead of coming out silently wrong.
+dsm_fast::norm_act (z and h's statistics μ, v), whose backward is dsm_fast::norm_act_adjoint, whose backward — the
+second derivatives of the forward, which a dual-score loss needs for its parameter gradient — is
+dsm_fast::norm_act_adjoint_backward, two Triton passes (formulas at its launcher). Both take μ and v from the
+forward rather than reducing h again (docs/method.md §4.4). A third derivative raises instead of coming out silently wrong.
 Storage may be bfloat16/float16.
 """
 from __future__ import annotations
@@ -36,9 +37,11 @@ from .norm_act_ref import (  # noqa: F401 (re-exported)
     norm_act_ref,
     scaled_norm_act_adjoint_ref,
     scaled_norm_act_ref,
+    statistics_dtype,
 )
 
 MAX_BLOCK = 1024
+SUMS_WARPS = 8  # warps of the adjoint backward's ten-sum pass: ten float64 accumulators of 1024 spill with four
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 NORM_EPS_C = tl.constexpr(NORM_EPS)
@@ -139,8 +142,9 @@ def _gelu_derivatives(a):
 @triton.jit
 def _adj_bwd_reduce_kernel(h_ptr, g_ptr, hh_ptr, mean_ptr, scale_ptr, sums_ptr, n, BLOCK: tl.constexpr,
                            N_BLOCKS: tl.constexpr):
-    """One program per row. h, ḡ, H (the cotangent of h̄): (R, n); mean, scale: (R,); sums: (R, 5) ←
-    (Σ ā, Σ ā x̂, Σ H, Σ H ā, Σ H x̂)."""
+    """One program per row. h, ḡ, H (the cotangent of h̄): (R, n); mean, scale: (R,); sums: (R, 10) ←
+    (Σ ā, Σ ā x̂, Σ H, Σ H ā, Σ H x̂, Σ r H x̂, Σ r x̂², Σ r x̂, Σ r H, Σ r), r = ḡ GELU''(a): the last five give
+    Σ da x̂ and Σ da of the launcher's pass 2 without a pass of their own, da being linear in H, x̂ and 1."""
     row = tl.program_id(0)
     acc_ty = mean_ptr.dtype.element_ty
     mean, scale = tl.load(mean_ptr + row), tl.load(scale_ptr + row)
@@ -149,21 +153,40 @@ def _adj_bwd_reduce_kernel(h_ptr, g_ptr, hh_ptr, mean_ptr, scale_ptr, sums_ptr, 
     s_h = tl.zeros([BLOCK], dtype=acc_ty)
     s_ha = tl.zeros([BLOCK], dtype=acc_ty)
     s_hx = tl.zeros([BLOCK], dtype=acc_ty)
+    s_rhx = tl.zeros([BLOCK], dtype=acc_ty)
+    s_rxx = tl.zeros([BLOCK], dtype=acc_ty)
+    s_rx = tl.zeros([BLOCK], dtype=acc_ty)
+    s_rh = tl.zeros([BLOCK], dtype=acc_ty)
+    s_r = tl.zeros([BLOCK], dtype=acc_ty)
     for i in range(N_BLOCKS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        xhat, abar = _adjoint_abar(h_ptr, g_ptr, row, offs, mask, n, mean, scale, acc_ty)
+        xhat = tl.where(mask, _row_load(h_ptr, row, offs, mask, n, acc_ty) - mean, 0.0)
+        g = _row_load(g_ptr, row, offs, mask, n, acc_ty)
         hh = _row_load(hh_ptr, row, offs, mask, n, acc_ty)
+        d1, d2 = _gelu_derivatives(xhat * scale)
+        abar, r = g * d1, g * d2
         s_a += abar
         s_ax += abar * xhat
         s_h += hh
         s_ha += hh * abar
         s_hx += hh * xhat
-    tl.store(sums_ptr + 5 * row, tl.sum(s_a, axis=0))
-    tl.store(sums_ptr + 5 * row + 1, tl.sum(s_ax, axis=0))
-    tl.store(sums_ptr + 5 * row + 2, tl.sum(s_h, axis=0))
-    tl.store(sums_ptr + 5 * row + 3, tl.sum(s_ha, axis=0))
-    tl.store(sums_ptr + 5 * row + 4, tl.sum(s_hx, axis=0))
+        s_rhx += r * hh * xhat
+        s_rxx += r * xhat * xhat
+        s_rx += r * xhat
+        s_rh += r * hh
+        s_r += r
+    base = sums_ptr + 10 * row
+    tl.store(base, tl.sum(s_a, axis=0))
+    tl.store(base + 1, tl.sum(s_ax, axis=0))
+    tl.store(base + 2, tl.sum(s_h, axis=0))
+    tl.store(base + 3, tl.sum(s_ha, axis=0))
+    tl.store(base + 4, tl.sum(s_hx, axis=0))
+    tl.store(base + 5, tl.sum(s_rhx, axis=0))
+    tl.store(base + 6, tl.sum(s_rxx, axis=0))
+    tl.store(base + 7, tl.sum(s_rx, axis=0))
+    tl.store(base + 8, tl.sum(s_rh, axis=0))
+    tl.store(base + 9, tl.sum(s_r, axis=0))
 
 
 @triton.jit
@@ -181,31 +204,9 @@ def _second_order_dabar(xhat, hh, c, mask):
 
 
 @triton.jit
-def _adj_bwd_dg_kernel(h_ptr, g_ptr, hh_ptr, coef_ptr, grad_g_ptr, sums_ptr, n, BLOCK: tl.constexpr,
-                       N_BLOCKS: tl.constexpr):
-    """One program per row. h, ḡ, H: (R, n); coef: (R, 7) = (μ, σ, dQ, dS, ·, ·, ·). Writes dḡ = dā GELU'(a)
-    (R, n) and sums (R, 2) ← (Σ da x̂, Σ da), da = dā ḡ GELU''(a)."""
-    row = tl.program_id(0)
-    acc_ty = coef_ptr.dtype.element_ty
-    c = coef_ptr + 7 * row
-    s_dax = tl.zeros([BLOCK], dtype=acc_ty)
-    s_da = tl.zeros([BLOCK], dtype=acc_ty)
-    for i in range(N_BLOCKS):
-        offs = i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        xhat, d1, d2 = _second_order_gelu(_row_load(h_ptr, row, offs, mask, n, acc_ty), c, mask)
-        dabar = _second_order_dabar(xhat, _row_load(hh_ptr, row, offs, mask, n, acc_ty), c, mask)
-        da = dabar * _row_load(g_ptr, row, offs, mask, n, acc_ty) * d2
-        tl.store(grad_g_ptr + row.to(tl.int64) * n + offs, (dabar * d1).to(grad_g_ptr.dtype.element_ty), mask=mask)
-        s_dax += da * xhat
-        s_da += da
-    tl.store(sums_ptr + 2 * row, tl.sum(s_dax, axis=0))
-    tl.store(sums_ptr + 2 * row + 1, tl.sum(s_da, axis=0))
-
-
-@triton.jit
-def _adj_bwd_dh_kernel(h_ptr, g_ptr, hh_ptr, coef_ptr, grad_h_ptr, n, BLOCK: tl.constexpr):
-    """Grid (R, ⌈n/BLOCK⌉). dh = coef_x H + dQ ā + σ da + e x̂ − mean, coef (R, 7) = (μ, σ, dQ, dS, coef_x, e, mean)."""
+def _adj_bwd_apply_kernel(h_ptr, g_ptr, hh_ptr, coef_ptr, grad_h_ptr, grad_g_ptr, n, BLOCK: tl.constexpr):
+    """Grid (R, ⌈n/BLOCK⌉). dḡ = dā GELU'(a) and dh = coef_x H + dQ ā + σ da + e x̂ − mean, da = dā ḡ GELU''(a),
+    coef (R, 7) = (μ, σ, dQ, dS, coef_x, e, mean)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -213,10 +214,12 @@ def _adj_bwd_dh_kernel(h_ptr, g_ptr, hh_ptr, coef_ptr, grad_h_ptr, n, BLOCK: tl.
     c = coef_ptr + 7 * row
     g, hh = _row_load(g_ptr, row, offs, mask, n, acc_ty), _row_load(hh_ptr, row, offs, mask, n, acc_ty)
     xhat, d1, d2 = _second_order_gelu(_row_load(h_ptr, row, offs, mask, n, acc_ty), c, mask)
-    da = _second_order_dabar(xhat, hh, c, mask) * g * d2
+    dabar = _second_order_dabar(xhat, hh, c, mask)
+    da = dabar * g * d2
     grad_h = (tl.load(c + 4) * hh + tl.load(c + 2) * g * d1 + tl.load(c + 1) * da + tl.load(c + 5) * xhat
               - tl.load(c + 6))
     tl.store(grad_h_ptr + row.to(tl.int64) * n + offs, grad_h.to(grad_h_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_g_ptr + row.to(tl.int64) * n + offs, (dabar * d1).to(grad_g_ptr.dtype.element_ty), mask=mask)
 
 
 # Per-image kernels over the C channels of one image (one program per image b; (B, C) arrays contiguous): the
@@ -296,42 +299,27 @@ def _bwd_dq(var_ptr, k_ptr, kk_ptr, sum_hx, b, C, n, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _adj_bwd_coef1_kernel(mean_ptr, var_ptr, k_ptr, kk_ptr, sums_ptr, coef_ptr, C, n, BLOCK_C: tl.constexpr):
-    """coef (B, C, 7) columns 0–4 ← (μ, σ, dQ, dS = −σ ΣH / n, coef_x) for pass 2, from pass 1's sums (B, C, 5) =
-    (Σ ā, Σ ā x̂, Σ H, Σ H ā, Σ H x̂)."""
+def _adj_bwd_coef_kernel(mean_ptr, var_ptr, k_ptr, kk_ptr, sums_ptr, coef_ptr, grad_k_ptr, C, n,
+                         BLOCK_C: tl.constexpr):
+    """From pass 1's sums (B, C, 10): dk (B, C) and coef (B, C, 7) = (μ, σ, dQ, dS = −σ ΣH / n, coef_x, 2 dv / n,
+    mean of dx) for the last pass; Σ da x̂ and Σ da from the r-sums (launcher's formulas)."""
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
     mask = offs < C
-    q, sum_h = _sums_column(sums_ptr, b, C, 1, 5, BLOCK_C), _sums_column(sums_ptr, b, C, 2, 5, BLOCK_C)
-    _, _, s = _channel_stats(var_ptr, b, C, BLOCK_C)
-    k, _ = _channel_load(k_ptr, b, C, BLOCK_C)
-    mean, _ = _channel_load(mean_ptr, b, C, BLOCK_C)
-    _, coef_x = _adjoint_coef_x(var_ptr, k_ptr, q, b, C, n, BLOCK_C)
-    _, _, dq = _bwd_dq(var_ptr, k_ptr, kk_ptr, _sums_column(sums_ptr, b, C, 4, 5, BLOCK_C), b, C, n, BLOCK_C)
-    base = coef_ptr + (b * C + offs) * 7
-    tl.store(base, mean, mask=mask)
-    tl.store(base + 1, s * k, mask=mask)
-    tl.store(base + 2, dq, mask=mask)
-    tl.store(base + 3, -s * k * sum_h / n, mask=mask)
-    tl.store(base + 4, coef_x, mask=mask)
-
-
-@triton.jit
-def _adj_bwd_coef2_kernel(var_ptr, k_ptr, kk_ptr, sums_ptr, sums2_ptr, coef_ptr, grad_k_ptr, C, n,
-                          BLOCK_C: tl.constexpr):
-    """From pass 2's (Σ da x̂, Σ da) (B, C, 2): dk (B, C) and coef columns 5–6 ← (2 dv / n, mean of dx)."""
-    b = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_C)
-    mask = offs < C
-    sum_a, q = _sums_column(sums_ptr, b, C, 0, 5, BLOCK_C), _sums_column(sums_ptr, b, C, 1, 5, BLOCK_C)
-    sum_h, sum_ha = _sums_column(sums_ptr, b, C, 2, 5, BLOCK_C), _sums_column(sums_ptr, b, C, 3, 5, BLOCK_C)
-    sum_hx = _sums_column(sums_ptr, b, C, 4, 5, BLOCK_C)
-    sum_dax, sum_da = _sums_column(sums2_ptr, b, C, 0, 2, BLOCK_C), _sums_column(sums2_ptr, b, C, 1, 2, BLOCK_C)
+    sum_a, q = _sums_column(sums_ptr, b, C, 0, 10, BLOCK_C), _sums_column(sums_ptr, b, C, 1, 10, BLOCK_C)
+    sum_h, sum_ha = _sums_column(sums_ptr, b, C, 2, 10, BLOCK_C), _sums_column(sums_ptr, b, C, 3, 10, BLOCK_C)
+    sum_hx = _sums_column(sums_ptr, b, C, 4, 10, BLOCK_C)
     big_v, w, s = _channel_stats(var_ptr, b, C, BLOCK_C)
     k, _ = _channel_load(k_ptr, b, C, BLOCK_C)
     kk, _ = _channel_load(kk_ptr, b, C, BLOCK_C)
+    mean, _ = _channel_load(mean_ptr, b, C, BLOCK_C)
     u, coef_x = _adjoint_coef_x(var_ptr, k_ptr, q, b, C, n, BLOCK_C)
     d_m, du, dq = _bwd_dq(var_ptr, k_ptr, kk_ptr, sum_hx, b, C, n, BLOCK_C)
+    scale, d_s_term = s * k, -s * k * sum_h / n
+    sum_dax = (scale * _sums_column(sums_ptr, b, C, 5, 10, BLOCK_C) + dq * _sums_column(sums_ptr, b, C, 6, 10, BLOCK_C)
+               + d_s_term * _sums_column(sums_ptr, b, C, 7, 10, BLOCK_C))
+    sum_da = (scale * _sums_column(sums_ptr, b, C, 8, 10, BLOCK_C) + dq * _sums_column(sums_ptr, b, C, 7, 10, BLOCK_C)
+              + d_s_term * _sums_column(sums_ptr, b, C, 9, 10, BLOCK_C))
     d_scale = sum_ha - sum_h * sum_a / n + sum_dax
     d_s = kk * q - du * u / s + d_scale * k
     _channel_store(grad_k_ptr, b, C, du * q / s + d_scale * s, BLOCK_C)
@@ -339,8 +327,13 @@ def _adj_bwd_coef2_kernel(var_ptr, k_ptr, kk_ptr, sums_ptr, sums2_ptr, coef_ptr,
     d_w = -2 * big_v * w * u * sum_hx / n + d_m * u / C + d_s * big_v / (2 * s)
     d_var = -w * w * d_w + d_big_v / C
     base = coef_ptr + (b * C + offs) * 7
+    tl.store(base, mean, mask=mask)
+    tl.store(base + 1, scale, mask=mask)
+    tl.store(base + 2, dq, mask=mask)
+    tl.store(base + 3, d_s_term, mask=mask)
+    tl.store(base + 4, coef_x, mask=mask)
     tl.store(base + 5, 2 * d_var / n, mask=mask)
-    tl.store(base + 6, (coef_x * sum_h + dq * sum_a + s * k * sum_da) / n, mask=mask)
+    tl.store(base + 6, (coef_x * sum_h + dq * sum_a + scale * sum_da) / n, mask=mask)
 
 
 # --- launchers --------------------------------------------------------------------------------------------------
@@ -365,30 +358,39 @@ def _channels(c: int) -> dict[str, int]:
     return {"BLOCK_C": triton.next_power_of_2(c)}
 
 
-def _statistics(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row statistics of contiguous h (B, C, H, W): (μ, v, σ = s k), each (B, C) (two launches)."""
+def norm_act_statistics_launch(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, v) of contiguous h (B, C, H, W), each (B, C) in the statistics dtype: one launch, two passes over h."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
-    mean = torch.empty(b, c, device=h.device, dtype=k.dtype)
-    var, scale = torch.empty_like(mean), torch.empty_like(mean)
+    mean = torch.empty(b, c, device=h.device, dtype=statistics_dtype(h.dtype))
+    var = torch.empty_like(mean)
     launch(_row_stats_kernel, (b * c,), h, mean, var, n, **_row_loop(n))
-    launch(_scale_kernel, (b,), var, k, scale, c, **_channels(c))
-    return mean, var, scale
+    return mean, var
 
 
-def norm_act_forward_launch(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """z = GELU(x̂ s k) for contiguous h (B, C, H, W) and k (B, C) in the statistics dtype."""
+def _scale(var: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """σ = s k (B, C) from v and k (B, C) (one per-image launch)."""
+    scale = torch.empty_like(var)
+    launch(_scale_kernel, (var.shape[0],), var, k, scale, var.shape[1], **_channels(var.shape[1]))
+    return scale
+
+
+def norm_act_forward_launch(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z = GELU(x̂ s k), μ, v) for contiguous h (B, C, H, W) and k (B, C) in the statistics dtype; μ and v (B, C)
+    are what the adjoint and its backward take instead of reducing h again."""
     n = h.shape[2] * h.shape[3]
-    mean, _, scale = _statistics(h, k)
+    mean, var = norm_act_statistics_launch(h)
     out = torch.empty_like(h)
-    launch(_norm_act_fwd_kernel, _row_grid(h.shape[0] * h.shape[1], n), h, mean, scale, out, n, BLOCK=_block(n))
-    return out
+    launch(_norm_act_fwd_kernel, _row_grid(h.shape[0] * h.shape[1], n), h, mean, _scale(var, k), out, n,
+           BLOCK=_block(n))
+    return out, mean, var
 
 
-def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̄, k̄) for contiguous h, ḡ (B, C, H, W) and k (B, C) in the statistics dtype (formulas in the module doc)."""
+def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                            grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h̄, k̄) for contiguous h, ḡ (B, C, H, W), k (B, C) in the statistics dtype and h's statistics μ, v (B, C)
+    (formulas in the module doc). Four launches: σ, Σ ā and Q, channel terms, h̄."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
-    mean, var, scale = _statistics(h, k)
+    scale = _scale(var, k)
     sum_abar, q, grad_k = torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
     coef_x, abar_mean = torch.empty_like(mean), torch.empty_like(mean)
     launch(_norm_act_adj_reduce_kernel, (b * c,), h, grad_out, mean, scale, sum_abar, q, n, **_row_loop(n))
@@ -399,114 +401,153 @@ def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Te
     return grad_h, grad_k
 
 
-def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor,
-                                     grad_grad_h: torch.Tensor, grad_grad_k: torch.Tensor
+def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                                     grad_out: torch.Tensor, grad_grad_h: torch.Tensor, grad_grad_k: torch.Tensor
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The adjoint's vector-Jacobian product: for cotangents (H, K) of (h̄, k̄), the gradients (dh, dk, dḡ) — the
     second derivatives of the forward. Reverse mode through the module doc's adjoint, per image over channels c:
 
-        pass 1:  S = Σ ā, Q = Σ ā x̂, Σ H, Σ H ā, Σ H x̂;   coef_x = (−V w² u + M)/n, M = mean_c w u
+        pass 1:  S = Σ ā, Q = Σ ā x̂, Σ H, Σ H ā, Σ H x̂, and with r = ḡ GELU''(a): Σ r H x̂, Σ r x̂², Σ r x̂, Σ r H, Σ r
+        coef_x = (−V w² u + M)/n, M = mean_c w u
         dcoef = Σ H x̂;  dM = Σ_c dcoef / n;  du = −V w² dcoef / n + dM w / C;  dQ = K s + du k / s;  dS = −σ Σ H / n
-        pass 2:  dā = σ H + dQ x̂ + dS,  dḡ = dā GELU'(a),  da = dā ḡ GELU''(a);  Σ da x̂, Σ da
+        dā = σ H + dQ x̂ + dS,  dḡ = dā GELU'(a),  da = dā r, so (no pass of their own)
+        Σ da x̂ = σ Σ r H x̂ + dQ Σ r x̂² + dS Σ r x̂,  Σ da = σ Σ r H + dQ Σ r x̂ + dS Σ r
         dσ = Σ H ā − Σ H · S / n + Σ da x̂;  ds = K Q − du u / s + dσ k;  dk = du Q / s + dσ s
         dV = Σ_c (−w² u dcoef / n + ds w / (2s));  dw = −2 V w u dcoef / n + dM u / C + ds V / (2s)
         dv = −w² dw + dV / C
-        pass 3:  dh = coef_x H + dQ ā + σ da + (2 dv / n) x̂ − mean of the same (Σ x̂ = 0)
+        pass 2:  dḡ, and dh = coef_x H + dQ ā + σ da + (2 dv / n) x̂ − mean of the same (Σ x̂ = 0)
 
-    h, ḡ, H contiguous (B, C, H, W); k, K (B, C) in the statistics dtype. Seven launches: statistics (2), pass 1,
-    channel terms, pass 2, channel terms, pass 3."""
+    h, ḡ, H contiguous (B, C, H, W); k, K and h's statistics μ, v (B, C) in the statistics dtype. dh is the whole
+    derivative, through μ and v included (their own gradients are not returned: see the custom operators). Four
+    launches: σ, pass 1, channel terms, pass 2."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
-    mean, var, scale = _statistics(h, k)
-    sums = torch.empty(b, c, 5, device=h.device, dtype=k.dtype)
-    launch(_adj_bwd_reduce_kernel, (b * c,), h, grad_out, grad_grad_h, mean, scale, sums, n, **_row_loop(n))
-    coef = torch.empty(b, c, 7, device=h.device, dtype=k.dtype)
-    launch(_adj_bwd_coef1_kernel, (b,), mean, var, k, grad_grad_k, sums, coef, c, n, **_channels(c))
-    grad_g, sums2 = torch.empty_like(grad_out), torch.empty(b, c, 2, device=h.device, dtype=k.dtype)
-    launch(_adj_bwd_dg_kernel, (b * c,), h, grad_out, grad_grad_h, coef, grad_g, sums2, n, **_row_loop(n))
-    grad_k = torch.empty_like(mean)
-    launch(_adj_bwd_coef2_kernel, (b,), var, k, grad_grad_k, sums, sums2, coef, grad_k, c, n, **_channels(c))
-    grad_h = torch.empty_like(h)
-    launch(_adj_bwd_dh_kernel, _row_grid(b * c, n), h, grad_out, grad_grad_h, coef, grad_h, n, BLOCK=_block(n))
+    scale = _scale(var, k)
+    sums = torch.empty(b, c, 10, device=h.device, dtype=k.dtype)
+    launch(_adj_bwd_reduce_kernel, (b * c,), h, grad_out, grad_grad_h, mean, scale, sums, n, **_row_loop(n),
+           num_warps=SUMS_WARPS)
+    coef, grad_k = torch.empty(b, c, 7, device=h.device, dtype=k.dtype), torch.empty_like(mean)
+    launch(_adj_bwd_coef_kernel, (b,), mean, var, k, grad_grad_k, sums, coef, grad_k, c, n, **_channels(c))
+    grad_h, grad_g = torch.empty_like(h), torch.empty_like(grad_out)
+    launch(_adj_bwd_apply_kernel, _row_grid(b * c, n), h, grad_out, grad_grad_h, coef, grad_h, grad_g, n,
+           BLOCK=_block(n))
     return grad_h, grad_k, grad_g
 
 
 # --- custom operators (torch.library): fake implementations for meta/fake tensors, autograd by the next op -----
+# The forward also returns h's statistics μ, v (B, C); the adjoint and its backward take them instead of reducing h
+# again. They are a cache of h, not free inputs: each op's derivative in h is the whole one, through μ and v, so the
+# statistics come out non-differentiable and the ops return no gradient for them. Whoever has no forward at hand
+# takes them from dsm_fast::norm_act_statistics of h.
 @torch.library.custom_op("dsm_fast::norm_act", mutates_args=())
-def norm_act_op(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """z = GELU(x̂ s k); backward = dsm_fast::norm_act_adjoint."""
+def norm_act_op(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z = GELU(x̂ s k), μ, v); backward = dsm_fast::norm_act_adjoint."""
     return norm_act_forward_launch(h, k)
 
 
+@torch.library.custom_op("dsm_fast::norm_act_statistics", mutates_args=())
+def norm_act_statistics_op(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, v) of h, non-differentiable (call it on h.detach())."""
+    return norm_act_statistics_launch(h)
+
+
 @torch.library.custom_op("dsm_fast::norm_act_adjoint", mutates_args=())
-def norm_act_adjoint_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̄, k̄) = Jᵀ ḡ; backward = dsm_fast::norm_act_adjoint_backward."""
-    return norm_act_adjoint_launch(h, k, grad_out)
+def norm_act_adjoint_op(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                        grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h̄, k̄) = Jᵀ ḡ, μ and v h's statistics; backward = dsm_fast::norm_act_adjoint_backward."""
+    return norm_act_adjoint_launch(h, k, mean, var, grad_out)
 
 
 @torch.library.custom_op("dsm_fast::norm_act_adjoint_backward", mutates_args=())
-def norm_act_adjoint_backward_op(h: torch.Tensor, k: torch.Tensor, grad_out: torch.Tensor, grad_grad_h: torch.Tensor,
-                                  grad_grad_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def norm_act_adjoint_backward_op(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                                 grad_out: torch.Tensor, grad_grad_h: torch.Tensor, grad_grad_k: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dk, dḡ): the second derivatives; differentiating it again raises."""
-    return norm_act_adjoint_backward_launch(h, k, grad_out, grad_grad_h, grad_grad_k)
+    return norm_act_adjoint_backward_launch(h, k, mean, var, grad_out, grad_grad_h, grad_grad_k)
+
+
+def _statistics_like(h: torch.Tensor) -> torch.Tensor:
+    return h.new_empty(h.shape[:2], dtype=statistics_dtype(h.dtype))
 
 
 @norm_act_op.register_fake
 def _(h, k):
-    return torch.empty_like(h)
+    return torch.empty_like(h), _statistics_like(h), _statistics_like(h)
+
+
+@norm_act_statistics_op.register_fake
+def _(h):
+    return _statistics_like(h), _statistics_like(h)
 
 
 @norm_act_adjoint_op.register_fake
-def _(h, k, grad_out):
+def _(h, k, mean, var, grad_out):
     return torch.empty_like(h), torch.empty_like(k)
 
 
 @norm_act_adjoint_backward_op.register_fake
-def _(h, k, grad_out, grad_grad_h, grad_grad_k):
+def _(h, k, mean, var, grad_out, grad_grad_h, grad_grad_k):
     return torch.empty_like(h), torch.empty_like(k), torch.empty_like(grad_out)
+
+
+def _save_forward(ctx, inputs, output) -> None:
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(*inputs, mean, var)
 
 
 def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _norm_act_backward(ctx, grad_z):
-    h, k = ctx.saved_tensors
-    return norm_act_adjoint_op(h, k, grad_z.contiguous())
+def _norm_act_backward(ctx, grad_z, grad_mean, grad_var):
+    h, k, mean, var = ctx.saved_tensors
+    return norm_act_adjoint_op(h, k, mean, var, grad_z.contiguous())
 
 
 def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad.contiguous()
 
 
+def adjoint_second_order(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                         grad_out: torch.Tensor, grad_grad_h: torch.Tensor | None, grad_grad_k: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dk, dḡ) for cotangents (H, K) of (h̄, k̄), either of which may be None (zero)."""
+    return norm_act_adjoint_backward_op(h, k, mean, var, grad_out, _or_zeros(grad_grad_h, h),
+                                        _or_zeros(grad_grad_k, k))
+
+
 def _norm_act_adjoint_backward(ctx, grad_grad_h, grad_grad_k):
-    h, k, grad_out = ctx.saved_tensors
-    return norm_act_adjoint_backward_op(h, k, grad_out, _or_zeros(grad_grad_h, h), _or_zeros(grad_grad_k, k))
+    h, k, mean, var, grad_out = ctx.saved_tensors
+    grad_h, grad_k, grad_g = adjoint_second_order(h, k, mean, var, grad_out, grad_grad_h, grad_grad_k)
+    return grad_h, grad_k, None, None, grad_g
 
 
 def _third_order(ctx, *grads):
     raise RuntimeError("dsm_fast::norm_act has no third derivative: its adjoint's backward is differentiable once")
 
 
-torch.library.register_autograd("dsm_fast::norm_act", _norm_act_backward, setup_context=_save_inputs)
+torch.library.register_autograd("dsm_fast::norm_act", _norm_act_backward, setup_context=_save_forward)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint", _norm_act_adjoint_backward, setup_context=_save_inputs)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint_backward", _third_order, setup_context=_save_inputs)
 # Per op and call: (kernels launched, all Triton; full passes over an h-sized tensor, each read or write), what
 # dsm-fast profile --cost counts for an op it sees only from outside (tests/test_kernels_custom_ops.py recounts
 # the kernels).
-# Statistics read h twice; forward: + read h, write z; adjoint: + read h, ḡ twice, write h̄; its backward: + read
-# h, ḡ, H three times, write dḡ and dh.
-LAUNCHES = {"dsm_fast.norm_act": (3, 4), "dsm_fast.norm_act_adjoint": (5, 7), "dsm_fast.norm_act_adjoint_backward": (7, 13)}
+# Statistics read h twice; forward: statistics, σ, + read h, write z; adjoint (statistics given): σ, read h, ḡ
+# twice, write h̄; its backward (statistics given): σ, read h, ḡ, H twice, write dḡ and dh.
+LAUNCHES = {"dsm_fast.norm_act": (3, 4), "dsm_fast.norm_act_statistics": (1, 2), "dsm_fast.norm_act_adjoint": (4, 5),
+            "dsm_fast.norm_act_adjoint_backward": (4, 8)}
 
 
 # --- public functions -------------------------------------------------------------------------------------------
 def norm_act(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
     """GELU(Normalization(h) · g · (1 + m)) by the Triton kernels; h: (B, C, H, W), g: (C,), m: (B, C)."""
-    return norm_act_op(h.contiguous(), modulated_gain(h, gain, modulation))
+    return norm_act_op(h.contiguous(), modulated_gain(h, gain, modulation))[0]
 
 
 def norm_act_adjoint(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tensor, grad_out: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, m̄) = Jᵀ ḡ of :func:`norm_act` w.r.t. h and m (m̄ = g k̄), differentiable in h, g, m and ḡ."""
-    grad_h, grad_k = norm_act_adjoint_op(h.contiguous(), modulated_gain(h, gain, modulation), grad_out.contiguous())
+    h = h.contiguous()
+    grad_h, grad_k = norm_act_adjoint_op(h, modulated_gain(h, gain, modulation), *norm_act_statistics_op(h.detach()),
+                                         grad_out.contiguous())
     return grad_h, (gain.to(grad_k.dtype) * grad_k).to(modulation.dtype)

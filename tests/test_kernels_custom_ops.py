@@ -12,9 +12,11 @@ from dsm_fast.tools.cost import CostMode
 
 
 def norm_act_inputs(device="cpu", dtype=torch.float64):
+    """(h, k, μ, v, ḡ, H, K): h's statistics μ, v as the forward returns them."""
     h = torch.randn(2, 3, 5, 3, device=device, dtype=dtype) * 2 + 0.5
     k = 1 + 0.2 * torch.randn(2, 3, device=device, dtype=dtype)
-    return h, k, torch.randn_like(h), torch.randn_like(h), torch.randn_like(k)
+    mean, var = h.mean(dim=(2, 3)), h.var(dim=(2, 3), unbiased=False)
+    return h, k, mean, var, torch.randn_like(h), torch.randn_like(h), torch.randn_like(k)
 
 
 def loss_inputs(device="cpu", dtype=torch.float64):
@@ -24,13 +26,15 @@ def loss_inputs(device="cpu", dtype=torch.float64):
 
 
 def test_opcheck_every_op(seed):
-    h, k, g, hh, kk = norm_act_inputs()
+    h, k, mean, var, g, hh, kk = norm_act_inputs()
     grad_y, grad_t, eps, t = loss_inputs()
     _, _, sums = loss_op._dual_score_loss_op(grad_y, grad_t, eps, t)
     cases = [(torch.ops.dsm_fast.norm_act.default, (h.requires_grad_(), k.requires_grad_())),
-             (torch.ops.dsm_fast.norm_act_adjoint.default, (h, k, g.requires_grad_())),
+             (torch.ops.dsm_fast.norm_act_statistics.default, (h.detach(),)),
+             (torch.ops.dsm_fast.norm_act_adjoint.default, (h, k, mean, var, g.requires_grad_())),
              # no gradient required: its own backward raises by design (test_kernels_norm_act.py)
-             (torch.ops.dsm_fast.norm_act_adjoint_backward.default, [x.detach() for x in (h, k, g, hh, kk)]),
+             (torch.ops.dsm_fast.norm_act_adjoint_backward.default,
+              [x.detach() for x in (h, k, mean, var, g, hh, kk)]),
              (torch.ops.dsm_fast.dual_score_loss.default, (grad_y.requires_grad_(), grad_t, eps, t)),
              (torch.ops.dsm_fast.dual_score_loss_backward.default,
               (grad_y, grad_t, eps, t, torch.rand(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64), sums))]
@@ -39,11 +43,11 @@ def test_opcheck_every_op(seed):
 
 
 def test_meta_tensors_flow_through_every_op():
-    h, k, g, hh, kk = norm_act_inputs("meta")
+    h, k, mean, var, g, hh, kk = norm_act_inputs("meta")
     assert na.norm_act(h, k[0], k).shape == h.shape
     grad_h, grad_m = na.norm_act_adjoint(h, k[0], k, g)
     assert grad_h.shape == h.shape and grad_m.shape == k.shape
-    outs = torch.ops.dsm_fast.norm_act_adjoint_backward(h, k, g, hh, kk)
+    outs = torch.ops.dsm_fast.norm_act_adjoint_backward(h, k, mean, var, g, hh, kk)
     assert [o.shape for o in outs] == [h.shape, k.shape, g.shape] and all(o.is_meta for o in outs)
     space, time = loss_op.dual_score_loss(*loss_inputs("meta"))
     assert space.shape == time.shape == (2,) and space.is_meta
@@ -51,7 +55,7 @@ def test_meta_tensors_flow_through_every_op():
 
 def test_compile_traces_the_ops_without_graph_breaks(seed):
     """fullgraph=True fails on any graph break; aot_eager also derives the backward through register_autograd."""
-    h, k, g, _, _ = norm_act_inputs()
+    h, k, _, _, g, _, _ = norm_act_inputs()
     h.requires_grad_()
 
     def fn(h, k, g):
@@ -68,7 +72,8 @@ def test_compile_traces_the_ops_without_graph_breaks(seed):
 
 @pytest.mark.parametrize("name, launcher, make_args", [
     ("dsm_fast.norm_act", na.norm_act_forward_launch, lambda: norm_act_inputs()[:2]),
-    ("dsm_fast.norm_act_adjoint", na.norm_act_adjoint_launch, lambda: norm_act_inputs()[:3]),
+    ("dsm_fast.norm_act_statistics", na.norm_act_statistics_launch, lambda: norm_act_inputs()[:1]),
+    ("dsm_fast.norm_act_adjoint", na.norm_act_adjoint_launch, lambda: norm_act_inputs()[:5]),
     ("dsm_fast.norm_act_adjoint_backward", na.norm_act_adjoint_backward_launch, norm_act_inputs),
     ("dsm_fast.dual_score_loss", loss_op._dual_score_loss_op._init_fn, loss_inputs),
     ("dsm_fast.dual_score_loss_backward", loss_op._dual_score_loss_backward_op._init_fn,

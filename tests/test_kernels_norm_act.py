@@ -108,8 +108,11 @@ def test_double_backward_through_the_forward_and_third_order_refusal(seed):
 
 
 def test_gradcheck_float64(seed):
+    """Second order too: the forward's backward runs the adjoint on the forward's saved statistics, whose backward
+    must still differentiate h through them."""
     inputs = draw((2, 3, 3, 2), torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(op.norm_act, inputs[:3], fast_mode=True)
+    assert torch.autograd.gradgradcheck(op.norm_act, inputs[:3], fast_mode=True)
     assert torch.autograd.gradcheck(op.norm_act_adjoint, inputs, fast_mode=True)
 
 

@@ -42,9 +42,10 @@ def test_second_order_kernels_on_the_device(dtype, seed):
     g, hh, kk = torch.randn_like(h), torch.randn_like(h), torch.randn_like(k)
     inputs = [x.detach().double().requires_grad_() for x in (h, k, g)]
     expected = torch.autograd.grad(na.scaled_norm_act_adjoint_ref(*inputs), inputs, (hh.double(), kk.double()))
-    actual = na.norm_act_adjoint_backward_launch(h, k, g, hh, kk)
+    mean, var = na.norm_act_statistics_launch(h)
+    actual = na.norm_act_adjoint_backward_launch(h, k, mean, var, g, hh, kk)
     assert_rel_close([a.double() for a in actual], list(expected), TOLERANCES[dtype], "second order", seed)
-    torch.library.opcheck(torch.ops.dsm_fast.norm_act_adjoint_backward.default, (h, k, g, hh, kk))
+    torch.library.opcheck(torch.ops.dsm_fast.norm_act_adjoint_backward.default, (h, k, mean, var, g, hh, kk))
 
 
 @pytest.mark.skipif(not cuda_ext.is_available(), reason="needs the built extension dsm_fast._cuda")

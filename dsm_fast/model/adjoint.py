@@ -58,28 +58,36 @@ def silu_derivative(z: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_ops(kernels: str) -> tuple:
-    """(forward(h, k) → z, adjoint(h, k, ḡ) → (h̄, k̄)): the custom operators of kernels/norm_act.py ('triton') or of
-    the CUDA C++ extension ('cuda', its second order by the Triton op); h, ḡ contiguous, k = g (1 + m)."""
+    """(forward(h, k) → (z, h's statistics), adjoint(h, k, statistics, ḡ) → (h̄, k̄)): the custom operators of
+    kernels/norm_act.py ('triton': the adjoint takes the forward's μ, v instead of reducing h again) or of the CUDA
+    C++ extension ('cuda': it reduces h itself, statistics empty; its second order by the Triton op); h, ḡ contiguous,
+    k = g (1 + m)."""
     if kernels == "cuda":
         from ..cuda_ext import norm_act_adjoint_cuda_op, norm_act_cuda_op
 
-        return norm_act_cuda_op, norm_act_adjoint_cuda_op
+        return (lambda h, k: (norm_act_cuda_op(h, k), ()),
+                lambda h, k, statistics, g: norm_act_adjoint_cuda_op(h, k, g))
     from ..kernels.norm_act import norm_act_adjoint_op, norm_act_op
 
-    return norm_act_op, norm_act_adjoint_op
+    def forward(h, k):
+        z, mean, var = norm_act_op(h, k)
+        return z, (mean, var)
+
+    return forward, lambda h, k, statistics, g: norm_act_adjoint_op(h, k, *statistics, g)
 
 
 def kernel_norm_act_forward(kernels: str, h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """(z, what :func:`kernel_norm_act_adjoint` needs): :func:`norm_act_forward_ref` by the ``kernels`` ops."""
     forward, adjoint_op = _kernel_ops(kernels)
     h = h.contiguous()
-    return forward(h, k), (adjoint_op, h, k)
+    z, statistics = forward(h, k)
+    return z, (adjoint_op, h, k, statistics)
 
 
 def kernel_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, k̄): :func:`norm_act_adjoint_of_terms` by the ops of :func:`kernel_norm_act_forward`."""
-    adjoint_op, h, k = saved
-    return adjoint_op(h, k, g.contiguous())
+    adjoint_op, h, k, statistics = saved
+    return adjoint_op(h, k, statistics, g.contiguous())
 
 
 # kernels → (forward(h, k) → (z, saved), adjoint(saved, ḡ) → (h̄, k̄)) of NormAct, k = g (1 + m) of shape (B, C)

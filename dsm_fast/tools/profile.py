@@ -76,7 +76,7 @@ def implementations(device: torch.device, use_triton: bool, use_cuda: bool) -> d
         return grad_h, x["gain"].to(grad_k.dtype) * grad_k
 
     if use_triton:
-        ops["norm_act forward"]["triton"] = lambda x: na.norm_act_forward_launch(x["h"], k_of(x))
+        ops["norm_act forward"]["triton"] = lambda x: na.norm_act_forward_launch(x["h"], k_of(x))[0]
         ops["norm_act adjoint"]["triton"] = lambda x: na.norm_act_adjoint(x["h"], x["gain"], x["modulation"],
                                                                            x["grad_out"])
         ops["dual loss terms"]["triton"] = lambda x: loss_op.dual_score_loss(x["grad_y"], x["grad_t"], x["eps"],
