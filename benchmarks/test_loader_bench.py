@@ -21,8 +21,8 @@ BATCH = 128
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """2,200 synthetic images in the official pickle layout, prepared once."""
+def bench_set(tmp_path_factory):
+    """2,200 synthetic images in the official pickle layout, bench_set once."""
     root = tmp_path_factory.mktemp("bench64")
     (root / "src").mkdir()
     rng = np.random.default_rng(0)
@@ -34,14 +34,14 @@ def prepared(tmp_path_factory):
 
 
 @pytest.mark.parametrize("loader", sorted(LOADERS))
-def test_loader(benchmark, loader, prepared):
+def test_loader(benchmark, loader, bench_set):
     if loader == "dali" and not dali_module.is_available():
         pytest.skip("DALI not installed (pip install nvidia-dali-cuda130)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    stream = prepared_batches(TrainConfig(data=str(prepared), loader=loader, device=device, seed=2),
-                              load_split(prepared, "train")[0])
+    stream = prepared_batches(TrainConfig(data=str(bench_set), loader=loader, device=device, seed=2),
+                              load_split(bench_set, "train")[0])
     assert type(stream).__name__ == LOADERS[loader]
-    reference = ImageBatches(np.array(load_split(prepared, "train")[0]), seed=2)
+    reference = ImageBatches(np.array(load_split(bench_set, "train")[0]), seed=2)
     for _ in range(20):  # crosses an epoch boundary (2,000 images)
         batch = stream.next_batch(BATCH, device)
         want = reference.next_batch(BATCH)

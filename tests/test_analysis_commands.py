@@ -1,6 +1,5 @@
 """The analysis subcommands end to end on tiny runs: demo images (two disjoint subsets, one of them DiffCLF) and
 the GSM data; numbers in --json, PNGs in --out."""
-import json
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from dsm_fast.cli import main
 from dsm_fast.config import TrainConfig
 from dsm_fast.data import make_training_data
 from dsm_fast.data.demo import demo_patches
+from dsm_fast.tools.testing import read_json
 
 TINY = ["--model", "tiny", "--image-size", "16", "--steps", "2", "--batch-size", "4", "--eval-images", "0",
         "--plots", "false", "--progress", "false", "--device", "cpu"]
@@ -25,9 +25,6 @@ def runs(tmp_path_factory):
                  "--plots", "false", "--out", str(root / "gsm")]) == 0
     return root
 
-
-def read(path):
-    return json.loads(path.read_text())
 
 
 def test_subsets_are_disjoint_ends_of_the_training_images():
@@ -47,11 +44,11 @@ def test_generalization_of_a_run_with_itself_is_zero_and_differs_from_another(ru
     out = tmp_path / "a"
     main(["generalization", str(runs / "first"), str(runs / "first"), "--images", "6", "--out", str(out),
           "--json", str(out / "same.json")])
-    same = read(out / "same.json")
+    same = read_json(out / "same.json")
     assert same["mean_abs_db"] < 1e-9 and same["images"] == 6
     main(["generalization", str(runs / "first"), str(runs / "last"), "--images", "6", "--out", str(out),
           "--json", str(out / "pair.json")])
-    pair = read(out / "pair.json")
+    pair = read_json(out / "pair.json")
     assert pair["rms_db"] >= pair["mean_abs_db"] > 0 and pair["rms_bits"] == pytest.approx(pair["rms_db"] * 0.33219,
                                                                                              rel=1e-4)
     assert (out / "generalization.png").stat().st_size > 10_000
@@ -61,18 +58,18 @@ def test_image_analyses_write_numbers_and_pictures(runs, tmp_path):
     out, run = tmp_path / "img", str(runs / "last")
     main(["dimensionality", run, "--images", "3", "--levels", "3", "--noise-draws", "1", "--out", str(out),
           "--json", str(out / "d.json")])
-    d = read(out / "d.json")
+    d = read_json(out / "d.json")
     assert d["dim"] == 768 and len(d["mean_d_eff"]) == 3 and all(v > 0 for v in d["mean_d_eff"])
     main(["denoise", run, "--images", "2", "--psnrs", "20,0", "--out", str(out), "--json", str(out / "n.json")])
-    assert [row["input_psnr"] for row in read(out / "n.json")["rows"]] == [20.0, 0.0]
+    assert [row["input_psnr"] for row in read_json(out / "n.json")["rows"]] == [20.0, 0.0]
     main(["atlas", run, "--images", "6", "--show", "2", "--out", str(out), "--json", str(out / "a.json")])
-    atlas = read(out / "a.json")
+    atlas = read_json(out / "a.json")
     assert len(atlas["log_p_per_dim"]) == 6 and len(atlas["ranked"]["highest"]) == 2
     assert [r["contrast"] for r in atlas["contrast"]][3] == 1.0
     assert atlas["contrast"][3]["log_p_per_dim"] == pytest.approx(np.mean(atlas["log_p_per_dim"]), abs=1e-9)
     main(["sample", run, "--count", "2", "--steps", "2", "--mala-steps", "1", "--out", str(out),
           "--json", str(out / "s.json")])
-    assert len(read(out / "s.json")["mala"]) == 2
+    assert len(read_json(out / "s.json")["mala"]) == 2
     for name in ("dimensionality", "denoise", "denoise_psnr", "atlas", "atlas_images", "samples"):
         assert (out / f"{name}.png").stat().st_size > 5_000, name
 
@@ -80,6 +77,6 @@ def test_image_analyses_write_numbers_and_pictures(runs, tmp_path):
 def test_gsm_analyses(runs, tmp_path):
     out, run = tmp_path / "gsm", str(runs / "gsm")
     main(["sample", run, "--count", "20", "--steps", "3", "--out", str(out), "--json", str(out / "s.json")])
-    assert read(out / "s.json")["mean_sq_norm_per_dim"] > 0 and (out / "samples_radial.png").is_file()
+    assert read_json(out / "s.json")["mean_sq_norm_per_dim"] > 0 and (out / "samples_radial.png").is_file()
     main(["atlas", run, "--images", "10", "--out", str(out), "--json", str(out / "a.json")])
-    assert read(out / "a.json")["dim"] == 50 and not (out / "atlas_images.png").exists()
+    assert read_json(out / "a.json")["dim"] == 50 and not (out / "atlas_images.png").exists()

@@ -1,6 +1,5 @@
 """``restore`` and ``score`` end to end on tiny runs (a 16×16 image run, a radial run on an 8-dimensional GSM):
 numbers in --json, PNGs in --out, the GSM against its exact posterior and NLL, and bad input in one line."""
-import json
 import math
 
 import numpy as np
@@ -11,6 +10,7 @@ from PIL import Image
 from dsm_fast.analysis.scoring import auroc, log_p_with_constant, nll_per_image, separation
 from dsm_fast.cli import main
 from dsm_fast.data.gsm import ExactEnergy, GaussianScaleMixture
+from dsm_fast.tools.testing import read_json
 
 IMAGE_RUN = ["--preset", "demo", "--image-size", "16", "--steps", "2", "--batch-size", "4", "--eval-images", "0",
              "--plots", "false", "--progress", "false", "--device", "cpu"]
@@ -20,43 +20,40 @@ GSM_RUN = ["--data", "gsm", "--model", "radial", "--gsm-dim", "8", "--gsm-sigmas
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def restore_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     assert main(["train", *IMAGE_RUN, "--out", str(root / "img")]) == 0
     assert main(["train", *GSM_RUN, "--out", str(root / "gsm")]) == 0
     return root
 
 
-def read(path):
-    return json.loads(path.read_text())
 
-
-def test_restore_image_tasks_write_grid_and_numbers(runs, tmp_path):
-    run, out = str(runs / "img"), tmp_path / "out"
+def test_restore_image_tasks_write_grid_and_numbers(restore_runs, tmp_path):
+    run, out = str(restore_runs / "img"), tmp_path / "out"
     assert main(["restore", run, "--task", "inpaint", "--box", "6", "--count", "2", "--sigma-end", "0.2",
                  "--out", str(out), "--json", str(out / "a.json")]) == 0
-    ascent = read(out / "a.json")
+    ascent = read_json(out / "a.json")
     assert ascent["iterations"] > 1 and len(ascent["per_image"]["psnr"]) == 2
     assert ascent["measurements_per_image"] == 16 * 16 - 36
     assert all(np.isfinite(ascent["nll_bits_per_dim"]["restored"]))
     for task in (["superres", "--factor", "2"], ["deblur", "--noise", "0.02"], ["compressive", "--fraction", "0.3"]):
         assert main(["restore", run, "--task", *task, "--method", "posterior", "--count", "2", "--samples", "2",
                      "--levels", "4", "--mala-steps", "1", "--out", str(out), "--json", str(out / "p.json")]) == 0
-        posterior = read(out / "p.json")
+        posterior = read_json(out / "p.json")
         assert posterior["mean_posterior_std"] > 0 and posterior["mean"]["wiener_psnr"] > 0
         assert (out / f"restore_{task[0]}.png").stat().st_size > 5_000
 
 
-def test_restore_gsm_against_the_exact_posterior(runs, tmp_path):
+def test_restore_gsm_against_the_exact_posterior(restore_runs, tmp_path):
     """The 400-step radial run's log p_t is off the exact one by up to ~0.1 nats/dim (measured), which moves the
     posterior weights by up to ~0.07; the exact energy meets 0.03 (test_analysis_inverse.py)."""
-    run, out = str(runs / "gsm"), tmp_path / "gsm"
+    run, out = str(restore_runs / "gsm"), tmp_path / "gsm"
     assert main(["restore", run, "--task", "compressive", "--fraction", "0.5", "--count", "3", "--out", str(out),
                  "--json", str(out / "a.json")]) == 0
-    assert max(read(out / "a.json")["exact_posterior"]["measurement_misfit"]) < 1e-10
+    assert max(read_json(out / "a.json")["exact_posterior"]["measurement_misfit"]) < 1e-10
     assert main(["restore", run, "--task", "compressive", "--fraction", "0.5", "--method", "posterior", "--count",
                  "3", "--samples", "400", "--levels", "30", "--out", str(out), "--json", str(out / "p.json")]) == 0
-    exact = read(out / "p.json")["exact_posterior"]
+    exact = read_json(out / "p.json")["exact_posterior"]
     assert np.abs(np.array(exact["sample_weights"]) - np.array(exact["exact_weights"])).max() < 0.15, exact
 
 
@@ -80,21 +77,21 @@ def test_score_exact_energy_gives_the_exact_nll(seed):
     assert error.std() < 1e-9 and abs(error.mean()) < 5 * math.sqrt(25) / math.sqrt(400) / (50 * math.log(2))
 
 
-def test_score_sets_and_gsm(runs, tmp_path):
+def test_score_sets_and_gsm(restore_runs, tmp_path):
     out = tmp_path / "score"
     flat = tmp_path / "flat.npy"
     np.save(flat, np.full((6, 1, 16, 16), 128, np.uint8))
-    assert main(["score", str(runs / "img"), "--count", "8", "--train-images", "16", "--against", str(flat),
+    assert main(["score", str(restore_runs / "img"), "--count", "8", "--train-images", "16", "--against", str(flat),
                  "--out", str(out), "--json", str(out / "s.json")]) == 0
-    score = read(out / "s.json")
+    score = read_json(out / "s.json")
     assert score["sets"]["A"]["n"] == 8 and score["sets"]["B"]["n"] == 6
     assert 0 <= score["separation"]["auroc_log_p"] <= 1 and 0 <= score["separation"]["auroc_typicality"] <= 1
     assert (out / "score.png").stat().st_size > 10_000
     draws = tmp_path / "draws.npy"
     np.save(draws, GaussianScaleMixture(8, (1.0, 2.0)).sample(200, torch.Generator().manual_seed(3)).double().numpy())
-    assert main(["score", str(runs / "gsm"), "--images", str(draws), "--train-images", "400", "--out", str(out),
+    assert main(["score", str(restore_runs / "gsm"), "--images", str(draws), "--train-images", "400", "--out", str(out),
                  "--json", str(out / "g.json")]) == 0
-    gsm = read(out / "g.json")["sets"]["A"]
+    gsm = read_json(out / "g.json")["sets"]["A"]
     # the 400-step run's error, measured: ~0.06 nats/dim at t_min (0.08 bits/dim), plus C's Monte-Carlo error
     assert abs(gsm["mean_nll_bits_per_dim"] - np.mean(gsm["exact_nll_bits_per_dim"])) < 0.15
 
@@ -107,12 +104,12 @@ def one_line_error(capsys, argv) -> str:
     return err
 
 
-def test_bad_input_is_one_line(runs, tmp_path, capsys):
-    run = str(runs / "img")
+def test_bad_input_is_one_line(restore_runs, tmp_path, capsys):
+    run = str(restore_runs / "img")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "mask.png")
     assert "mask" in one_line_error(capsys, ["restore", run, "--task", "inpaint", "--mask", str(tmp_path / "mask.png")])
     assert "does not divide" in one_line_error(capsys, ["restore", run, "--task", "superres", "--factor", "3"])
-    assert "image model" in one_line_error(capsys, ["restore", str(runs / "gsm"), "--task", "superres"])
+    assert "image model" in one_line_error(capsys, ["restore", str(restore_runs / "gsm"), "--task", "superres"])
     (tmp_path / "empty").mkdir()
     assert "no image files" in one_line_error(capsys, ["restore", run, "--task", "deblur", "--images",
                                                        str(tmp_path / "empty")])

@@ -14,7 +14,7 @@ DTYPES = [torch.float64, torch.float32]
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # see conftest.py
 
 
-def draw(shape, dtype, requires_grad=False):
+def draw_loss_inputs(shape, dtype, requires_grad=False):
     """(∇_y U, ∂_t U, ε, t) with t spanning 1e-9 … 1e3 and scores of the size the terms see there."""
     b, d = shape[0], shape[1] * shape[2] * shape[3]
     t = torch.logspace(-9, 3, b, dtype=torch.float64)
@@ -27,7 +27,7 @@ def draw(shape, dtype, requires_grad=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_terms_equal_the_reference_and_the_losses(shape, dtype, seed):
-    grad_y, grad_t, eps, t = draw(shape, dtype)
+    grad_y, grad_t, eps, t = draw_loss_inputs(shape, dtype)
     tol = TOLERANCES[dtype]
     space, time = op.dual_score_loss(grad_y, grad_t, eps, t)
     assert_rel_close([space, time], list(op.dual_score_loss_ref(grad_y, grad_t, eps, t)), tol, "terms", seed)
@@ -37,7 +37,7 @@ def test_terms_equal_the_reference_and_the_losses(shape, dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_first_and_second_order_gradients(shape, dtype, seed):
-    inputs = draw(shape, dtype, requires_grad=True)
+    inputs = draw_loss_inputs(shape, dtype, requires_grad=True)
     tol = TOLERANCES[dtype]
     weights = (torch.rand(shape[0], dtype=dtype), torch.rand(shape[0], dtype=dtype))
 
@@ -59,7 +59,7 @@ def test_first_and_second_order_gradients(shape, dtype, seed):
 
 
 def test_explicit_backward_formulas_equal_autograd(seed):
-    inputs = draw(SHAPES[1], torch.float64, requires_grad=True)
+    inputs = draw_loss_inputs(SHAPES[1], torch.float64, requires_grad=True)
     bars = (torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64))
     expected = torch.autograd.grad(op.dual_score_loss_ref(*inputs), inputs, bars)
     assert_rel_close(list(op.dual_score_loss_backward_ref(*inputs, *bars)), list(expected), 1e-12,
@@ -81,7 +81,7 @@ def test_gradcheck_and_third_order_refusal(seed):
 def test_strided_and_expanded_per_image_inputs(seed):
     """t and ∂_t U given as strided views, and incoming gradients that are expanded scalars (what ``.sum()``'s
     backward hands over, stride 0): the kernels read them by stride, as the reference does."""
-    grad_y, grad_t, eps, t = draw(SHAPES[1], torch.float64)
+    grad_y, grad_t, eps, t = draw_loss_inputs(SHAPES[1], torch.float64)
     t_strided = torch.stack([t, torch.full_like(t, float("nan"))], dim=1)[:, 0].requires_grad_()
     grad_t_strided = torch.stack([grad_t, torch.full_like(grad_t, float("nan"))], dim=1)[:, 0].requires_grad_()
     inputs = [grad_y.requires_grad_(), grad_t_strided, eps.requires_grad_(), t_strided]

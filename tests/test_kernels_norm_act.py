@@ -18,7 +18,7 @@ DTYPES = [torch.float64, torch.float32]
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # see conftest.py
 
 
-def draw(shape, dtype, requires_grad=False):
+def draw_norm_act_inputs(shape, dtype, requires_grad=False):
     """h with a per-channel offset and spread, gain around 1, modulation around 0, an incoming gradient."""
     b, c = shape[:2]
     h = (torch.randn(shape, dtype=torch.float64) * torch.rand(1, c, 1, 1, dtype=torch.float64) * 3
@@ -39,7 +39,7 @@ def vjp_by_autograd(h, gain, modulation, grad_out):
 def test_reference_adjoint_is_the_vjp_of_the_reference(seed):
     """docs/method.md §4.4's derivation: the explicit (h̄, m̄) and their derivatives in (h, g, m, ḡ) equal autograd's
     of the forward formula, float64."""
-    inputs = draw(SHAPES[1], torch.float64, requires_grad=True)
+    inputs = draw_norm_act_inputs(SHAPES[1], torch.float64, requires_grad=True)
     explicit, by_autograd = op.norm_act_adjoint_ref(*inputs), vjp_by_autograd(*inputs)
     assert_rel_close(list(explicit), list(by_autograd), 1e-12, "adjoint (h̄, m̄)", seed)
     w_h, w_m = torch.randn_like(inputs[0]), torch.randn_like(inputs[2])
@@ -50,7 +50,7 @@ def test_reference_adjoint_is_the_vjp_of_the_reference(seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_and_adjoint(shape, dtype, seed):
-    h, gain, modulation, grad_out = draw(shape, dtype)
+    h, gain, modulation, grad_out = draw_norm_act_inputs(shape, dtype)
     tol = TOLERANCES[dtype]
     assert_rel_close(op.norm_act(h, gain, modulation), op.norm_act_ref(h, gain, modulation), tol, "forward", seed)
     assert_rel_close(list(op.norm_act_adjoint(h, gain, modulation, grad_out)),
@@ -62,7 +62,7 @@ def test_float32_where_the_variance_is_tiny(spread, seed):
     """V ≪ eps (deep layers at initialization: V ~ 1e-44 in the release, a float32 denormal): the Triton kernels and
     the plain-PyTorch reference (the model's explicit adjoint), in float32, against float64 autograd of the same
     inputs."""
-    h, gain, modulation, grad_out = draw(SHAPES[1], torch.float64)
+    h, gain, modulation, grad_out = draw_norm_act_inputs(SHAPES[1], torch.float64)
     inputs = [x.float() for x in (h * spread, gain, modulation, grad_out)]
     exact = [op.norm_act_ref(*(x.double() for x in inputs[:3])), *vjp_by_autograd(*(x.double() for x in inputs))]
     routes = {"triton": [op.norm_act(*inputs[:3]), *op.norm_act_adjoint(*inputs)],
@@ -77,7 +77,7 @@ def test_float32_where_the_variance_is_tiny(spread, seed):
 def test_first_and_second_order_gradients(shape, dtype, seed):
     """d/d(h, g, m) of ⟨w, z⟩ (first order: the forward's backward is the adjoint kernel), and d/d(h, g, m, ḡ) of
     ⟨w_h, h̄⟩ + ⟨w_m, m̄⟩ (the adjoint's backward: second derivatives of the forward), against autograd of the ref."""
-    inputs = draw(shape, dtype, requires_grad=True)
+    inputs = draw_norm_act_inputs(shape, dtype, requires_grad=True)
     h, gain, modulation, _ = inputs
     tol = TOLERANCES[dtype]
     w = torch.randn_like(h)
@@ -92,7 +92,7 @@ def test_first_and_second_order_gradients(shape, dtype, seed):
 
 def test_double_backward_through_the_forward_and_third_order_refusal(seed):
     """create_graph through the forward Function reaches the adjoint's backward; one more order raises."""
-    h, gain, modulation, _ = draw((2, 3, 4, 5), torch.float64, requires_grad=True)
+    h, gain, modulation, _ = draw_norm_act_inputs((2, 3, 4, 5), torch.float64, requires_grad=True)
     w = torch.randn_like(h)
 
     def hessian_vector(fn):
@@ -110,7 +110,7 @@ def test_double_backward_through_the_forward_and_third_order_refusal(seed):
 def test_gradcheck_float64(seed):
     """Second order too: the forward's backward runs the adjoint on the forward's saved statistics, whose backward
     must still differentiate h through them."""
-    inputs = draw((2, 3, 3, 2), torch.float64, requires_grad=True)
+    inputs = draw_norm_act_inputs((2, 3, 3, 2), torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(op.norm_act, inputs[:3], fast_mode=True)
     assert torch.autograd.gradgradcheck(op.norm_act, inputs[:3], fast_mode=True)
     assert torch.autograd.gradcheck(op.norm_act_adjoint, inputs, fast_mode=True)
@@ -118,7 +118,7 @@ def test_gradcheck_float64(seed):
 
 def test_bfloat16_storage_no_worse_than_the_reference(seed):
     """bf16 in and out, float32 statistics: error to the float64 result at most twice the bf16 reference's."""
-    h, gain, modulation, grad_out = draw(SHAPES[2], torch.float64)
+    h, gain, modulation, grad_out = draw_norm_act_inputs(SHAPES[2], torch.float64)
     exact = [op.norm_act_ref(h, gain, modulation), *op.norm_act_adjoint_ref(h, gain, modulation, grad_out)]
     low = (h.bfloat16(), gain.float(), modulation.float())
     kernel = [op.norm_act(*low), *op.norm_act_adjoint(*low, grad_out.bfloat16())]

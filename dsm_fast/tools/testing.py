@@ -4,7 +4,9 @@ batches spanning the noise levels, and a tiny training configuration."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -98,3 +100,8 @@ def tiny_config(out, **changes):
     base = TrainConfig(model="tiny", image_size=16, batch_size=4, steps=6, out=str(out), progress=False,
                        log_every=2, checkpoint_every=100, ema_decay=0.9, eval_images=0, device="cpu")
     return dataclasses.replace(base, **changes).validate()
+
+
+def read_json(path: Path):
+    """The JSON a command wrote (``--json``)."""
+    return json.loads(Path(path).read_text())
