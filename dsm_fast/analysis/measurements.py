@@ -14,6 +14,7 @@ posteriors, with
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -26,7 +27,7 @@ from ..data.images import DataError
 BLUR_CUTOFF = 1e-3  # deblurring: frequencies whose gain |k̂| is below this count as unmeasured (A⁺, P)
 
 
-class LinearMeasurement:
+class LinearMeasurement(abc.ABC):
     """m = A x with AAᵀ = c I (A has orthogonal rows of squared norm c): inpainting, compressive sensing and block
     averaging. Subclasses define :meth:`apply` and :meth:`adjoint`; ``count`` is the number of measurements."""
 
@@ -39,11 +40,13 @@ class LinearMeasurement:
     def dim(self) -> int:
         return math.prod(self.sample_shape)
 
+    @abc.abstractmethod
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """m = A x, (B, *sample_shape) → (B, count)."""
 
+    @abc.abstractmethod
     def adjoint(self, m: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Aᵀ m, (B, count) → (B, *sample_shape)."""
 
     def gram_eigenvalues(self) -> torch.Tensor:
         """The eigenvalues of AAᵀ (one per measurement), float64."""

@@ -32,8 +32,8 @@ def parameter_count(model) -> int:
 
 
 def build_model(name: str, channels: int = 3, dim: int = 1000, radial_offset: float = 0.0, energy: str = "paper"):
-    """An energy model by name: a UNet preset (``paper``, ``small``, ``tiny``; ``edm2-s``, ``edm2-xs``, ``edm2-tiny``) or ``radial`` (vectors of ``dim``,
-    initial mis-normalization ``radial_offset``). ``energy``: 'paper' (U = ½⟨y, f_θ(y, t)⟩) or 'gaussian' (the
+    """An energy model by name: a UNet preset (``paper``, ``small``, ``tiny``; ``edm2-s``, ``edm2-xs``, ``edm2-tiny``)
+    or ``radial`` (vectors of ``dim``, initial mis-normalization ``radial_offset``). ``energy``: 'paper' (U = ½⟨y, f_θ(y, t)⟩) or 'gaussian' (the
     Gaussian start of model/gaussian.py, UNet presets only)."""
     if energy not in ENERGIES:
         raise ValueError(f"unknown energy {energy!r}; choose from {', '.join(ENERGIES)}")
