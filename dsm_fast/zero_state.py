@@ -13,9 +13,10 @@ and its slice of m and v (``safe_set_full_optimizer_state``), with k — after w
 summation order of the gradient reduction over another number of ranks.
 
 DeepSpeed's universal checkpoint (``ds_to_universal`` then ``load_universal``) does the same through files of
-its own, written by an offline conversion per checkpoint; its ZeRO-3 loading has open bugs (deepspeedai/DeepSpeed
-#7599, #7601, #7546) and it needs ``weights_only=False`` loads. The state here is a part of our own checkpoint,
-read with ``weights_only=True`` and checked against its digest like the rest.
+its own, written by an offline conversion per checkpoint; its ZeRO-3 path has open reports of wrong results
+(deepspeedai/DeepSpeed #6691; the multi-node fix #7601 not merged) and of missing files (#7546), and it loads with
+``weights_only=False``. The state here is a part of our own checkpoint, read with ``weights_only=True`` and
+checked against its digest like the rest (tests/test_engine_deepspeed.py: 2 → 1, 1 → 2 processes, ZeRO-2 → 3).
 """
 from __future__ import annotations
 
