@@ -48,10 +48,10 @@ from .cosine_attention_ref import attention_adjoint_ref, attention_ref  # noqa: 
 from .launch import launch
 
 # (tokens per tile, warps, pipeline stages) per op and storage: the largest tiles that compile for sm_80 and sm_90
-# without a spill (dsm-fast profile --ptx; the float32 dots are IEEE FMAs, float64's too, which hold more registers
-# than tensor-core tiles; the adjoint's backward keeps a dozen tiles live).
+# without a spill under Triton 3.6 and 3.9 (dsm-fast profile --ptx; the float32 dots are IEEE FMAs, float64's too,
+# which hold more registers than tensor-core tiles; the adjoint's backward keeps a dozen tiles live).
 TILES = {("forward", "16-bit"): (64, 4, 2), ("forward", "fp32"): (32, 4, 2), ("forward", "fp64"): (32, 4, 2),
-         ("adjoint", "16-bit"): (32, 4, 2), ("adjoint", "fp32"): (32, 8, 2), ("adjoint", "fp64"): (16, 4, 1),
+         ("adjoint", "16-bit"): (32, 8, 2), ("adjoint", "fp32"): (32, 8, 2), ("adjoint", "fp64"): (16, 4, 1),
          ("backward", "16-bit"): (32, 8, 2), ("backward", "fp32"): (16, 8, 2), ("backward", "fp64"): (16, 8, 1)}
 MIN_DOT = 16  # tl.dot's smallest dimension
 
