@@ -118,7 +118,6 @@ def scatter_full(module: nn.Module, optimizer, weights: dict[str, torch.Tensor],
                 inner.state[param][key].copy_(values[name])
 
 
-
 def to_torch_state(optimizer: torch.optim.Optimizer, module: nn.Module, full: dict) -> dict:
     """A state dict for ``optimizer`` (a torch optimizer over ``module.parameters()``, in order) from
     ``gather_full``'s full tensors ({} before the first step: no state)."""
@@ -131,11 +130,12 @@ def to_torch_state(optimizer: torch.optim.Optimizer, module: nn.Module, full: di
 
 
 def from_torch_state(module: nn.Module, saved: dict) -> dict:
-    """``gather_full``'s form of a torch optimizer's state dict over ``module.parameters()`` (in order)."""
-    names = [name for name, _ in module.named_parameters()]
+    """``gather_full``'s form of a torch optimizer's state dict over ``module.parameters()`` (in order); a parameter
+    without state (never updated) gets zero moments."""
     if not saved["state"]:
         return {}
-    first = saved["state"][0]
-    moments = {key: {names[index]: state[key] for index, state in saved["state"].items()}
-               for key, value in first.items() if torch.is_tensor(value) and value.dim() > 0}
+    first = next(iter(saved["state"].values()))
+    keys = [key for key, value in first.items() if torch.is_tensor(value) and value.dim() > 0]
+    moments = {key: {name: saved["state"][index][key] if index in saved["state"] else torch.zeros_like(param)
+                     for index, (name, param) in enumerate(module.named_parameters())} for key in keys}
     return {"moments": moments, "scalars": {key: value for key, value in first.items() if key not in moments}}
