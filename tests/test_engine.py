@@ -7,6 +7,7 @@ full weights (rank 0) or the error text (every rank) into a folder the test read
 """
 import copy
 import errno
+import json
 import multiprocessing
 import os
 import socket
@@ -120,6 +121,12 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     assert moved > 1e3 * tol, f"weights moved by only {moved:.3g}: the comparison proves nothing"
 
 
+def logged_losses(run: Path) -> dict[int, float]:
+    """The loss of every step logged in a run's stats.jsonl."""
+    rows = [json.loads(line) for line in (Path(run) / "stats.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
 def initial_weights(out, **changes) -> dict[str, torch.Tensor]:
     trainer = Trainer(engine_config(out, steps=0, **changes))
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -221,7 +228,8 @@ def test_optimizer_state_converts_to_full_tensors_and_back_and_old_deepspeed_run
     from dsm_fast.zero_state import from_torch_state, to_torch_state
 
     def adam_steps(model, steps, seed):
-        optimizer, inputs = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True), torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+        inputs = torch.Generator().manual_seed(seed)
         for _ in range(steps):
             optimizer.zero_grad()
             model(torch.randn(5, 3, generator=inputs)).square().sum().backward()

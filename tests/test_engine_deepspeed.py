@@ -1,9 +1,10 @@
-"""DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo): ZeRO 1, 2 and 3 in two processes equal one process with the
-same global batch, gradient accumulation included (ZeRO 1/2 with the first-order and the reference routes, ZeRO-3
-with the explicit adjoint and every weight partitioned); a killed run resumes from DeepSpeed's own checkpoint to
-the same weights; a run moved from 2 processes to 1, or from 1 to 2 (ZeRO-2, ZeRO-3, and ZeRO-2 to ZeRO-3),
-continues the uninterrupted run's losses and weights, as does a run of engine single continued under ZeRO-3
-(dsm_fast/zero_state.py); each pitfall of docs/method.md §7.2 is shown, and the routes it breaks are refused in one line."""
+"""DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo): ZeRO 1, 2 and 3 in two processes equal one process with the same
+global batch, gradient accumulation included (ZeRO 1/2 with the first-order and the reference routes, ZeRO-3 with
+the explicit adjoint and every weight partitioned); a killed run resumes from DeepSpeed's own checkpoint to the same
+weights; a run moved from 2 processes to 1, or from 1 to 2 (ZeRO-2, ZeRO-3, and ZeRO-2 to ZeRO-3), continues the
+uninterrupted run's losses and weights, as does a run of engine single continued under ZeRO-3
+(dsm_fast/zero_state.py); each pitfall of docs/method.md §7.2 is shown, and the routes it breaks are refused in one
+line."""
 import dataclasses
 import inspect
 import json
@@ -13,7 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import K, assert_same_weights, engine_config, errors, free_port, initial_weights, launch, single_run
+from test_engine import (
+    K,
+    assert_same_weights,
+    engine_config,
+    errors,
+    free_port,
+    initial_weights,
+    launch,
+    logged_losses,
+    single_run,
+)
 
 from dsm_fast.config import ConfigError
 from dsm_fast.distributed import World
@@ -92,10 +103,10 @@ def test_zero_1_2_3_equal_one_process_resume_after_a_kill_and_on_another_world_s
         assert not errors(tmp_path, name), errors(tmp_path, name)
         assert_same_weights(torch.load(tmp_path / f"{name}.pt"), want_fused, start)
     # the resumed runs' losses are the uninterrupted run's, steps before and after the move, to float rounding
-    uninterrupted = losses(tmp_path / "z3")
+    uninterrupted = logged_losses(tmp_path / "z3")
     assert sorted(uninterrupted) == list(range(1, K + 1))
     for name in moved:
-        resumed = losses(tmp_path / name)
+        resumed = logged_losses(tmp_path / name)
         assert resumed.keys() == uninterrupted.keys(), name
         for step, loss in resumed.items():
             assert loss == pytest.approx(uninterrupted[step], rel=1e-6), (name, step)
@@ -104,12 +115,6 @@ def test_zero_1_2_3_equal_one_process_resume_after_a_kill_and_on_another_world_s
     edm2_start = initial_weights(tmp_path / "edm2_init", **EDM2)
     assert_same_weights(torch.load(tmp_path / "z3_edm2.pt"), single_run(tmp_path / "edm2", route="fused", **EDM2),
                         edm2_start)
-
-
-def losses(run: Path) -> dict[int, float]:
-    """The loss of every step logged in a run's stats.jsonl."""
-    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}
 
 
 class _RunsCode:

@@ -4,7 +4,6 @@ each stop both ranks after the same step with one checkpoint (exit 143 / 130); t
 process, and a copy of a 1-process run continues on 2 — both ending at the weights of an uninterrupted run.
 DeepSpeed ZeRO-2 under DeepSpeed's launcher with a hostfile: the same for SIGTERM to one rank, then 2 → 1 (as
 engine single)."""
-import json
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_engine import assert_same_weights, engine_config, free_port, initial_weights
+from test_engine import assert_same_weights, engine_config, free_port, initial_weights, logged_losses
 
 from dsm_fast.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint
 from dsm_fast.engine import deepspeed_available
@@ -143,7 +142,7 @@ def assert_follows(run: Path, reference: Path, want: dict, initial: dict, total:
     """``run`` ended at step ``total`` with the reference's weights, every step's loss within float rounding."""
     assert newest_step(run) == total
     assert_same_weights(load_checkpoint(run)[0], want, initial)
-    losses, reference_losses = stats(run), stats(reference)
+    losses, reference_losses = logged_losses(run), logged_losses(reference)
     assert losses.keys() == reference_losses.keys() == set(range(1, total + 1))
     for step, loss in losses.items():
         assert abs(loss - reference_losses[step]) <= 1e-5 * abs(reference_losses[step]), (run, step)
@@ -179,10 +178,6 @@ def test_deepspeed_launcher_stop_signal_and_resume_on_one_process(tmp_path):
     reference = tmp_path / "reference"
     assert_follows(out, reference, uninterrupted(reference, total), initial_weights(tmp_path / "initial"), total)
 
-
-def stats(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}
 
 
 def test_two_nodes_of_one_process_each_rendezvous_on_127_0_0_1(tmp_path):
