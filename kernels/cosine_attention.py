@@ -46,6 +46,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .cosine_attention_ref import attention_adjoint_ref, attention_ref  # noqa: F401 (re-exported)
 from .launch import launch
+from .norm_act_ref import statistics_dtype  # λ and the accumulators: float64 for float64, else float32
 
 # (tokens per tile, warps, pipeline stages) per op and storage: the largest tiles that compile for sm_80 and sm_90
 # without a spill under Triton 3.6 and 3.9 (dsm-fast profile --ptx; the float32 dots are IEEE FMAs, float64's too,
@@ -275,11 +276,6 @@ def _attention_adj_bwd_key_kernel(x_ptr, lse_ptr, g_ptr, z_ptr, stats_ptr, dx_pt
 # --- launchers --------------------------------------------------------------------------------------------------
 DOT_PRECISION = {torch.float64: "ieee", torch.float32: "ieee"}  # exact products; 16-bit storage: "tf32" (exact on
 # bf16 values, 10 mantissa bits for P), on the tensor cores
-
-
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """λ and the accumulators: float64 for float64 storage, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _meta(x: torch.Tensor, op: str) -> dict:
