@@ -110,7 +110,7 @@ def test_launch_counts_match_the_cost_table():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
 def test_on_the_gpu_at_edm2_sizes(dtype, seed):
     """EDM2-S's attention at 64×64 images (c = 64; L = 256 at 16², 64 at 8²), compiled kernels on the GPU."""
     for length in (256, 64):
