@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from .cosine_attention_ref import attention_adjoint_ref, attention_ref  # noqa: F401 (re-exported)
+from .cosine_attention_ref import cosine_attention_adjoint_ref, cosine_attention_ref  # noqa: F401 (re-exported)
 from .launch import launch
 from .norm_act_ref import statistics_dtype  # λ and the accumulators: float64 for float64, else float32
 
@@ -423,13 +423,13 @@ for _name, _dots in DOTS.items():
 
 
 # --- public functions (the model's calling convention: kernels/cosine_attention_ref.py's) ------------------------
-def attention(x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """(o, (o, λ)) of x = (q̂, k̂, v̂) (N, C, 3, L): o, and what :func:`attention_adjoint` takes."""
+def cosine_attention(x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(o, (o, λ)) of x = (q̂, k̂, v̂) (N, C, 3, L): o, and what :func:`cosine_attention_adjoint` takes."""
     o, lse = attention_op(x.contiguous())
     return o, (o, lse)
 
 
-def attention_adjoint(x: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor], grad_o: torch.Tensor
+def cosine_attention_adjoint(x: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor], grad_o: torch.Tensor
                       ) -> torch.Tensor:
     """x̄ (N, C, 3, L) given ō (N, C, L) and the forward's ``saved`` (o, λ), differentiable in x and ō."""
     o, lse = saved
