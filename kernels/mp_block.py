@@ -47,7 +47,7 @@ MAX_BLOCK = 1024
 # program, not per element: there, tiles 16× larger (dsm-fast profile --ptx, which refuses the interpreter, sees
 # the GPU's).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-ROW_TILE = 4096 * (16 if INTERPRETED else 1)
+ROW_TILE = 1024 * (16 if INTERPRETED else 1)
 WEIGHT_TILE = 16384 * (16 if INTERPRETED else 1)
 TILE = 2048  # elements of a (channels × positions) tile of the pixel-norm kernels: all C channels of TILE / C positions
 EPS_C = tl.constexpr(EPS)
@@ -60,7 +60,8 @@ CLIP_C = tl.constexpr(CLIP)
 def _silu_terms(m):
     """(σ(m), σ′(m), σ″(m)) of mp_silu σ = SiLU / 0.596: S = sigmoid(m), σ = m S, σ′ = S (1 + m (1 − S)),
     σ″ = S (1 − S) (2 + m (1 − 2 S)), each over 0.596."""
-    s = 1.0 / (1.0 + tl.exp(-m))
+    e = tl.exp(-tl.abs(m))  # S without overflow on either side
+    s = tl.where(m >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     return m * s / SILU_SCALE, s * (1.0 + m * (1.0 - s)) / SILU_SCALE, s * (1.0 - s) * (2.0 + m * (1.0 - 2.0 * s)) / SILU_SCALE
 
 
@@ -338,18 +339,21 @@ def _stats_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if _acc(*tensors) == tl.float64 else torch.float32
 
 
-def _row_loop(rows: int, n: int, tile: int = ROW_TILE) -> dict[str, int]:
-    """Constexprs of a kernel over BLOCK_R whole rows of n per program (BLOCK_R · BLOCK ≤ ``tile`` where n allows):
-    BLOCK_R, BLOCK and N_BLOCKS = ⌈n/BLOCK⌉."""
+def _row_loop(rows: int, n: int, acc: tl.dtype, tile: int = ROW_TILE) -> dict[str, int]:
+    """Constexprs of a kernel over BLOCK_R whole rows of n per program (BLOCK_R · BLOCK ≤ ``tile`` where n allows,
+    a quarter of it in float64, whose registers spill sooner): BLOCK_R, BLOCK and N_BLOCKS = ⌈n/BLOCK⌉."""
+    tile = tile // 4 if acc == tl.float64 else tile
     block = min(MAX_BLOCK, triton.next_power_of_2(n))
     return {"BLOCK_R": min(max(1, tile // block), triton.next_power_of_2(rows)), "BLOCK": block,
             "N_BLOCKS": triton.cdiv(n, block)}
 
 
-def _tile_meta(c: int) -> dict[str, int]:
-    """All BLOCK_C ≥ C channels of BLOCK_P positions per program (BLOCK_C · BLOCK_P ≤ TILE where C allows)."""
+def _tile_meta(c: int, acc: tl.dtype) -> dict[str, int]:
+    """All BLOCK_C ≥ C channels of BLOCK_P positions per program (BLOCK_C · BLOCK_P ≤ TILE where C allows, half
+    of it in float64)."""
     block_c = triton.next_power_of_2(c)
-    return {"BLOCK_C": block_c, "BLOCK_P": max(1, TILE // block_c), "num_warps": 8 if block_c >= 512 else 4}
+    tile = TILE // 2 if acc == tl.float64 else TILE
+    return {"BLOCK_C": block_c, "BLOCK_P": max(1, tile // block_c), "num_warps": 8 if block_c >= 512 else 4}
 
 
 def _flat(numel: int) -> tuple[tuple[int], dict[str, int]]:
@@ -373,7 +377,7 @@ def weight_norms_launch(w: torch.Tensor, gains: torch.Tensor, starts: torch.Tens
                         slots: torch.Tensor, scales: torch.Tensor, max_length: int) -> torch.Tensor:
     """Flat normalized weights of the flat weights w and the row table (starts, lengths, gain slots, scales)."""
     out, rows = torch.empty_like(w), starts.shape[0]
-    meta = _row_loop(rows, max_length, WEIGHT_TILE)
+    meta = _row_loop(rows, max_length, _acc(w, gains), WEIGHT_TILE)
     launch(_weight_norms_kernel, (triton.cdiv(rows, meta["BLOCK_R"]),), w, gains, out, starts, lengths, slots, scales,
            rows, ACC=_acc(w, gains), **meta, num_warps=8)
     return out
@@ -386,7 +390,7 @@ def weight_norms_backward_launch(w: torch.Tensor, gains: torch.Tensor, starts: t
     dw = torch.empty_like(w)
     share = torch.empty(starts.shape[0], device=w.device, dtype=_stats_dtype(w, gains, grad))
     rows = starts.shape[0]
-    meta = _row_loop(rows, max_length, WEIGHT_TILE)
+    meta = _row_loop(rows, max_length, _acc(w, gains, grad), WEIGHT_TILE)
     launch(_weight_norms_bwd_kernel, (triton.cdiv(rows, meta["BLOCK_R"]),), w, gains, grad, dw, share, starts,
            lengths, slots, scales, rows, ACC=_acc(w, gains, grad), **meta, num_warps=8)
     return dw, share
@@ -396,7 +400,7 @@ def pixel_norm_silu_launch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     b, c, hw = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     xn, s = torch.empty_like(x), torch.empty_like(x)
     r = torch.empty(b, 1, *x.shape[2:], device=x.device, dtype=_stats_dtype(x))
-    meta = _tile_meta(c)
+    meta = _tile_meta(c, _acc(x))
     launch(_pixel_norm_silu_kernel, (b, triton.cdiv(hw, meta["BLOCK_P"])), x, xn, s, r, c, hw, ACC=_acc(x), **meta)
     return xn, s, r
 
@@ -405,7 +409,7 @@ def pixel_norm_silu_adjoint_launch(x: torch.Tensor, r: torch.Tensor, p: torch.Te
                                    v: torch.Tensor) -> torch.Tensor:
     b, c, hw = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     out = torch.empty_like(x, dtype=_promoted(x, p, v))
-    meta = _tile_meta(c)
+    meta = _tile_meta(c, _acc(x, p, v))
     launch(_pixel_norm_silu_adj_kernel, (b, triton.cdiv(hw, meta["BLOCK_P"])), x, r, v if p is None else p, v, out,
            alpha, c, hw, HAS_P=p is not None, ACC=_acc(x, p, v), **meta)
     return out
@@ -424,7 +428,7 @@ def pixel_norm_silu_adjoint_backward_launch(x: torch.Tensor, r: torch.Tensor, p:
     b, c, hw = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     dx, dv = torch.empty_like(x), torch.empty_like(v)
     dp = x.new_empty(0) if p is None else torch.empty_like(p)
-    meta = _tile_meta(c)
+    meta = _tile_meta(c, _acc(x, p, v, grad))
     launch(_pixel_norm_silu_adj_bwd_kernel, (b, triton.cdiv(hw, meta["BLOCK_P"])), x, r, v if p is None else p, v,
            grad, dx, dv if p is None else dp, dv, alpha, c, hw, HAS_P=p is not None, ACC=_acc(x, p, v, grad), **meta)
     return dx, dp, dv
@@ -433,7 +437,7 @@ def pixel_norm_silu_adjoint_backward_launch(x: torch.Tensor, r: torch.Tensor, p:
 def mod_silu_launch(h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
     rows, n = h.shape[0] * h.shape[1], h.shape[2] * h.shape[3]
     out = torch.empty_like(h)
-    meta = _row_loop(rows, n)
+    meta = _row_loop(rows, n, _acc(h, c))
     launch(_mod_silu_kernel, (triton.cdiv(rows, meta["BLOCK_R"]), meta.pop("N_BLOCKS")), h, h if c is None else c,
            out, rows, n, h.shape[1], _row_stride(c), HAS_C=c is not None, ACC=_acc(h, c), **meta)
     return out
@@ -444,7 +448,7 @@ def mod_silu_adjoint_launch(h: torch.Tensor, c: torch.Tensor | None, u: torch.Te
     rows, n = h.shape[0] * h.shape[1], h.shape[2] * h.shape[3]
     out = torch.empty_like(u, dtype=_promoted(h, u, p))
     c_bar = h.new_empty(0) if c is None else torch.empty(c.shape, dtype=c.dtype, device=c.device)
-    meta = _row_loop(rows, n)
+    meta = _row_loop(rows, n, _acc(h, c, u, p))
     launch(_mod_silu_adj_kernel, (triton.cdiv(rows, meta["BLOCK_R"]),), h, h if c is None else c, u,
            u if p is None else p, out, out if c is None else c_bar, alpha, rows, n, h.shape[1], _row_stride(c),
            HAS_C=c is not None, HAS_P=p is not None, ACC=_acc(h, c, u, p), **meta)
@@ -461,7 +465,7 @@ def mod_silu_adjoint_backward_launch(h: torch.Tensor, c: torch.Tensor | None, u:
     dh, du = torch.empty_like(h), torch.empty_like(u)
     dc = h.new_empty(0) if c is None else torch.empty(c.shape, dtype=c.dtype, device=c.device)
     dp = h.new_empty(0) if p is None else torch.empty_like(p)
-    meta = _row_loop(rows, n)
+    meta = _row_loop(rows, n, _acc(h, c, u, p, grad))
     launch(_mod_silu_adj_bwd_kernel, (triton.cdiv(rows, meta["BLOCK_R"]),), h, h if c is None else c, u, grad,
            h if c is None else grad_c_bar, dh, du, du if p is None else dp, dh if c is None else dc, alpha, rows, n,
            h.shape[1], _row_stride(c), _row_stride(grad_c_bar), HAS_C=c is not None, HAS_P=p is not None,

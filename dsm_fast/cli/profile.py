@@ -139,10 +139,11 @@ def run_ptx(args) -> int:
     in a per-layer kernel."""
     import argparse
 
-    from ..model.unet import PRESETS  # 'all': the paper UNet's presets, whose steps run every Triton kernel (an EDM2
-    from ..tools.ptx import PRECISIONS, TARGETS, format_ptx_table, ptx_report  # preset's runs only the loss op)
+    from ..model.edm2 import PRESETS as EDM2_PRESETS  # 'all': every preset, the paper UNet's (NormAct kernels)
+    from ..model.unet import PRESETS  # and the EDM2 ones (kernels/mp_block.py's)
+    from ..tools.ptx import PRECISIONS, TARGETS, format_ptx_table, ptx_report
 
-    presets = tuple(PRESETS) if args.preset == "all" else (args.preset,)
+    presets = (*PRESETS, *EDM2_PRESETS) if args.preset == "all" else (args.preset,)
     for preset in presets:
         check_step_shape(argparse.Namespace(**{**vars(args), "preset": preset}))
     if min(args.batch_size, args.jobs) <= 0:
