@@ -11,13 +11,14 @@ so each weight normalization is formed once per step and shared by both passes);
     pixel norm              y = x / n,  n = ε + r,  r = ‖x‖ / √C      x̄ = ḡ / n − x ⟨ḡ, x⟩ / (n² C r)
     mp_silu                 y = SiLU(x) / 0.596                       x̄ = ḡ SiLU′(x) / 0.596
     mp_sum, mp_cat          linear: the same weights on ḡ (mp_cat: split ḡ by channels)
-    modulation              m = h ⊙ c,  c = 1 + g_e W_e emb           h̄ = ḡ c,  c̄ = Σ_pixels ḡ h,  ēmb += c̄ W_e
+    modulation              m = h ⊙ c,  c = 1 + g_e W_e emb           h̄ = ḡ c,  c̄ = Σ_pixels ḡ h,  ēmb = Σ_blocks c̄ g_e W_e
     2×2 mean / nearest ×2   each other's adjoint, up to the factor 4
     clip to ±256            ḡ on the forward's mask (|x| ≤ 256), the same mask
     cosine attention        see :func:`attention_adjoint`;   noise embedding: see :func:`embedding_adjoint`
 
-No autograd call anywhere: a loss on these scores is first-order in θ, and its one backward equals the
-reference route's double backward.
+The elementwise chains run in plain PyTorch ('torch' kernels) or as kernels/mp_block.py's Triton custom ops
+('triton'): a :class:`~dsm_fast.kernels.mp_block_ref.BlockOps` chosen once per call. No autograd call anywhere: a
+loss on these scores is first-order in θ, and its one backward equals the reference route's double backward.
 """
 from __future__ import annotations
 
