@@ -799,5 +799,5 @@ def masked_sum(x: Tensor, y: Tensor | None, mask: Tensor | None, a: float, b: fl
     return mp_sum_op(x.contiguous(), _contiguous(y), _contiguous(mask), float(a), float(b), False)[0]
 
 
-TRITON_OPS = BlockOps(weight_norms, pixel_norm_silu, pixel_norm_silu_adjoint, mod_silu, mod_silu_adjoint,
+TRITON_OPS = BlockOps("triton", weight_norms, pixel_norm_silu, pixel_norm_silu_adjoint, mod_silu, mod_silu_adjoint,
                       mp_sum_clip, masked_sum)

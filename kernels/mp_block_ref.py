@@ -123,8 +123,10 @@ def masked_sum_ref(x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor |
 @dataclass(frozen=True)
 class BlockOps:
     """The EDM2 block's elementwise chains, one implementation each: these plain-PyTorch ones (``TORCH_OPS``) or
-    kernels/mp_block.py's Triton custom ops (``TRITON_OPS`` there), same signatures and formulas."""
+    kernels/mp_block.py's Triton custom ops (``TRITON_OPS`` there), same signatures and formulas; ``name`` the
+    kernels choice ('torch', 'triton'), which the attention's core follows too."""
 
+    name: str
     weight_norms: Callable
     pixel_norm_silu: Callable
     pixel_norm_silu_adjoint: Callable
@@ -134,5 +136,5 @@ class BlockOps:
     masked_sum: Callable
 
 
-TORCH_OPS = BlockOps(weight_norms_ref, pixel_norm_silu_ref, pixel_norm_silu_adjoint_ref, mod_silu_ref,
+TORCH_OPS = BlockOps("torch", weight_norms_ref, pixel_norm_silu_ref, pixel_norm_silu_adjoint_ref, mod_silu_ref,
                      mod_silu_adjoint_ref, mp_sum_clip_ref, masked_sum_ref)

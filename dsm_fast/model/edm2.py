@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.cosine_attention_ref import attention_adjoint_ref, attention_ref
 from ..kernels.mp_block_ref import (  # noqa: F401 (EPS, MP_SILU_SCALE, mp_silu_derivative: re-exported)
     EPS,
     MP_SILU_SCALE,
@@ -108,17 +109,28 @@ class MPConv(nn.Module):
         return self.apply_weight(x, self.normalized_weight(gain))
 
 
-def cosine_attention(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, tuple]:
+def attention_ops(kernels: str) -> tuple:
+    """(forward, adjoint) of cosine attention's softmax core, x = (q̂, k̂, v̂) (N, c, 3, L) ↦ (o, saved) and
+    (x, saved, ō) ↦ x̄: kernels/cosine_attention_ref.py's PyTorch form ('torch'), or its Triton kernels
+    (kernels/cosine_attention.py, 'triton')."""
+    if kernels == "triton":
+        from ..kernels.cosine_attention import attention, attention_adjoint
+
+        return attention, attention_adjoint
+    return attention_ref, attention_adjoint_ref
+
+
+def cosine_attention(qkv: torch.Tensor, heads: int, kernels: str = "torch") -> tuple[torch.Tensor, tuple]:
     """o = v Pᵀ per head, P = softmax_k(q̂ᵀ k̂ / √c), q̂, k̂, v̂ the pixel-normed (over the c channels of a head)
     thirds of qkv: (B, 3hc, H, W) → (B, hc, H, W), channel (head, c, q|k|v) as EDM2 lays it out. Returns o and
-    (y, r, q, k, v, P) for the adjoint."""
+    (y, r, x, saved, adjoint) for the adjoint: x = (q̂, k̂, v̂) per head and ``kernels``' adjoint of the core."""
     b, _, height, width = qkv.shape
     y = qkv.reshape(b, heads, -1, 3, height * width)
     normed, r = pixel_norm(y, dim=2)
-    q, k, v = normed.unbind(3)  # (B, h, c, L)
-    p = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(q.shape[2]), dim=-1)  # (B, h, L_q, L_k)
-    o = v @ p.transpose(-1, -2)
-    return o.reshape(b, -1, height, width), (y, r, q, k, v, p)
+    x = normed.flatten(0, 1)  # (B·h, c, 3, L)
+    forward, adjoint = attention_ops(kernels)
+    o, saved = forward(x)
+    return o.reshape(b, -1, height, width), (y, r, x, saved, adjoint)
 
 
 def normalized_weights(specs: list[tuple[MPConv, torch.Tensor | None, float]], ops: BlockOps = TORCH_OPS
@@ -189,7 +201,7 @@ class Block(nn.Module):
             x = ops.masked_sum(x, r, None, a, 1.0)
             a, _ = mp_sum_weights(ATTN_BALANCE)
             s["w_qkv"], s["w_proj"] = w[self.attn_qkv], w[self.attn_proj]
-            o, s["attention"] = cosine_attention(self.attn_qkv.apply_weight(x, s["w_qkv"]), self.heads)
+            o, s["attention"] = cosine_attention(self.attn_qkv.apply_weight(x, s["w_qkv"]), self.heads, ops.name)
             r = self.attn_proj.apply_weight(o, s["w_proj"])
         x, s["inside"] = ops.mp_sum_clip(x, r, a, 1.0)  # the clamp's mask, shared by the adjoint
         if tape is not None:

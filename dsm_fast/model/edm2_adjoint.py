@@ -42,7 +42,7 @@ from .edm2 import (
 )
 from .energy import UNetEnergy, sum_per_sample
 
-KERNELS = ("torch", "triton")  # 'triton': the blocks' elementwise chains by kernels/mp_block.py, the loss terms too
+KERNELS = ("torch", "triton")  # 'triton': the blocks' elementwise chains, attention and the loss terms by Triton
 
 
 def conv_adjoint(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -61,22 +61,18 @@ def resample_adjoint(g: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def attention_adjoint(saved: tuple, o_bar: torch.Tensor, heads: int) -> torch.Tensor:
-    """qkv̄ of :func:`dsm_fast.model.edm2.cosine_attention` given ō (B, hc, H, W); per head, P = softmax(S),
-    S = q̂ᵀ k̂ / √c, o = v̂ Pᵀ:
+    """qkv̄ of :func:`dsm_fast.model.edm2.cosine_attention` given ō (B, hc, H, W): the adjoint of its softmax core
+    that the forward chose (kernels/cosine_attention_ref.py or its Triton kernels; per head, P = softmax(S),
+    S = q̂ᵀ k̂ / √c, o = v̂ Pᵀ):
 
         v̂̄ = ō P,   P̄ = ōᵀ v̂,   S̄ = P ⊙ (P̄ − Σ_k P P̄),   q̂̄ = k̂ S̄ᵀ / √c,   k̂̄ = q̂ S̄ / √c,
 
     then the pixel norm's adjoint over each head's c channels back to the qkv layout.
     """
-    y, r, q, k, v, p = saved
+    y, r, x, core, adjoint = saved
     b, _, height, width = o_bar.shape
-    o_bar = o_bar.reshape(b, heads, -1, height * width)
-    v_bar = o_bar @ p
-    p_bar = o_bar.transpose(-1, -2) @ v
-    s_bar = p * (p_bar - (p * p_bar).sum(dim=-1, keepdim=True))
-    scale = 1.0 / math.sqrt(q.shape[2])
-    q_bar, k_bar = (k @ s_bar.transpose(-1, -2)) * scale, (q @ s_bar) * scale
-    y_bar = pixel_norm_adjoint(y, r, torch.stack([q_bar, k_bar, v_bar], dim=3), dim=2)
+    x_bar = adjoint(x, core, o_bar.reshape(x.shape[0], x.shape[1], height * width))
+    y_bar = pixel_norm_adjoint(y, r, x_bar.reshape(y.shape), dim=2)
     return y_bar.reshape(b, -1, height, width)
 
 
@@ -135,8 +131,9 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
     """(U, ∇_y U, ∂_t U) of an EDM2 UNet energy, all differentiable in θ through one first-order graph.
 
     ``kernels``: 'torch' runs the layers and their adjoints in plain PyTorch; 'triton' runs the blocks' elementwise
-    chains and the weight normalizations by kernels/mp_block.py's custom ops (and the fused route's loss terms by
-    its Triton kernel); 'cuda' has no EDM2 ops: refused.
+    chains and the weight normalizations by kernels/mp_block.py's custom ops, cosine attention's softmax core
+    (forward, adjoint and, under the loss's backward, the adjoint's backward) by kernels/cosine_attention.py's, and
+    the fused route's loss terms by the loss kernel; 'cuda' has no EDM2 ops: refused.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels {kernels!r} has no EDM2 ops; choose from {', '.join(KERNELS)}")

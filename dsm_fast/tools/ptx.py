@@ -42,6 +42,7 @@ MP_BLOCK_OPS = ("weight_norms", "weight_norms_backward", "pixel_norm_silu", "pix
                 "masked_split")  # kernels/mp_block.py's, each launched by <name>_launch
 OPS = ("dsm_fast::norm_act", "dsm_fast::norm_act_statistics", "dsm_fast::norm_act_adjoint",
        "dsm_fast::norm_act_adjoint_backward", "dsm_fast::dual_score_loss", "dsm_fast::dual_score_loss_backward",
+       "dsm_fast::cosine_attention", "dsm_fast::cosine_attention_adjoint", "dsm_fast::cosine_attention_adjoint_backward",
        *(f"dsm_fast::{name}" for name in MP_BLOCK_OPS))
 
 
@@ -76,9 +77,12 @@ class TensorSpec:
 
 def launchers() -> dict[str, object]:
     """custom-op name → its launcher (the function its CUDA implementation calls)."""
-    from ..kernels import dual_score_loss, mp_block, norm_act
+    from ..kernels import cosine_attention, dual_score_loss, mp_block, norm_act
 
     return {**{f"dsm_fast::{name}": getattr(mp_block, f"{name}_launch") for name in MP_BLOCK_OPS},
+            "dsm_fast::cosine_attention": cosine_attention.attention_forward_launch,
+            "dsm_fast::cosine_attention_adjoint": cosine_attention.attention_adjoint_launch,
+            "dsm_fast::cosine_attention_adjoint_backward": cosine_attention.attention_adjoint_backward_launch,
             "dsm_fast::norm_act": norm_act.norm_act_forward_launch,
             "dsm_fast::norm_act_statistics": norm_act.norm_act_statistics_launch,
             "dsm_fast::norm_act_adjoint": norm_act.norm_act_adjoint_launch,
