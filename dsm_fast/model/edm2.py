@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels.cosine_attention_ref import attention_adjoint_ref, attention_ref
+from ..kernels.cosine_attention_ref import cosine_attention_adjoint_ref, cosine_attention_ref
 from ..kernels.mp_block_ref import (  # noqa: F401 (EPS, MP_SILU_SCALE, mp_silu_derivative: re-exported)
     EPS,
     MP_SILU_SCALE,
@@ -114,10 +114,10 @@ def attention_ops(kernels: str) -> tuple:
     (x, saved, ō) ↦ x̄: kernels/cosine_attention_ref.py's PyTorch form ('torch'), or its Triton kernels
     (kernels/cosine_attention.py, 'triton')."""
     if kernels == "triton":
-        from ..kernels.cosine_attention import attention, attention_adjoint
+        from ..kernels import cosine_attention as ops
 
-        return attention, attention_adjoint
-    return attention_ref, attention_adjoint_ref
+        return ops.cosine_attention, ops.cosine_attention_adjoint
+    return cosine_attention_ref, cosine_attention_adjoint_ref
 
 
 def cosine_attention(qkv: torch.Tensor, heads: int, kernels: str = "torch") -> tuple[torch.Tensor, tuple]:
