@@ -55,7 +55,7 @@ def test_trained_prior_beats_the_wiener_solution(restore_runs, tmp_path):
     for run in (restore_runs / "img", restore_runs / "img" / "checkpoints" / "step_00000000"):
         out = tmp_path / f"{run.name}.json"
         assert main(["restore", str(run), "--task", "inpaint", "--fraction", "0.5", "--count", "16", "--seed", "0",
-                     "--json", str(out)]) == 0
+                     "--out", str(tmp_path), "--json", str(out)]) == 0
         mean = read_json(out)["mean"]
         margins.append(mean["psnr"] - mean["wiener_psnr"])
     trained, untrained = margins
