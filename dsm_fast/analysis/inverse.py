@@ -64,10 +64,12 @@ def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor, noise: float,
                        generator: torch.Generator, h0: float = 0.01, beta: float = 0.01, sigma_start: float = 1.0,
                        sigma_end: float = 0.01, centre: float = 0.0, t_range: tuple[float, float] = (0.0, math.inf),
-                       max_iterations: int = 3000, progress: bool = True) -> dict:
+                       max_iterations: int = 3000, likeliest_level: bool = True, progress: bool = True) -> dict:
     """The restorations x̂ = W(D(y, t̂)) (B, ...) of the measurements m (B, ...) by the ascent above; also the
     iterations run and, per sample, the last residual σ (the ascent stops for a sample once σ ≤ σ_end) and the
-    final denoising level √t̂ (t̂ searched in [10⁻⁴ σ_end², σ₀²]; levels given to D clamped to ``t_range``)."""
+    final denoising level √t̂ (t̂ searched in [10⁻⁴ σ_end², σ₀²]; levels given to D clamped to ``t_range``).
+    Without ``likeliest_level`` the last level is the residual's σ² (for an energy not normalized across t, and
+    for scale mixtures, where t̂ mistakes a wide component for a narrow one plus noise)."""
     device, dtype = model_device(model)
     m = m.to(device, dtype)
     n, size = len(m), op.dim
@@ -96,7 +98,8 @@ def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor,
         bar.n = int(100 * min(1.0, max(0.0, math.log(sigma_start / sigma_max) / decades)))
         bar.set_postfix(iteration=k, sigma=f"{sigma_max:.4f}")
     bar.close()
-    level = likeliest_noise_level(model, y, max(t_range[0], 1e-4 * sigma_end**2), min(t_range[1], sigma_start**2))
+    level = likeliest_noise_level(model, y, max(t_range[0], 1e-4 * sigma_end**2), min(t_range[1], sigma_start**2)
+                                  ) if likeliest_level else sigma2.clamp(*t_range)
     return {"restored": restoration(y, level), "iterations": k, "sigma": sigma2.sqrt().cpu(),
             "final_sigma": level.sqrt().cpu(), "converged": not running.any().item()}
 
