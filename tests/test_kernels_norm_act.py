@@ -126,3 +126,17 @@ def test_bfloat16_storage_no_worse_than_the_reference(seed):
     assert kernel[0].dtype == torch.bfloat16 and kernel[1].dtype == torch.bfloat16
     for name, k, r, e in zip(("z", "h̄", "m̄"), kernel, reference, exact):
         assert relative_error(k, e) <= 2 * relative_error(r, e) + 1e-6, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_pass_statistics_survive_a_large_offset(dtype, seed):
+    """μ, v in one pass over rows of three blocks (1,024 + 1,024 + 50 positions) whose mean is 1,000 times their
+    spread: merging exact per-block moments (Chan, Golub & LeVeque) keeps v to the dtype's rounding, where
+    E h² − μ² in float32 would lose every digit of it."""
+    h = 1e3 + torch.randn(2, 3, 2 * op.MAX_BLOCK + 50, 1, dtype=torch.float64)
+    h[:, :, -1] += 30.0  # an outlier alone in the last block
+    h = h.to(dtype)
+    mean, var = op.norm_act_statistics_launch(h)
+    rel = 1e-10 if dtype == torch.float64 else TOLERANCES[dtype]
+    assert_rel_close(mean.double(), h.double().mean(dim=(2, 3)), rel, "mean", seed)
+    assert_rel_close(var.double(), h.double().var(dim=(2, 3), unbiased=False), rel, "variance", seed)

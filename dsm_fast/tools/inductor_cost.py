@@ -25,7 +25,7 @@ from unittest import mock
 
 import torch
 
-from .cost import OpCost, custom_op_launches
+from .cost import OpCost, conv_sm_fraction, custom_op_launches
 
 # torch.cuda.get_device_properties of an H100 SXM as Inductor reads it (SM count, register file, shared memory
 # per block opt-in; NVIDIA H100 datasheet and the CUDA programming guide's compute capability 9.0 column).
@@ -103,7 +103,9 @@ def _node_cost(node, launches: dict[str, tuple[int, int]]) -> OpCost | None:
         return OpCost(name, kernels, 0, passes * numel * first.get_dtype().itemsize, "fp32")
     flops = _flops(ir_node)
     dtype = next((x.get_dtype() for x in getattr(ir_node, "inputs", ()) if hasattr(x, "get_dtype")), torch.float32)
-    return OpCost(name, 1, flops, int(node.get_read_write_buffers_sizes()), _dtype_key(dtype, name))
+    fraction = conv_sm_fraction([int(d) for d in ir_node.get_size()]) if name == "aten.convolution" else 1.0
+    return OpCost(name, 1, flops, int(node.get_read_write_buffers_sizes()), _dtype_key(dtype, name), fraction)
+
 
 
 def _flops(ir_node) -> int:
@@ -236,7 +238,7 @@ def step_parts(ops: list[OpCost], device) -> tuple[float, float, int]:
     a step's time is then ``extern + bytes / (η_mem · BW) + kernels · τ``."""
     from .cost import BANDWIDTH_EFFICIENCY, FLOP_EFFICIENCY
 
-    extern = sum(max(o.flops / (FLOP_EFFICIENCY * device.peak_flops[o.dtype]),
+    extern = sum(max(o.flops / (FLOP_EFFICIENCY * o.sm_fraction * device.peak_flops[o.dtype]),
                      o.bytes / (BANDWIDTH_EFFICIENCY * device.hbm_bytes_per_s)) for o in ops if o.flops)
     return extern, sum(o.bytes for o in ops if not o.flops), sum(o.kernels for o in ops)
 
