@@ -89,6 +89,26 @@ def test_bench_times_every_route_side_by_side(tmp_path):
     assert rows[1]["speedup_vs_reference"] == 1.0 and "× ref" in proc.stdout
 
 
+def test_bench_keeps_the_routes_it_finished_when_stopped(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.sh stops a bench at its time limit: the JSON already holds every finished route."""
+    from dsm_fast.tools import bench
+
+    timed = bench.step_function
+
+    def stopped_at_reference(spec, *args, **kwargs):
+        if spec == "reference":
+            raise KeyboardInterrupt  # what the time limit's signal ends the process with
+        return timed(spec, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "step_function", stopped_at_reference)
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--preset", "tiny", "--batch-size", "2", "--image-size", "16", "--steps", "1", "--warmup", "0",
+              "--routes", "score,reference", "--device", "cpu", "--json", str(tmp_path / "b.json")])
+    assert stop.value.code == 130
+    row, = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert row["route"] == "score" and row["ms_per_step"] > 0
+
+
 def test_eval_on_the_analytic_data_prints_the_exact_nll(tmp_path):
     out = str(tmp_path / "gsm")
     run_cli("train", "--data", "gsm", "--model", "radial", "--gsm-dim", "50", "--gsm-sigmas", "1,4", "--t-min", "1e-2",

@@ -84,10 +84,13 @@ def run_bench(args) -> int:
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     print(f"bench: preset {args.preset}, batch {args.batch_size}, {args.channels}×{args.image_size}², "
           f"{args.precision}, {versions['device']}, torch {versions['torch']}", flush=True)
+    def save(rows: list[dict]) -> None:
+        write_json(args.json, {"config": vars(args) | {"routes": routes}, "versions": versions, "rows": rows})
+
     rows = bench_routes(routes, args.preset, args.batch_size, args.image_size, args.channels, args.steps,
-                        args.warmup, device, args.precision, progress=True, kernels=args.kernels)
+                        args.warmup, device, args.precision, progress=True, kernels=args.kernels, on_row=save)
     print(format_table(rows))
-    write_json(args.json, {"config": vars(args) | {"routes": routes}, "versions": versions, "rows": rows})
+    save(rows)
     return 0
 
 

@@ -87,9 +87,10 @@ def time_steps(step, batches, device: torch.device) -> list[float]:
 def bench_routes(routes=("score", "reference", "fused"), preset: str = "paper", batch_size: int = 128,
                  image_size: int = 64, channels: int = 3, steps: int = 20, warmup: int = 3,
                  device: str | torch.device = "cuda", precision: str = "fp32", seed: int = 0,
-                 progress: bool = False, kernels: str = "auto") -> list[dict]:
+                 progress: bool = False, kernels: str = "auto", on_row=None) -> list[dict]:
     """One row per route spec: median ms/step, img/s, peak GiB (CUDA), first step's seconds, ratio to
-    'reference', final loss."""
+    'reference', final loss. ``on_row(rows)``, if given, is called with the rows so far after each route (so a run
+    stopped by a time limit keeps the routes it finished)."""
     device = torch.device(device)
     dtype = torch.float64 if precision == "fp64" else torch.float32
     torch.manual_seed(seed)
@@ -126,6 +127,8 @@ def bench_routes(routes=("score", "reference", "fused"), preset: str = "paper", 
                          "final_loss": float(step(*batches[0])), "flush_denormal": flushed})
             if progress:
                 print(f"  {rows[-1]['route']}: {median:.2f} ms/step (first step {first:.1f} s)", flush=True)
+            if on_row is not None:
+                on_row(rows)
             del model, step, route
     reference = next((r["ms_per_step"] for r in rows if r["route"] == "reference"), None)
     for row in rows:
