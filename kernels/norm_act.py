@@ -122,10 +122,10 @@ def _norm_act_adj_reduce_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, sum_abar_ptr,
 
 
 @triton.jit
-def _norm_act_adj_apply_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, abar_mean_ptr, coef_x_ptr, grad_h_ptr, n,
-                               BLOCK: tl.constexpr):
-    """Grid (R, ⌈n/BLOCK⌉). h, ḡ, h̄: (R, n); mean, scale, mean ā, coef_x: (R,).
-    h̄ = scale · (ā − mean ā) + coef_x · x̂."""
+def _norm_act_adj_apply_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, abar_mean_ptr, coef_x_ptr, addend_ptr, grad_h_ptr,
+                               n, BLOCK: tl.constexpr, HAS_ADDEND: tl.constexpr):
+    """Grid (R, ⌈n/BLOCK⌉). h, ḡ, addend, h̄: (R, n); mean, scale, mean ā, coef_x: (R,).
+    h̄ = scale · (ā − mean ā) + coef_x · x̂ (+ addend where HAS_ADDEND; addend_ptr unread otherwise)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -133,6 +133,8 @@ def _norm_act_adj_apply_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, abar_mean_ptr,
     scale = tl.load(scale_ptr + row)
     xhat, abar = _adjoint_abar(h_ptr, g_ptr, row, offs, mask, n, tl.load(mean_ptr + row), scale, acc_ty)
     grad_h = scale * (abar - tl.load(abar_mean_ptr + row)) + tl.load(coef_x_ptr + row) * xhat
+    if HAS_ADDEND:
+        grad_h += _row_load(addend_ptr, row, offs, mask, n, acc_ty)
     tl.store(grad_h_ptr + row.to(tl.int64) * n + offs, grad_h.to(grad_h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -390,9 +392,11 @@ def norm_act_forward_launch(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Ten
 
 
 def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                            grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                            grad_out: torch.Tensor, addend: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, k̄) for contiguous h, ḡ (B, C, H, W), k (B, C) in the statistics dtype and h's statistics μ, v (B, C)
-    (formulas in the module doc). Four launches: σ, Σ ā and Q, channel terms, h̄."""
+    (formulas in the module doc); with a contiguous ``addend`` like h, h̄ + addend instead of h̄ (read in the last
+    pass). Four launches: σ, Σ ā and Q, channel terms, h̄."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
     scale = _scale(var, k)
     sum_abar, q, grad_k = torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
@@ -400,8 +404,8 @@ def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor
     launch(_norm_act_adj_reduce_kernel, (b * c,), h, grad_out, mean, scale, sum_abar, q, n, **_row_loop(n))
     launch(_adj_coef_kernel, (b,), var, k, q, sum_abar, grad_k, coef_x, abar_mean, c, n, **_channels(c))
     grad_h = torch.empty_like(h)
-    launch(_norm_act_adj_apply_kernel, _row_grid(b * c, n), h, grad_out, mean, scale, abar_mean, coef_x, grad_h, n,
-           BLOCK=_block(n))
+    launch(_norm_act_adj_apply_kernel, _row_grid(b * c, n), h, grad_out, mean, scale, abar_mean, coef_x,
+           grad_h if addend is None else addend, grad_h, n, BLOCK=_block(n), HAS_ADDEND=addend is not None)
     return grad_h, grad_k
 
 
@@ -461,6 +465,14 @@ def norm_act_adjoint_op(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, va
     return norm_act_adjoint_launch(h, k, mean, var, grad_out)
 
 
+@torch.library.custom_op("dsm_fast::norm_act_backward", mutates_args=())
+def norm_act_backward_op(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                         grad_out: torch.Tensor, grad_h_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Jᵀ ḡ + the gradient h has from its other consumers, k̄): NormAct's backward when h is also used elsewhere
+    (:class:`NormActHandingOn`); differentiating it raises."""
+    return norm_act_adjoint_launch(h, k, mean, var, grad_out, grad_h_other)
+
+
 @torch.library.custom_op("dsm_fast::norm_act_adjoint_backward", mutates_args=())
 def norm_act_adjoint_backward_op(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                                  grad_out: torch.Tensor, grad_grad_h: torch.Tensor, grad_grad_k: torch.Tensor
@@ -485,6 +497,11 @@ def _(h):
 
 @norm_act_adjoint_op.register_fake
 def _(h, k, mean, var, grad_out):
+    return torch.empty_like(h), torch.empty_like(k)
+
+
+@norm_act_backward_op.register_fake
+def _(h, k, mean, var, grad_out, grad_h_other):
     return torch.empty_like(h), torch.empty_like(k)
 
 
@@ -533,13 +550,38 @@ def _third_order(ctx, *grads):
 torch.library.register_autograd("dsm_fast::norm_act", _norm_act_backward, setup_context=_save_forward)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint", _norm_act_adjoint_backward, setup_context=_save_inputs)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint_backward", _third_order, setup_context=_save_inputs)
+torch.library.register_autograd("dsm_fast::norm_act_backward", _third_order, setup_context=_save_inputs)
 # Per op and call: (kernels launched, all Triton; full passes over an h-sized tensor, each read or write), what
 # dsm-fast profile --cost counts for an op it sees only from outside (tests/test_kernels_custom_ops.py recounts
 # the kernels).
 # Statistics read h once; forward: statistics, σ, + read h, write z; adjoint (statistics given): σ, read h, ḡ
-# twice, write h̄; its backward (statistics given): σ, read h, ḡ, H twice, write dḡ and dh.
+# twice, write h̄ (NormAct's backward: the same, and read h's other gradient); the adjoint's backward (statistics
+# given): σ, read h, ḡ, H twice, write dḡ and dh.
 LAUNCHES = {"dsm_fast.norm_act": (3, 3), "dsm_fast.norm_act_statistics": (1, 1), "dsm_fast.norm_act_adjoint": (4, 5),
-            "dsm_fast.norm_act_adjoint_backward": (4, 8)}
+            "dsm_fast.norm_act_adjoint_backward": (4, 8), "dsm_fast.norm_act_backward": (4, 6)}
+
+
+class NormActHandingOn(torch.autograd.Function):
+    """(z, μ, v, h) = dsm_fast::norm_act(h, k) with h handed on (a view, no copy) for a second consumer — the explicit
+    adjoint of the same layer. Its gradient then reaches this backward beside z's, and dsm_fast::norm_act_backward
+    adds it inside the adjoint's last pass: one read of it instead of a separate sum (read both, write one) of
+    h's two gradients (docs/method.md §4.4). Differentiable once (what a first-order route needs)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, k: torch.Tensor):
+        z, mean, var = norm_act_op(h, k)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(h, k, mean, var)
+        return z, mean, var, h.view_as(h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z, grad_mean, grad_var, grad_h_other):
+        h, k, mean, var = ctx.saved_tensors
+        grad_z = torch.zeros_like(h) if grad_z is None else grad_z.contiguous()
+        if grad_h_other is None:
+            return norm_act_adjoint_op(h, k, mean, var, grad_z)
+        return norm_act_backward_op(h, k, mean, var, grad_z, grad_h_other.contiguous())
 
 
 # --- public functions -------------------------------------------------------------------------------------------

@@ -140,3 +140,26 @@ def test_one_pass_statistics_survive_a_large_offset(dtype, seed):
     rel = 1e-10 if dtype == torch.float64 else TOLERANCES[dtype]
     assert_rel_close(mean.double(), h.double().mean(dim=(2, 3)), rel, "mean", seed)
     assert_rel_close(var.double(), h.double().var(dim=(2, 3), unbiased=False), rel, "variance", seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_handing_h_on_adds_its_two_gradients_in_the_backward(dtype, seed):
+    """NormActHandingOn: h's gradient through z and through the handed-on h (into the adjoint, as in the fused
+    route), summed by dsm_fast::norm_act_backward, equals autograd's of the reference."""
+    h, gain, modulation, grad_out = draw_norm_act_inputs(SHAPES[2], dtype, requires_grad=True)
+    w = torch.randn_like(h)
+
+    def by_kernels(h, k):
+        z, mean, var, h_on = op.NormActHandingOn.apply(h, k)
+        return z, *op.norm_act_adjoint_op(h_on, k, mean, var, grad_out)
+
+    def by_reference(h, k):
+        return op.scaled_norm_act_ref(h, k), *op.scaled_norm_act_adjoint_ref(h, k, grad_out)
+
+    inputs = [h, gain, modulation, grad_out]
+    gradients = []
+    for step in (by_kernels, by_reference):
+        z, grad_h, grad_k = step(h, op.modulated_gain(h, gain, modulation))
+        gradients.append(torch.autograd.grad((z * w).sum() + grad_h.square().sum() + grad_k.sum(), inputs))
+    rel = 1e-10 if dtype == torch.float64 else TOLERANCES[dtype]
+    assert_rel_close(list(gradients[0]), list(gradients[1]), rel, "gradients", seed)

@@ -38,7 +38,8 @@ import torch
 
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPS = ("dsm_fast::norm_act", "dsm_fast::norm_act_statistics", "dsm_fast::norm_act_adjoint",
-       "dsm_fast::norm_act_adjoint_backward", "dsm_fast::dual_score_loss", "dsm_fast::dual_score_loss_backward")
+       "dsm_fast::norm_act_backward", "dsm_fast::norm_act_adjoint_backward", "dsm_fast::dual_score_loss",
+       "dsm_fast::dual_score_loss_backward")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ def launchers() -> dict[str, object]:
     return {"dsm_fast::norm_act": norm_act.norm_act_forward_launch,
             "dsm_fast::norm_act_statistics": norm_act.norm_act_statistics_launch,
             "dsm_fast::norm_act_adjoint": norm_act.norm_act_adjoint_launch,
+            "dsm_fast::norm_act_backward": norm_act.norm_act_adjoint_launch,
             "dsm_fast::norm_act_adjoint_backward": norm_act.norm_act_adjoint_backward_launch,
             "dsm_fast::dual_score_loss": dual_score_loss.dual_loss_forward_launch,
             "dsm_fast::dual_score_loss_backward": dual_score_loss.dual_loss_backward_launch}
