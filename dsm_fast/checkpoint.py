@@ -12,7 +12,8 @@ when it was written outside a run of non-finite steps; the rotation keeps the ``
 newest healthy one from before the current run of bad steps (see ``save_checkpoint``).
 
 World size: ``state.pt`` holds each rank's stream state and, beside them, the unsharded data position, so a
-single/DDP run resumes on any number of processes (``restore_streams``). A checkpoint that cannot be written (a full
+run resumes on any number of processes (``restore_streams``; under DeepSpeed ``state.pt`` also holds the optimizer
+state as full tensors, dsm_fast/zero_state.py). A checkpoint that cannot be written (a full
 disk) is one line saying how much it needed; the previous checkpoints stay (``CheckpointWriteError``).
 """
 from __future__ import annotations
@@ -268,8 +269,8 @@ def restore_streams(run_dir: Path, state: dict[str, Any], world, deepspeed: bool
     """Put this rank's data stream, noise generator and torch RNG where checkpoint ``state`` left them, whatever
     world size wrote it: the same world size takes each rank's own state (bit-exact); another takes the unsharded
     data position ``data_position`` (``data.seek``), the noise generator (the same on every rank) and leaves the
-    rank-local torch RNG as seeded. Refused in one line: a change of engine format, another world size under
-    DeepSpeed (ZeRO's optimizer state is partitioned per rank), a stream without a shared position (GSM)."""
+    rank-local torch RNG as seeded (the engine's own state: ``engine.load``). Refused in one line: a change of
+    engine format, a stream without a shared position (GSM)."""
     saved = int(state.get("world_size", 1))
     written_by_deepspeed = bool(state.get("engine_format", False))
     if written_by_deepspeed != deepspeed:
@@ -279,10 +280,6 @@ def restore_streams(run_dir: Path, state: dict[str, Any], world, deepspeed: bool
         local = state if saved == 1 else state["ranks"][world.rank]
         data.load_state_dict(local["data"])
         torch.set_rng_state(local["torch_rng"].cpu())
-    elif deepspeed:
-        raise ConfigError(f"{run_dir} was written by {saved} DeepSpeed processes, whose ZeRO optimizer state is "
-                          f"partitioned per rank (DeepSpeed cannot load it on another world size); resume it with "
-                          f"{saved} processes")
     elif "data_position" not in state:
         raise ConfigError(f"{run_dir} was written by {saved} process(es) and its data stream has no position that "
                           f"another world size can continue (GSM draws are per rank); resume it with {saved}")

@@ -198,10 +198,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # What a resumed run may change: how long it trains, how it logs and checkpoints, when it gives up, the learning
-# rate, and where and how it runs (engine and grad_accum: the same global batch, split over another world size).
+# rate, and where and how it runs (engine, grad_accum and the ZeRO options: the same global batch, split over another
+# world size or partitioned another way).
 # Everything else comes from the run's config.json (see check_resume).
 RESUME_MAY_CHANGE = ("steps", "lr", "log_every", "checkpoint_every", "max_bad_steps", "eval_images", "progress",
-                     "plots", "device", "dist_timeout", "out", "engine", "grad_accum")
+                     "plots", "device", "dist_timeout", "out", "engine", "grad_accum", "zero_stage", "deepspeed_config",
+                     "offload")
 RESOLVED_AT_START = ("route", "kernels", "compile")  # 'auto' is decided once and config.json holds the decision
 # What config.json records about the run's latest start beside its options, not options (--resume and --config skip
 # them): 'compile_fell_back' ("step N: reason") when torch.compile failed and the step ran eagerly (routes.Compiled;

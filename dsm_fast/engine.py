@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import zero_state
 from .checkpoint import CheckpointError, non_finite
 from .config import ConfigError, TrainConfig
 from .distributed import World, barrier
@@ -241,8 +242,10 @@ def deepspeed_config(cfg: TrainConfig, world: World) -> dict:
 
 class DeepSpeedEngine(SingleEngine):
     """DeepSpeed ZeRO 0–3 with our optimizer; gradient accumulation, averaging over ranks and clipping are
-    DeepSpeed's. Checkpoints: DeepSpeed's own format in RUN/deepspeed/step_N plus the trainer's state (with
-    the full weights, gathered under ZeRO-3)."""
+    DeepSpeed's. Checkpoints: DeepSpeed's own format in RUN/deepspeed/step_N plus the trainer's state, which holds
+    the full weights (gathered under ZeRO-3) and the optimizer state as full tensors per parameter
+    (dsm_fast/zero_state.py). A resume with the world size and ZeRO options that wrote the run loads DeepSpeed's
+    own checkpoint (bit-exact); another world size or ZeRO stage loads the full tensors into the new partitions."""
 
     name = "deepspeed"
     skips_non_finite = False  # it cannot discard a partly accumulated, partitioned step: the run stops instead
@@ -254,6 +257,7 @@ class DeepSpeedEngine(SingleEngine):
 
         super().__init__(module, optimizer, cfg.grad_accum, route)
         self.config = deepspeed_config(cfg, world)
+        self.world = world
         self.partitions_weights = deepspeed_stage(cfg) == 3
         try:
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=RouteModule(module, route),
@@ -288,7 +292,13 @@ class DeepSpeedEngine(SingleEngine):
             return {name: value.detach().clone() for name, value in self.module.state_dict().items()}
 
     def checkpoint_state(self) -> dict:
-        return {}
+        """The optimizer state without its partitioning (all ranks call: it is gathered; rank 0 keeps it)."""
+        return {"zero_layout": self.layout(),
+                "zero_optimizer": zero_state.gather_full(self.module, self.optimizer, keep=self.world.is_main)}
+
+    def layout(self) -> dict:
+        """What DeepSpeed's own checkpoint depends on: the world size and the ZeRO options (stage, offload, …)."""
+        return {"world_size": self.world.size, "zero_optimization": self.config.get("zero_optimization", {})}
 
     def non_finite_state(self) -> list[str]:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps torch Adam over fp32 partitions
@@ -307,6 +317,17 @@ class DeepSpeedEngine(SingleEngine):
                 shutil.rmtree(old, ignore_errors=True)
 
     def load(self, run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict) -> None:
+        written = state.get("zero_layout", {"world_size": int(state.get("world_size", 1)),
+                                            "zero_optimization": self.layout()["zero_optimization"]})
+        if written != self.layout():  # another world size or ZeRO configuration: the partition-free state
+            if "zero_optimizer" not in state:
+                raise ConfigError(f"{run_dir} was written by {written['world_size']} DeepSpeed process(es) with an "
+                                  f"older dsm_fast, without the optimizer state another world size needs; resume it "
+                                  f"with {written['world_size']} processes and the same ZeRO options")
+            zero_state.scatter_full(self.module, self.optimizer, weights, state["zero_optimizer"],
+                                    self.partitions_weights)
+            self.ds.global_steps, self.ds.global_samples = step, step * self.config["train_batch_size"]
+            return
         folder = Path(run_dir) / DEEPSPEED_SUBDIR
         if not (folder / tag(step)).is_dir():
             raise ConfigError(f"{run_dir}: no DeepSpeed checkpoint for step {step}; resume with the engine that "

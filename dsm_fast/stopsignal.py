@@ -4,6 +4,12 @@ request, not as an exception, so no rank is torn out of a collective. After each
 agree (one all-reduce of the caught signal number over a CPU gloo group: no device synchronization), so a
 signal to any one rank stops all of them after the same step, where they write one checkpoint together and
 exit with 128 + the signal (SIGTERM wins over SIGINT when both arrive).
+
+Once several ranks agree to stop, SIGTERM and SIGINT are ignored until the process exits (SIG_IGN: a Python
+handler would be reset to the default during the interpreter's finalization). A launcher whose first worker has
+exited (143 is not 0) sends SIGTERM to the others — torchrun at once, DeepSpeed's launcher within a second — and
+that second signal killed a rank still closing its process group or finalizing (exit -15 instead of 143, three
+runs in six of tests/test_train_elastic.py's scenario). SIGKILL still ends a rank.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ class StopSignals:
     thread only: elsewhere Python cannot install handlers, and the defaults stay)."""
 
     def __init__(self):
-        self.number = 0
+        self.number = 0  # the largest signal caught here
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> Self:
@@ -39,4 +45,9 @@ class StopSignals:
 
     def agreed(self) -> int:
         """The signal every rank stops for now, 0 for none: the largest caught on any rank (all ranks call)."""
-        return distributed.max_over_ranks(self.number)
+        agreed = distributed.max_over_ranks(self.number)
+        if agreed and self.previous and distributed.active():  # several ranks stopping: no later signal may
+            self.previous = {number: signal.SIG_IGN for number in self.previous}  # cut a checkpoint or exit short
+            for number in self.previous:
+                signal.signal(number, signal.SIG_IGN)
+        return agreed

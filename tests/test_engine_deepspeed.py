@@ -1,7 +1,8 @@
 """DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo): ZeRO 1, 2 and 3 in two processes equal one process with the
 same global batch, gradient accumulation included (ZeRO 1/2 with the first-order and the reference routes, ZeRO-3
 with the explicit adjoint and every weight partitioned); a killed run resumes from DeepSpeed's own checkpoint to
-the same weights; each pitfall of docs/method.md §7.2 is shown, and the routes it breaks are refused in one line."""
+the same weights; a run moved from 2 processes to 1, or from 1 to 2 (ZeRO-2, ZeRO-3, and ZeRO-2 to ZeRO-3),
+continues the uninterrupted run's losses and weights (dsm_fast/zero_state.py); each pitfall of docs/method.md §7.2 is shown, and the routes it breaks are refused in one line."""
 import dataclasses
 import inspect
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import assert_same_weights, engine_config, errors, free_port, initial_weights, launch, single_run
+from test_engine import K, assert_same_weights, engine_config, errors, free_port, initial_weights, launch, single_run
 
 from dsm_fast.config import ConfigError
 from dsm_fast.distributed import World
@@ -26,28 +27,40 @@ ZERO3_PARTITIONED = {"zero_optimization": {"stage": 3, "stage3_param_persistence
 EDM2 = {"model": "edm2-tiny", "lr": 1e-2}  # the attention UNet; lr: its normalized weights move well past the bound
 
 
-def test_zero_1_2_3_equal_one_process_and_resume_after_a_kill(tmp_path):
+def test_zero_1_2_3_equal_one_process_resume_after_a_kill_and_on_another_world_size(tmp_path):
     zero3_json = tmp_path / "zero3.json"
     zero3_json.write_text(json.dumps(ZERO3_PARTITIONED))
-    ds = {"engine": "deepspeed", "grad_accum": 2}
-    z3 = {**ds, "deepspeed_config": str(zero3_json), "route": "fused"}
+    ds = {"engine": "deepspeed", "grad_accum": 2, "log_every": 1}
+    z2, z3 = {**ds, "zero_stage": 2}, {**ds, "deepspeed_config": str(zero3_json), "route": "fused"}
+    z2_fused = {**z2, "route": "fused"}
     jobs = [
         {"name": "z1", "changes": {**ds, "zero_stage": 1}},
-        {"name": "z2", "changes": {**ds, "zero_stage": 2}},
-        {"name": "z2_accum1", "changes": {**ds, "zero_stage": 2, "grad_accum": 1}},
-        {"name": "z2_reference", "changes": {**ds, "zero_stage": 2, "route": "reference"}},
+        {"name": "z2", "changes": z2},
+        {"name": "z2_accum1", "changes": {**z2, "grad_accum": 1}},
+        {"name": "z2_reference", "changes": {**z2, "route": "reference"}},
         {"name": "z3", "changes": z3},
         {"name": "z3_edm2", "changes": {**z3, **EDM2}},
-        {"name": "crafted", "changes": {**ds, "zero_stage": 2}},
-        {"name": "killed", "changes": {**ds, "zero_stage": 2}, "die": (1, 3)},
+        {"name": "crafted", "changes": z2},
+        {"name": "shrink2", "changes": {**z2_fused, "steps": K // 2}},  # resumed on 1 process below
+        {"name": "shrink3", "changes": {**z3, "steps": K // 2}},
+        {"name": "killed", "changes": z2, "die": (1, 3)},
     ]
     # a rank dies in the last job of each launch; the resumed runs go first in the next one
     codes = [launch(2, jobs, tmp_path),
-             launch(2, [{"name": "killed+resumed", "changes": {**ds, "zero_stage": 2}, "resume": True},
+             launch(2, [{"name": "killed+resumed", "changes": z2, "resume": True},
                         {"name": "killed3", "changes": z3, "die": (1, 3)}], tmp_path)]
+    # another world size: 2 → 1 and 1 → 2 processes under ZeRO-2 and ZeRO-3, and 1 → 2 from ZeRO-2 to ZeRO-3
+    launch(1, [{"name": "shrink2+resumed", "changes": z2_fused, "resume": True},
+               {"name": "shrink3+resumed", "changes": z3, "resume": True},
+               {"name": "grow2", "changes": {**z2_fused, "steps": K // 2}},
+               {"name": "grow3", "changes": {**z3, "steps": K // 2}},
+               {"name": "restage", "changes": {**z2_fused, "steps": K // 2}}], tmp_path)
     marker = craft_model_states(tmp_path / "crafted")
     launch(2, [{"name": "killed3+resumed", "changes": z3, "resume": True},
-               {"name": "crafted+resumed", "changes": {**ds, "zero_stage": 2}, "resume": True}], tmp_path)
+               {"name": "grow2+resumed", "changes": z2_fused, "resume": True},
+               {"name": "grow3+resumed", "changes": z3, "resume": True},
+               {"name": "restage+resumed", "changes": z3, "resume": True},
+               {"name": "crafted+resumed", "changes": z2, "resume": True}], tmp_path)
     # a crafted DeepSpeed file whose digest was forged to match is still refused, and its code never ran
     assert not marker.exists()
     refused = errors(tmp_path, "crafted+resumed")
@@ -69,14 +82,29 @@ def test_zero_1_2_3_equal_one_process_and_resume_after_a_kill(tmp_path):
     assert_same_weights(torch.load(tmp_path / "z2_reference.pt"), single_run(tmp_path / "ref", route="reference"),
                         start)
     want_fused = single_run(tmp_path / "fused", route="fused")
-    for name in ("z3", "killed3+resumed"):
+    moved = ("shrink2", "shrink3", "grow2", "grow3", "restage")
+    for name in ("z3", "killed3+resumed", *(f"{name}+resumed" for name in moved)):
         assert not errors(tmp_path, name), errors(tmp_path, name)
         assert_same_weights(torch.load(tmp_path / f"{name}.pt"), want_fused, start)
+    # the resumed runs' losses are the uninterrupted run's, steps before and after the move, to float rounding
+    uninterrupted = losses(tmp_path / "z3")
+    assert sorted(uninterrupted) == list(range(1, K + 1))
+    for name in moved:
+        resumed = losses(tmp_path / name)
+        assert resumed.keys() == uninterrupted.keys(), name
+        for step, loss in resumed.items():
+            assert loss == pytest.approx(uninterrupted[step], rel=1e-6), (name, step)
     # the EDM2-style attention UNet, every weight partitioned (its weight normalization is formed in the forward)
     assert not errors(tmp_path, "z3_edm2"), errors(tmp_path, "z3_edm2")
     edm2_start = initial_weights(tmp_path / "edm2_init", **EDM2)
     assert_same_weights(torch.load(tmp_path / "z3_edm2.pt"), single_run(tmp_path / "edm2", route="fused", **EDM2),
                         edm2_start)
+
+
+def losses(run: Path) -> dict[int, float]:
+    """The loss of every step logged in a run's stats.jsonl."""
+    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
 
 
 class _RunsCode:

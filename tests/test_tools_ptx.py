@@ -33,9 +33,9 @@ def version_tuple(text: str) -> tuple[int, ...]:
 
 def kernel_names() -> set[str]:
     """Every @triton.jit kernel (named *_kernel; jitted or, here, interpreted: it wraps ``fn``) of dsm_fast.kernels."""
-    from dsm_fast.kernels import dual_score_loss, norm_act
+    from dsm_fast.kernels import cosine_attention, dual_score_loss, norm_act
 
-    return {name for module in (norm_act, dual_score_loss) for name, obj in inspect.getmembers(module)
+    return {name for module in (norm_act, dual_score_loss, cosine_attention) for name, obj in inspect.getmembers(module)
             if name.endswith("_kernel") and inspect.isfunction(getattr(obj, "fn", None))}
 
 
@@ -79,7 +79,8 @@ def test_problems_name_what_cannot_launch_or_spills():
 
 def test_every_kernel_compiles_and_launches_on_sm80_and_sm90(tmp_path):
     """This environment's Triton (the newest supported): the largest configuration the launchers pick of every
-    kernel, per argument dtypes (fp32, bf16 autocast, fp64), over every preset's fused step at batch 128."""
+    kernel, per argument dtypes (fp32, bf16 autocast, fp64), over every preset's fused step at batch 128 (edm2-s
+    for the attention kernels)."""
     import triton
 
     low, high = triton_range()

@@ -1,9 +1,11 @@
-"""A DDP run under torchrun (2 CPU processes, gloo) that bends without breaking, end to end: a worker killed once
+"""Runs that bend without breaking, end to end on 2 CPU processes (gloo). DDP under torchrun: a worker killed once
 under ``--max-restarts 1`` is brought back by ``--resume auto``; SIGTERM to one rank and SIGINT to the launcher
 each stop both ranks after the same step with one checkpoint (exit 143 / 130); the run then continues on 1
-process, and a copy of a 1-process run continues on 2 — both ending at the weights of an uninterrupted run."""
+process, and a copy of a 1-process run continues on 2 — both ending at the weights of an uninterrupted run.
+DeepSpeed ZeRO-2 under DeepSpeed's launcher with a hostfile: the same for SIGTERM to one rank, then 2 → 1."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from test_engine import assert_same_weights, engine_config, initial_weights
+import pytest
+from test_engine import assert_same_weights, engine_config, free_port, initial_weights
 
 from dsm_fast.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint
+from dsm_fast.engine import deepspeed_available
 from dsm_fast.runlock import LOCK_NAME
 from dsm_fast.train import Trainer
 
@@ -32,24 +36,35 @@ def torchrun(nproc: int, out: Path, *args: str, restarts: int = 0) -> subprocess
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+def wait_for(condition, proc: subprocess.Popen, what: str, log: Path | None = None) -> None:
+    """Wait until ``condition()``; fail with the launcher's stderr (or ``log``, its output file) if it ends first."""
     deadline = time.monotonic() + WAIT
     while not condition():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"gave up waiting for {what}: {proc.communicate()[1][-3000:]}")
+            output = log.read_text() if log else proc.communicate()[1]
+            raise AssertionError(f"gave up waiting for {what}: {output[-3000:]}")
         time.sleep(0.1)
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
-    """The process id of the worker with RANK=rank among the launcher's children."""
-    for task in Path(f"/proc/{launcher.pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+    """The process id of the worker with RANK=rank among the launcher's descendants."""
+    parents = [launcher.pid]
+    while parents:
+        children = []
+        for parent in parents:
             try:
-                if f"RANK={rank}".encode() in (Path("/proc") / child / "environ").read_bytes().split(b"\0"):
-                    return int(child)
+                children += [int(child) for task in Path(f"/proc/{parent}/task").iterdir()
+                             for child in (task / "children").read_text().split()]
             except OSError:
                 continue
+        for child in children:
+            try:
+                if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+                    return child
+            except OSError:
+                continue
+        parents = children
     return None
 
 
@@ -80,11 +95,13 @@ def test_ddp_run_survives_a_kill_signals_and_another_world_size(tmp_path):
     os.kill(rank_pid(launcher, 1), signal.SIGKILL)
     wait_for(lambda: lock_pid(out) not in ("", first_holder) and newest_step(out) >= killed_at + 2, launcher,
              "the restarted group's next checkpoint")
-    # 2. SIGTERM to one rank: both stop after the same step, with one checkpoint
+    # 2. SIGTERM to one rank: both stop after the same step, with one checkpoint, and exit 143 (torchrun's
+    # summary lists each failed worker's exit code; -15 there was the launcher's own SIGTERM killing a rank late)
     os.kill(rank_pid(launcher, 1), signal.SIGTERM)
     stderr = launcher.communicate(timeout=WAIT)[1]
     term_step = stopped_at(stderr, "SIGTERM")
-    assert newest_step(out) == term_step, stderr[-3000:]  # (exit codes: see the README; torchrun's summary varies)
+    assert newest_step(out) == term_step, stderr[-3000:]
+    assert set(re.findall(r"exitcode\s*: (-?\d+)", stderr)) == {"143"}, stderr[-3000:]
     # 3. SIGINT to the launcher (Ctrl-C): the same, exit 130
     launcher = torchrun(2, out, "--steps", "100000", "--resume")
     wait_for(lambda: newest_step(out) >= term_step + 2, launcher, "a checkpoint after the resume")
@@ -98,9 +115,7 @@ def test_ddp_run_survives_a_kill_signals_and_another_world_size(tmp_path):
     reference = tmp_path / "reference"
     Trainer(engine_config(reference, steps=3, checkpoint_every=1, log_every=1)).run()
     shutil.copytree(reference, tmp_path / "one_to_two")
-    trainer = Trainer(engine_config(reference, steps=total, checkpoint_every=1, log_every=1), resume=True)
-    trainer.run()
-    want = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    want = uninterrupted(reference, total)
 
     # 4. 2 → 1: the DDP run continues on one process (engine single); 5. 1 → 2: a one-process run on two
     one = subprocess.run([sys.executable, "-m", "dsm_fast", "train", "--out", str(out), "--resume", "--engine",
@@ -111,12 +126,57 @@ def test_ddp_run_survives_a_kill_signals_and_another_world_size(tmp_path):
     assert launcher.wait(timeout=WAIT) == 0, launcher.communicate()[1][-3000:]
     initial = initial_weights(tmp_path / "initial")
     for run in (out, tmp_path / "one_to_two"):
-        assert newest_step(run) == total
-        assert_same_weights(load_checkpoint(run)[0], want, initial)
-        losses, reference_losses = stats(run), stats(reference)
-        assert losses.keys() == reference_losses.keys() == set(range(1, total + 1))
-        for step, loss in losses.items():
-            assert abs(loss - reference_losses[step]) <= 1e-5 * abs(reference_losses[step]), (run, step)
+        assert_follows(run, reference, want, initial, total)
+
+
+def uninterrupted(reference: Path, steps: int) -> dict:
+    """The weights of a one-process run to ``steps`` (continuing ``reference`` if it holds a checkpoint)."""
+    trainer = Trainer(engine_config(reference, steps=steps, checkpoint_every=1, log_every=1),
+                      resume=bool(list_checkpoints(reference)))
+    trainer.run()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_follows(run: Path, reference: Path, want: dict, initial: dict, total: int) -> None:
+    """``run`` ended at step ``total`` with the reference's weights, every step's loss within float rounding."""
+    assert newest_step(run) == total
+    assert_same_weights(load_checkpoint(run)[0], want, initial)
+    losses, reference_losses = stats(run), stats(reference)
+    assert losses.keys() == reference_losses.keys() == set(range(1, total + 1))
+    for step, loss in losses.items():
+        assert abs(loss - reference_losses[step]) <= 1e-5 * abs(reference_losses[step]), (run, step)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed not installed")
+def test_deepspeed_launcher_stop_signal_and_resume_on_one_process(tmp_path):
+    """``deepspeed --hostfile`` (localhost slots=2, no ssh) runs ZeRO-2 on 2 processes; SIGTERM to rank 1 stops
+    both after the same step with one checkpoint and exit 143; the run continues on 1 process (another world
+    size: the optimizer state gathered into state.pt) and ends at the uninterrupted run's weights and losses."""
+    hostfile, out, log = tmp_path / "hosts.txt", tmp_path / "run", tmp_path / "launcher.log"
+    hostfile.write_text("localhost slots=2\n")
+    env = {**ENV, "DS_ACCELERATOR": "cpu"}
+    with open(log, "w") as output:
+        launcher = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                                     "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                                     "--module", "dsm_fast", "train", *FLAGS, "--engine", "deepspeed", "--zero-stage",
+                                     "2", "--steps", "100000", "--out", str(out)],
+                                    stdout=output, stderr=subprocess.STDOUT, text=True, env=env)
+        wait_for(lambda: newest_step(out) >= 2 and rank_pid(launcher, 1), launcher, "the checkpoint of step 2", log)
+        os.kill(rank_pid(launcher, 1), signal.SIGTERM)
+        code = launcher.wait(timeout=WAIT)
+    text = log.read_text()
+    term_step = stopped_at(text, "SIGTERM")
+    assert newest_step(out) == term_step, text[-3000:]
+    assert code == 143 and "exits with return code = 143" in text, text[-3000:]  # the launcher passes it on
+    total = term_step + 2
+    one = subprocess.run([sys.executable, "-m", "dsm_fast", "train", "--out", str(out), "--resume", "--steps",
+                          str(total)], check=False, capture_output=True, text=True, timeout=WAIT,
+                         env={**env, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                              "MASTER_PORT": str(free_port())})
+    assert one.returncode == 0, one.stderr[-3000:]
+    reference = tmp_path / "reference"
+    assert_follows(out, reference, uninterrupted(reference, total), initial_weights(tmp_path / "initial"), total)
 
 
 def stats(run: Path) -> dict[int, float]:

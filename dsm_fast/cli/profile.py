@@ -139,10 +139,10 @@ def run_ptx(args) -> int:
     in a per-layer kernel."""
     import argparse
 
-    from ..model.unet import PRESETS  # 'all': the paper UNet's presets, whose steps run every Triton kernel (an EDM2
-    from ..tools.ptx import PRECISIONS, TARGETS, format_ptx_table, ptx_report  # preset's runs only the loss op)
+    from ..model.unet import PRESETS  # 'all': the paper UNet's presets (NormAct, loss) and edm2-s (attention: at
+    from ..tools.ptx import PRECISIONS, TARGETS, format_ptx_table, ptx_report  # 64×64, c = 64 and L = 256, 64)
 
-    presets = tuple(PRESETS) if args.preset == "all" else (args.preset,)
+    presets = (*PRESETS, "edm2-s") if args.preset == "all" else (args.preset,)
     for preset in presets:
         check_step_shape(argparse.Namespace(**{**vars(args), "preset": preset}))
     if min(args.batch_size, args.jobs) <= 0:

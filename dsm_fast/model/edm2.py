@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.cosine_attention_ref import attention_adjoint_ref, attention_ref
+
 EPS = 1e-4  # weight and pixel normalization
 MP_SILU_SCALE = 0.596  # E[SiLU(x)²]^½ for x ~ N(0, 1): SiLU / 0.596 keeps unit magnitude
 CLIP = 256.0  # |activations| clipped after every block
@@ -122,17 +124,28 @@ class MPConv(nn.Module):
         return self.apply_weight(x, self.normalized_weight(gain))
 
 
-def cosine_attention(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, tuple]:
+def attention_ops(kernels: str) -> tuple:
+    """(forward, adjoint) of cosine attention's softmax core, x = (q̂, k̂, v̂) (N, c, 3, L) ↦ (o, saved) and
+    (x, saved, ō) ↦ x̄: kernels/cosine_attention_ref.py's PyTorch form ('torch'), or its Triton kernels
+    (kernels/cosine_attention.py, 'triton')."""
+    if kernels == "triton":
+        from ..kernels.cosine_attention import attention, attention_adjoint
+
+        return attention, attention_adjoint
+    return attention_ref, attention_adjoint_ref
+
+
+def cosine_attention(qkv: torch.Tensor, heads: int, kernels: str = "torch") -> tuple[torch.Tensor, tuple]:
     """o = v Pᵀ per head, P = softmax_k(q̂ᵀ k̂ / √c), q̂, k̂, v̂ the pixel-normed (over the c channels of a head)
     thirds of qkv: (B, 3hc, H, W) → (B, hc, H, W), channel (head, c, q|k|v) as EDM2 lays it out. Returns o and
-    (y, r, q, k, v, P) for the adjoint."""
+    (y, r, x, saved, adjoint) for the adjoint: x = (q̂, k̂, v̂) per head and ``kernels``' adjoint of the core."""
     b, _, height, width = qkv.shape
     y = qkv.reshape(b, heads, -1, 3, height * width)
     normed, r = pixel_norm(y, dim=2)
-    q, k, v = normed.unbind(3)  # (B, h, c, L)
-    p = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(q.shape[2]), dim=-1)  # (B, h, L_q, L_k)
-    o = v @ p.transpose(-1, -2)
-    return o.reshape(b, -1, height, width), (y, r, q, k, v, p)
+    x = normed.flatten(0, 1)  # (B·h, c, 3, L)
+    forward, adjoint = attention_ops(kernels)
+    o, saved = forward(x)
+    return o.reshape(b, -1, height, width), (y, r, x, saved, adjoint)
 
 
 class Block(nn.Module):
@@ -156,8 +169,10 @@ class Block(nn.Module):
         self.attn_qkv = MPConv(c_out, 3 * c_out, (1, 1)) if heads else None
         self.attn_proj = MPConv(c_out, c_out, (1, 1)) if heads else None
 
-    def run(self, x: torch.Tensor, emb: torch.Tensor, tape: list | None = None) -> torch.Tensor:
-        """The block's output; with a ``tape``, appends the dict its adjoint (edm2_adjoint.block_adjoint) needs."""
+    def run(self, x: torch.Tensor, emb: torch.Tensor, tape: list | None = None, kernels: str = "torch"
+            ) -> torch.Tensor:
+        """The block's output; with a ``tape``, appends the dict its adjoint (edm2_adjoint.block_adjoint) needs.
+        ``kernels``: the attention's ('torch', 'triton': see :func:`attention_ops`)."""
         s: dict = {}
         x = resample(x, self.resample_mode)
         if self.flavor == "enc":
@@ -180,7 +195,7 @@ class Block(nn.Module):
         x = a * x + b * r
         if self.heads:
             s["w_qkv"], s["w_proj"] = self.attn_qkv.normalized_weight(), self.attn_proj.normalized_weight()
-            o, s["attention"] = cosine_attention(self.attn_qkv.apply_weight(x, s["w_qkv"]), self.heads)
+            o, s["attention"] = cosine_attention(self.attn_qkv.apply_weight(x, s["w_qkv"]), self.heads, kernels)
             a, b = mp_sum_weights(ATTN_BALANCE)
             x = a * x + b * self.attn_proj.apply_weight(o, s["w_proj"])
         s["inside"] = (x >= -CLIP) & (x <= CLIP)  # the clamp's mask, shared by the adjoint
@@ -271,8 +286,9 @@ class EDM2UNet(nn.Module):
         with torch.no_grad():
             self.out_gain.zero_()
 
-    def run(self, y: torch.Tensor, t: torch.Tensor, tape: list | None = None) -> torch.Tensor:
-        """f(y, t); with a ``tape``, every layer appends what its adjoint needs, in forward order."""
+    def run(self, y: torch.Tensor, t: torch.Tensor, tape: list | None = None, kernels: str = "torch") -> torch.Tensor:
+        """f(y, t); with a ``tape``, every layer appends what its adjoint needs, in forward order. ``kernels``: the
+        attention's (:func:`attention_ops`)."""
         if y.shape[-1] % self.downsampling or y.shape[-2] % self.downsampling:
             raise ValueError(f"image size {tuple(y.shape[-2:])} is not a multiple of {self.downsampling}")
         emb = self.embedding.run(t, tape).to(y.dtype)
@@ -280,7 +296,7 @@ class EDM2UNet(nn.Module):
         x = self.conv_in.apply_weight(torch.cat([y, torch.ones_like(y[:, :1])], dim=1), w_in)
         skips = [x]
         for block in self.encoder:
-            x = self.run_block(block, x, emb, tape)
+            x = self.run_block(block, x, emb, tape, kernels)
             skips.append(x)
         for block, concat in zip(self.decoder, self.concat):
             if concat:
@@ -289,20 +305,22 @@ class EDM2UNet(nn.Module):
                 if tape is not None:
                     tape.append({"cat": (x.shape[1], skip.shape[1])})
                 x = torch.cat([a * x, b * skip], dim=1)
-            x = self.run_block(block, x, emb, tape)
+            x = self.run_block(block, x, emb, tape, kernels)
         w_out = self.conv_out.normalized_weight(self.out_gain)
         if tape is not None:
             tape.append({"emb": emb, "w_in": w_in, "w_out": w_out})
         return self.conv_out.apply_weight(x, w_out)
 
-    def run_block(self, block: Block, x: torch.Tensor, emb: torch.Tensor, tape: list | None) -> torch.Tensor:
+    def run_block(self, block: Block, x: torch.Tensor, emb: torch.Tensor, tape: list | None, kernels: str = "torch"
+                  ) -> torch.Tensor:
         """``block.run``; with a tape and ``checkpoint == 'block'`` (activation checkpointing of the explicit
-        adjoint's graph) the tape holds only the block's input, the block runs under torch.utils.checkpoint, and
-        the adjoint recomputes the block's entry from that input (edm2_adjoint.block_adjoint_from_tape)."""
+        adjoint's graph) the tape holds only the block's input (and ``kernels``), the block runs under
+        torch.utils.checkpoint, and the adjoint recomputes the block's entry from that input
+        (edm2_adjoint.block_adjoint_from_tape)."""
         if tape is None or self.checkpoint == "none":
-            return block.run(x, emb, tape)
-        tape.append({"input": x})
-        return checkpoint(block.run, x, emb, use_reentrant=False)
+            return block.run(x, emb, tape, kernels)
+        tape.append({"input": x, "kernels": kernels})
+        return checkpoint(block.run, x, emb, None, kernels, use_reentrant=False)
 
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.run(y, t)

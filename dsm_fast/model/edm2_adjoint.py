@@ -42,7 +42,7 @@ from .edm2 import (
 )
 from .energy import UNetEnergy, sum_per_sample
 
-KERNELS = ("torch", "triton")  # 'triton': the network's layers in PyTorch, the loss terms by the Triton kernel
+KERNELS = ("torch", "triton")  # 'triton': attention and the loss terms by the Triton kernels
 
 
 def conv_adjoint(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -70,22 +70,18 @@ def pixel_norm_adjoint(x: torch.Tensor, r: torch.Tensor, g: torch.Tensor, dim: i
 
 
 def attention_adjoint(saved: tuple, o_bar: torch.Tensor, heads: int) -> torch.Tensor:
-    """qkv̄ of :func:`dsm_fast.model.edm2.cosine_attention` given ō (B, hc, H, W); per head, P = softmax(S),
-    S = q̂ᵀ k̂ / √c, o = v̂ Pᵀ:
+    """qkv̄ of :func:`dsm_fast.model.edm2.cosine_attention` given ō (B, hc, H, W): the adjoint of its softmax core
+    that the forward chose (kernels/cosine_attention_ref.py or its Triton kernels; per head, P = softmax(S),
+    S = q̂ᵀ k̂ / √c, o = v̂ Pᵀ):
 
         v̂̄ = ō P,   P̄ = ōᵀ v̂,   S̄ = P ⊙ (P̄ − Σ_k P P̄),   q̂̄ = k̂ S̄ᵀ / √c,   k̂̄ = q̂ S̄ / √c,
 
     then the pixel norm's adjoint over each head's c channels back to the qkv layout.
     """
-    y, r, q, k, v, p = saved
+    y, r, x, core, adjoint = saved
     b, _, height, width = o_bar.shape
-    o_bar = o_bar.reshape(b, heads, -1, height * width)
-    v_bar = o_bar @ p
-    p_bar = o_bar.transpose(-1, -2) @ v
-    s_bar = p * (p_bar - (p * p_bar).sum(dim=-1, keepdim=True))
-    scale = 1.0 / math.sqrt(q.shape[2])
-    q_bar, k_bar = (k @ s_bar.transpose(-1, -2)) * scale, (q @ s_bar) * scale
-    y_bar = pixel_norm_adjoint(y, r, torch.stack([q_bar, k_bar, v_bar], dim=3), dim=2)
+    x_bar = adjoint(x, core, o_bar.reshape(x.shape[0], x.shape[1], height * width))
+    y_bar = pixel_norm_adjoint(y, r, x_bar.reshape(y.shape), dim=2)
     return y_bar.reshape(b, -1, height, width)
 
 
@@ -121,7 +117,7 @@ def block_adjoint_from_tape(block: Block, entry: dict, g: torch.Tensor, emb: tor
 
     def recompute_and_adjoint(x: torch.Tensor, emb: torch.Tensor, g: torch.Tensor):
         tape: list[dict] = []
-        block.run(x, emb, tape)
+        block.run(x, emb, tape, entry["kernels"])
         return block_adjoint(block, tape[0], g)
 
     return checkpoint(recompute_and_adjoint, entry["input"], emb, g, use_reentrant=False)
@@ -141,14 +137,15 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, ∇_y U, ∂_t U) of an EDM2 UNet energy, all differentiable in θ through one first-order graph.
 
-    ``kernels``: 'torch' and 'triton' run these layers in PyTorch (there are no NormAct layers here for the
-    Triton NormAct kernels; the fused route's loss terms still take 'triton'); 'cuda' has no EDM2 ops: refused.
+    ``kernels``: 'torch' runs these layers in PyTorch; 'triton' runs cosine attention's softmax core (forward,
+    adjoint and, under the loss's backward, the adjoint's backward) by kernels/cosine_attention.py's Triton kernels
+    and the fused route's loss terms by the loss kernel; 'cuda' has no EDM2 ops: refused.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels {kernels!r} has no EDM2 ops; choose from {', '.join(KERNELS)}")
     unet: EDM2UNet = model.unet
     tape: list[dict] = []
-    f = unet.run(y, t, tape).to(y.dtype)
+    f = unet.run(y, t, tape, kernels).to(y.dtype)
 
     final = tape.pop()
     g = conv_adjoint(final["w_out"], y)

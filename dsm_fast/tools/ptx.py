@@ -39,7 +39,8 @@ import torch
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPS = ("dsm_fast::norm_act", "dsm_fast::norm_act_statistics", "dsm_fast::norm_act_adjoint",
        "dsm_fast::norm_act_backward", "dsm_fast::norm_act_adjoint_backward", "dsm_fast::dual_score_loss",
-       "dsm_fast::dual_score_loss_backward")
+       "dsm_fast::dual_score_loss_backward", "dsm_fast::cosine_attention", "dsm_fast::cosine_attention_adjoint",
+       "dsm_fast::cosine_attention_adjoint_backward")
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,12 @@ class TensorSpec:
 
 def launchers() -> dict[str, object]:
     """custom-op name → its launcher (the function its CUDA implementation calls)."""
-    from ..kernels import dual_score_loss, norm_act
+    from ..kernels import cosine_attention, dual_score_loss, norm_act
 
-    return {"dsm_fast::norm_act": norm_act.norm_act_forward_launch,
+    return {"dsm_fast::cosine_attention": cosine_attention.attention_forward_launch,
+            "dsm_fast::cosine_attention_adjoint": cosine_attention.attention_adjoint_launch,
+            "dsm_fast::cosine_attention_adjoint_backward": cosine_attention.attention_adjoint_backward_launch,
+            "dsm_fast::norm_act": norm_act.norm_act_forward_launch,
             "dsm_fast::norm_act_statistics": norm_act.norm_act_statistics_launch,
             "dsm_fast::norm_act_adjoint": norm_act.norm_act_adjoint_launch,
             "dsm_fast::norm_act_backward": norm_act.norm_act_adjoint_launch,
