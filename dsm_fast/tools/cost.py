@@ -15,14 +15,15 @@ Per route, from one steady-state step (the optimizer's state already exists; vie
 
 Roofline, per operator i on device D, then summed over the step:
 
-    t_i = max(F_i / (η_F · P_D(dtype_i)),  B_i / (η_B · BW_D)) + n_i · τ
+    t_i = max(F_i / (η_F · φ_i · P_D(dtype_i)),  B_i / (η_B · BW_D)) + n_i · τ
 
 P the peak dense FLOP/s of the dtype's tensor-core path (fp32 convolutions run as TF32 under cuDNN's default,
-fp32 matmuls as plain fp32), BW the HBM bandwidth, η the achieved fractions, n_i the kernels operator i launches
-and τ the per-launch cost: fitted (least squares in log time) to the three eager H100 anchors of docs/method.md §6.2
-(the model: docs/method.md §5).
-What it cannot see: caching, fusion by a compiler, overlap of launches with work, kernels below peak for a
-reason other than bytes (small grids, poor tiling), and the host; a compiled route is therefore not predicted.
+fp32 matmuls as plain fp32), φ_i the share of the SMs a convolution's output tiles fill (:func:`conv_sm_fraction`),
+BW the HBM bandwidth, η the achieved fractions, n_i the kernels operator i launches and τ the per-launch cost:
+fitted (least squares in log time) to the three eager H100 anchors of docs/method.md §6.2 (the model:
+docs/method.md §5). What it cannot see: caching, fusion by a compiler, overlap of launches with work, kernels below
+peak for a reason other than bytes and small convolution grids (poor tiling, cuDNN's algorithm choice), and the
+host; the compiled step has its own model (tools/inductor_cost.py).
 """
 from __future__ import annotations
 

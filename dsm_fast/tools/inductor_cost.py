@@ -8,7 +8,9 @@ Scheduler — whose nodes, after fusion, are the kernels it would generate:
 
     Triton kernel (a fused or single scheduler node)   1 launch, bytes = Inductor's own count of the buffers it
                                                         reads and writes (get_read_write_buffers_sizes)
-    extern kernel (cuDNN convolution, cuBLAS matmul)   1 launch, FLOPs = Inductor's estimate_flops, bytes as above
+    extern kernel (cuDNN convolution, cuBLAS matmul)   1 launch, FLOPs by torch.utils.flop_counter's formulas,
+                                                        bytes as above; a convolution also the share φ of the SMs
+                                                        its output tiles fill (cost.conv_sm_fraction, §5.4)
     dsm_fast custom op (Triton, kernels/*.py)          its module's LAUNCHES: launches and passes over its first
                                                         input's size
 
