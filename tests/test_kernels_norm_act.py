@@ -163,3 +163,18 @@ def test_forward_handing_h_on_adds_its_two_gradients_in_the_backward(dtype, seed
         gradients.append(torch.autograd.grad((z * w).sum() + grad_h.square().sum() + grad_k.sum(), inputs))
     rel = 1e-10 if dtype == torch.float64 else TOLERANCES[dtype]
     assert_rel_close(list(gradients[0]), list(gradients[1]), rel, "gradients", seed)
+
+
+def test_a_channel_slice_of_the_incoming_gradient_is_read_in_place(seed):
+    """ḡ a channel slice of a wider tensor (the explicit adjoint's skip split): the adjoint and its backward read it
+    without a copy and give exactly what they give on a contiguous ḡ."""
+    h, gain, modulation, _ = draw_norm_act_inputs(SHAPES[1], torch.float64)
+    b, c, height, width = h.shape
+    g = torch.randn(b, c + 3, height, width, dtype=torch.float64)[:, 1:c + 1]
+    assert op._channel_rows(g)[0] is g
+    k = op.modulated_gain(h, gain, modulation)
+    mean, var = op.norm_act_statistics_launch(h)
+    hh, kk = torch.randn_like(h), torch.randn_like(k)
+    for launcher, extra in ((op.norm_act_adjoint_launch, ()), (op.norm_act_adjoint_backward_launch, (hh, kk))):
+        sliced, copied = launcher(h, k, mean, var, g, *extra), launcher(h, k, mean, var, g.contiguous(), *extra)
+        assert all(torch.equal(x, y) for x, y in zip(sliced, copied)), (launcher.__name__, seed)

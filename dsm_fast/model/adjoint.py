@@ -60,14 +60,14 @@ def silu_derivative(z: torch.Tensor) -> torch.Tensor:
 def _kernel_ops(kernels: str) -> tuple:
     """(forward(h, k) → (z, h for the adjoint, h's statistics), adjoint(h, k, statistics, ḡ) → (h̄, k̄)): the custom
     operators of kernels/norm_act.py ('triton': the forward hands h on to the adjoint, so that its backward adds h's
-    two gradients in one pass, and the adjoint takes the forward's μ, v instead of reducing h again) or of the CUDA
-    C++ extension ('cuda': it reduces h itself, statistics empty; its second order by the Triton op); h, ḡ
-    contiguous, k = g (1 + m)."""
+    two gradients in one pass, and the adjoint takes the forward's μ, v instead of reducing h again, and reads a
+    channel slice ḡ in place) or of the CUDA C++ extension ('cuda': it reduces h itself, statistics empty; its
+    second order by the Triton op); h contiguous, k = g (1 + m)."""
     if kernels == "cuda":
         from ..cuda_ext import norm_act_adjoint_cuda_op, norm_act_cuda_op
 
         return (lambda h, k: (norm_act_cuda_op(h, k), h, ()),
-                lambda h, k, statistics, g: norm_act_adjoint_cuda_op(h, k, g))
+                lambda h, k, statistics, g: norm_act_adjoint_cuda_op(h, k, g.contiguous()))
     from ..kernels.norm_act import NormActHandingOn, norm_act_adjoint_op
 
     def forward(h, k):
@@ -87,7 +87,7 @@ def kernel_norm_act_forward(kernels: str, h: torch.Tensor, k: torch.Tensor) -> t
 def kernel_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, k̄): :func:`norm_act_adjoint_of_terms` by the ops of :func:`kernel_norm_act_forward`."""
     adjoint_op, h, k, statistics = saved
-    return adjoint_op(h, k, statistics, g.contiguous())
+    return adjoint_op(h, k, statistics, g)
 
 
 # kernels → (forward(h, k) → (z, saved), adjoint(saved, ḡ) → (h̄, k̄)) of NormAct, k = g (1 + m) of shape (B, C)
