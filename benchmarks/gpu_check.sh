@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check in one device call (≤ 8 minutes on an H100/H200): install (with the CUDA C++ extension), the CUDA
-# tests, the step benchmark of score / reference / fused eager / fused compiled / fused compiled + CUDA graph (and
-# torch.compile's reduce-overhead) at the paper preset, batch 128, fp32 and bf16, channels_last rows with the time
-# left, `profile`, the cost report, the EDM2-style edm2-s energy (batch 32, bf16: score / reference / fused eager, then
+# tests (the attention kernels at edm2-s sizes in bf16 among them), the step benchmark of score / reference / fused
+# eager / fused compiled / fused compiled + CUDA graph (and torch.compile's reduce-overhead) at the paper preset,
+# batch 128, fp32 and bf16, channels_last rows with the time left, `profile`, the cost report, the EDM2-style edm2-s energy (batch 32, bf16: score / reference / fused eager, then
 # score / fused compiled) with the time left, the sm_80/sm_90 compile check of every Triton kernel under the machine's Triton
 # (`profile --ptx --largest-only`, with the time left), and a markdown table for benchmarks/RESULTS.md printed last.
 # Every part has its own time limit and log under $OUT, so one that fails or runs long does not cost the others;
@@ -29,6 +29,7 @@ else
   TESTS="$PY -m pytest -q tests/test_routes_cuda.py tests/test_csrc.py \
          tests/test_model_adjoint.py::test_fused_triton_route_in_the_trainers_precisions \
          tests/test_tools_parity.py::test_triton_route_agrees_with_the_release_on_cuda \
+         tests/test_kernels_cosine_attention.py::test_on_the_gpu_at_edm2_sizes[bf16] \
          --benchmark-disable -p no:cacheprovider"
 fi
 EAGER="score,reference,fused"

@@ -44,8 +44,9 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from .cosine_attention_ref import attention_adjoint_ref, attention_ref  # noqa: F401 (re-exported)
+from .cosine_attention_ref import cosine_attention_adjoint_ref, cosine_attention_ref  # noqa: F401 (re-exported)
 from .launch import launch
+from .norm_act_ref import statistics_dtype  # λ and the accumulators: float64 for float64, else float32
 
 # (tokens per tile, warps, pipeline stages) per op and storage: the largest tiles that compile for sm_80 and sm_90
 # without a spill under Triton 3.6 and 3.9 (dsm-fast profile --ptx; the float32 dots are IEEE FMAs, float64's too,
@@ -277,11 +278,6 @@ DOT_PRECISION = {torch.float64: "ieee", torch.float32: "ieee"}  # exact products
 # bf16 values, 10 mantissa bits for P), on the tensor cores
 
 
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """λ and the accumulators: float64 for float64 storage, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _meta(x: torch.Tensor, op: str) -> dict:
     """Constexprs and launch options of ``op``'s kernels on x (N, C, 3, L): token blocks (:data:`TILES`, at most
     L's next power of two and at least 16), channel block, dot precision, warps, stages."""
@@ -427,13 +423,13 @@ for _name, _dots in DOTS.items():
 
 
 # --- public functions (the model's calling convention: kernels/cosine_attention_ref.py's) ------------------------
-def attention(x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """(o, (o, λ)) of x = (q̂, k̂, v̂) (N, C, 3, L): o, and what :func:`attention_adjoint` takes."""
+def cosine_attention(x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(o, (o, λ)) of x = (q̂, k̂, v̂) (N, C, 3, L): o, and what :func:`cosine_attention_adjoint` takes."""
     o, lse = attention_op(x.contiguous())
     return o, (o, lse)
 
 
-def attention_adjoint(x: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor], grad_o: torch.Tensor
+def cosine_attention_adjoint(x: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor], grad_o: torch.Tensor
                       ) -> torch.Tensor:
     """x̄ (N, C, 3, L) given ō (N, C, L) and the forward's ``saved`` (o, λ), differentiable in x and ō."""
     o, lse = saved

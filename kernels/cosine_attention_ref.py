@@ -21,15 +21,15 @@ import math
 import torch
 
 
-def attention_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cosine_attention_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, P) of x = (q̂, k̂, v̂): (N, c, 3, L) → o (N, c, L), P (N, L_q, L_k); P is what the adjoint takes."""
     q, k, v = x.unbind(2)
     p = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(x.shape[1]), dim=-1)
     return v @ p.transpose(-1, -2), p
 
 
-def attention_adjoint_ref(x: torch.Tensor, p: torch.Tensor, o_bar: torch.Tensor) -> torch.Tensor:
-    """x̄ = (q̂̄, k̂̄, v̂̄): (N, c, 3, L) of :func:`attention_ref` given ō (N, c, L) and the forward's P."""
+def cosine_attention_adjoint_ref(x: torch.Tensor, p: torch.Tensor, o_bar: torch.Tensor) -> torch.Tensor:
+    """x̄ = (q̂̄, k̂̄, v̂̄): (N, c, 3, L) of :func:`cosine_attention_ref` given ō (N, c, L) and the forward's P."""
     q, k, v = x.unbind(2)
     v_bar = o_bar @ p
     p_bar = o_bar.transpose(-1, -2) @ v

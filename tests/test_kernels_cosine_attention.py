@@ -36,18 +36,18 @@ def draw_attention_inputs(shape, device="cpu"):
 def reference(x, g, z):
     """(o, λ, x̄, dx, dō) by the PyTorch form in float64, the second order by autograd through its adjoint."""
     x, g = x.detach().double().requires_grad_(), g.detach().double().requires_grad_()
-    o, p = ca.attention_ref(x)
+    o, p = ca.cosine_attention_ref(x)
     q, k, _ = x.unbind(2)
     lse = torch.logsumexp(q.transpose(-1, -2) @ k / math.sqrt(x.shape[1]), dim=-1)
-    x_bar = ca.attention_adjoint_ref(x, p, g)
+    x_bar = ca.cosine_attention_adjoint_ref(x, p, g)
     return (o, lse, x_bar, *torch.autograd.grad(x_bar, (x, g), z.double()))
 
 
 def kernels(x, g, z):
     """The same by the custom operators: (o, λ, x̄, dx, dō), and x̄ by autograd through the forward op."""
     x, g = x.detach().requires_grad_(), g.detach().requires_grad_()
-    o, saved = ca.attention(x)
-    x_bar = ca.attention_adjoint(x, saved, g)
+    o, saved = ca.cosine_attention(x)
+    x_bar = ca.cosine_attention_adjoint(x, saved, g)
     through_forward = torch.autograd.grad(o, x, g, retain_graph=True)[0]
     return (o, saved[1], x_bar, *torch.autograd.grad(x_bar, (x, g), z)), through_forward
 
@@ -55,8 +55,8 @@ def kernels(x, g, z):
 def test_reference_adjoint_is_the_vjp_of_the_reference(seed):
     x, g, _ = draw_attention_inputs((2, 8, 12))
     x.requires_grad_()
-    o, p = ca.attention_ref(x)
-    assert_rel_close(ca.attention_adjoint_ref(x, p, g), torch.autograd.grad(o, x, g)[0], 1e-12,
+    o, p = ca.cosine_attention_ref(x)
+    assert_rel_close(ca.cosine_attention_adjoint_ref(x, p, g), torch.autograd.grad(o, x, g)[0], 1e-12,
                      "explicit adjoint vs autograd", seed)
 
 
@@ -110,7 +110,7 @@ def test_launch_counts_match_the_cost_table():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
 def test_on_the_gpu_at_edm2_sizes(dtype, seed):
     """EDM2-S's attention at 64×64 images (c = 64; L = 256 at 16², 64 at 8²), compiled kernels on the GPU."""
     for length in (256, 64):

@@ -70,14 +70,14 @@ NOT_KERNELS = ("aten._local_scalar_dense", "aten.empty", "aten.empty_strided", "
                "profiler._record_function_enter_new", "profiler._record_function_exit")  # no device work
 
 
-def custom_op_launches() -> dict[str, tuple[int, int]]:
+def custom_op_launches() -> dict[str, tuple[int, float]]:
     """custom-op name → (kernels it launches per call, full passes over its first input's size), from the kernel
     modules that register them (none without Triton)."""
     if importlib.util.find_spec("triton") is None:
         return {}
-    from ..kernels import dual_score_loss, norm_act
+    from ..kernels import cosine_attention, dual_score_loss, mp_block, norm_act
 
-    return {**norm_act.LAUNCHES, **dual_score_loss.LAUNCHES}
+    return {**norm_act.LAUNCHES, **dual_score_loss.LAUNCHES, **cosine_attention.LAUNCHES, **mp_block.LAUNCHES}
 
 
 def conv_sm_fraction(out_shape: list[int], sms: int = SMS) -> float:
@@ -132,7 +132,7 @@ class CostMode(TorchDispatchMode):
         flops = int(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0
         if name in self.launches:  # a fused op: the passes its kernels make over its first input's size
             kernels, passes = self.launches[name]
-            moved = passes * tensors[0].numel() * tensors[0].element_size()
+            moved = int(passes * tensors[0].numel() * tensors[0].element_size())
         else:
             kernels, moved = 1, sum(x.numel() * x.element_size() for x in tensors)
         fraction = conv_sm_fraction(list(out.shape)) if name == "aten.convolution" else 1.0
