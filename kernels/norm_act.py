@@ -55,25 +55,36 @@ def _row_load(ptr, row, offs, mask, n, acc_ty: tl.constexpr):
 
 
 @triton.jit
+def _slice_row(ptr, row, C, n, batch_stride):
+    """Row (b, c) = (row // C, row % C) of an array whose images' (C, n) blocks are contiguous and batch_stride
+    elements apart: C·n when the array is contiguous, more for a channel slice of a larger one (no copy needed)."""
+    return ptr + (row // C).to(tl.int64) * batch_stride + (row % C).to(tl.int64) * n
+
+
+@triton.jit
 def _row_stats_kernel(h_ptr, mean_ptr, var_ptr, n, BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
     """One program per row (image b, channel c). h: (R, n) contiguous rows; mean, var: (R,) statistics dtype;
-    N_BLOCKS = ⌈n/BLOCK⌉. Two passes over the row: μ = mean h, then v = mean (h − μ)²."""
+    N_BLOCKS = ⌈n/BLOCK⌉. One pass over the row: each block's count m_j, mean μ_j and M_j = Σ (h − μ_j)² (exact, two
+    passes over the block in registers), merged in order (Chan, Golub & LeVeque): with δ = μ_j − μ,
+    μ ← μ + δ m_j / (m + m_j),  M ← M + M_j + δ² m m_j / (m + m_j),  m ← m + m_j;  v = M / n."""
     row = tl.program_id(0)
     base = h_ptr + row.to(tl.int64) * n
     acc_ty = mean_ptr.dtype.element_ty
-    total = tl.zeros([BLOCK], dtype=acc_ty)
-    for i in range(N_BLOCKS):
-        offs = i * BLOCK + tl.arange(0, BLOCK)
-        total += tl.load(base + offs, mask=offs < n, other=0.0).to(acc_ty)
-    mean = tl.sum(total, axis=0) / n
-    squares = tl.zeros([BLOCK], dtype=acc_ty)
+    mean = tl.zeros([1], dtype=acc_ty)
+    m2 = tl.zeros([1], dtype=acc_ty)
     for i in range(N_BLOCKS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        centred = tl.where(mask, tl.load(base + offs, mask=mask, other=0.0).to(acc_ty) - mean, 0.0)
-        squares += centred * centred
-    tl.store(mean_ptr + row, mean)
-    tl.store(var_ptr + row, tl.sum(squares, axis=0) / n)
+        x = tl.load(base + offs, mask=mask, other=0.0).to(acc_ty)
+        count = tl.minimum(n - i * BLOCK, BLOCK).to(acc_ty)
+        block_mean = tl.sum(x, axis=0) / count
+        centred = tl.where(mask, x - block_mean, 0.0)
+        delta = block_mean - mean
+        weight = count / (i * BLOCK + count)
+        mean += delta * weight
+        m2 += tl.sum(centred * centred, axis=0) + delta * delta * (i * BLOCK) * weight
+    tl.store(mean_ptr + row + tl.arange(0, 1), mean)
+    tl.store(var_ptr + row + tl.arange(0, 1), m2 / n)
 
 
 @triton.jit
@@ -90,27 +101,29 @@ def _norm_act_fwd_kernel(h_ptr, mean_ptr, scale_ptr, out_ptr, n, BLOCK: tl.const
 
 
 @triton.jit
-def _adjoint_abar(h_ptr, g_ptr, row, offs, mask, n, mean, scale, acc_ty: tl.constexpr):
-    """x̂ = h − μ and ā = ḡ GELU'(x̂ · scale) at positions ``offs`` of ``row`` (zero where masked)."""
+def _adjoint_abar(h_ptr, g_row, row, offs, mask, n, mean, scale, acc_ty: tl.constexpr):
+    """x̂ = h − μ and ā = ḡ GELU'(x̂ · scale) at positions ``offs`` of ``row`` (zero where masked); g_row → ḡ's row."""
     xhat = tl.where(mask, _row_load(h_ptr, row, offs, mask, n, acc_ty) - mean, 0.0)
-    g = _row_load(g_ptr, row, offs, mask, n, acc_ty)
+    g = tl.load(g_row + offs, mask=mask, other=0.0).to(acc_ty)
     a = xhat * scale
     gelu_prime = 0.5 * (1.0 + tl.math.erf(a * SQRT_HALF)) + a * tl.exp(-0.5 * a * a) * INV_SQRT_2PI
     return xhat, g * gelu_prime
 
 
 @triton.jit
-def _norm_act_adj_reduce_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, sum_abar_ptr, q_ptr, n, BLOCK: tl.constexpr,
-                                N_BLOCKS: tl.constexpr):
-    """One program per row. h, ḡ: (R, n); mean, scale: (R,). Writes Σ ā and Q = Σ ā x̂, each (R,)."""
+def _norm_act_adj_reduce_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, sum_abar_ptr, q_ptr, n, C, g_batch_stride,
+                                BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
+    """One program per row. h: (R, n); ḡ: R = B·C rows of n, images g_batch_stride apart; mean, scale: (R,).
+    Writes Σ ā and Q = Σ ā x̂, each (R,)."""
     row = tl.program_id(0)
+    g_row = _slice_row(g_ptr, row, C, n, g_batch_stride)
     acc_ty = mean_ptr.dtype.element_ty
     mean, scale = tl.load(mean_ptr + row), tl.load(scale_ptr + row)
     sum_abar = tl.zeros([BLOCK], dtype=acc_ty)
     q = tl.zeros([BLOCK], dtype=acc_ty)
     for i in range(N_BLOCKS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
-        xhat, abar = _adjoint_abar(h_ptr, g_ptr, row, offs, offs < n, n, mean, scale, acc_ty)
+        xhat, abar = _adjoint_abar(h_ptr, g_row, row, offs, offs < n, n, mean, scale, acc_ty)
         sum_abar += abar
         q += abar * xhat
     tl.store(sum_abar_ptr + row, tl.sum(sum_abar, axis=0))
@@ -118,17 +131,20 @@ def _norm_act_adj_reduce_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, sum_abar_ptr,
 
 
 @triton.jit
-def _norm_act_adj_apply_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, abar_mean_ptr, coef_x_ptr, grad_h_ptr, n,
-                               BLOCK: tl.constexpr):
-    """Grid (R, ⌈n/BLOCK⌉). h, ḡ, h̄: (R, n); mean, scale, mean ā, coef_x: (R,).
-    h̄ = scale · (ā − mean ā) + coef_x · x̂."""
+def _norm_act_adj_apply_kernel(h_ptr, g_ptr, mean_ptr, scale_ptr, abar_mean_ptr, coef_x_ptr, addend_ptr, grad_h_ptr,
+                               n, C, g_batch_stride, BLOCK: tl.constexpr, HAS_ADDEND: tl.constexpr):
+    """Grid (R, ⌈n/BLOCK⌉). h, addend, h̄: (R, n); ḡ as in the reduce kernel; mean, scale, mean ā, coef_x: (R,).
+    h̄ = scale · (ā − mean ā) + coef_x · x̂ (+ addend where HAS_ADDEND; addend_ptr unread otherwise)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc_ty = mean_ptr.dtype.element_ty
     scale = tl.load(scale_ptr + row)
-    xhat, abar = _adjoint_abar(h_ptr, g_ptr, row, offs, mask, n, tl.load(mean_ptr + row), scale, acc_ty)
+    xhat, abar = _adjoint_abar(h_ptr, _slice_row(g_ptr, row, C, n, g_batch_stride), row, offs, mask, n,
+                               tl.load(mean_ptr + row), scale, acc_ty)
     grad_h = scale * (abar - tl.load(abar_mean_ptr + row)) + tl.load(coef_x_ptr + row) * xhat
+    if HAS_ADDEND:
+        grad_h += _row_load(addend_ptr, row, offs, mask, n, acc_ty)
     tl.store(grad_h_ptr + row.to(tl.int64) * n + offs, grad_h.to(grad_h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -140,12 +156,14 @@ def _gelu_derivatives(a):
 
 
 @triton.jit
-def _adj_bwd_reduce_kernel(h_ptr, g_ptr, hh_ptr, mean_ptr, scale_ptr, sums_ptr, n, BLOCK: tl.constexpr,
-                           N_BLOCKS: tl.constexpr):
-    """One program per row. h, ḡ, H (the cotangent of h̄): (R, n); mean, scale: (R,); sums: (R, 10) ←
+def _adj_bwd_reduce_kernel(h_ptr, g_ptr, hh_ptr, mean_ptr, scale_ptr, sums_ptr, n, C, g_batch_stride,
+                           BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
+    """One program per row. h, H (the cotangent of h̄): (R, n); ḡ: rows of n, images g_batch_stride apart; mean,
+    scale: (R,); sums: (R, 10) ←
     (Σ ā, Σ ā x̂, Σ H, Σ H ā, Σ H x̂, Σ r H x̂, Σ r x̂², Σ r x̂, Σ r H, Σ r), r = ḡ GELU''(a): the last five give
     Σ da x̂ and Σ da of the launcher's pass 2 without a pass of their own, da being linear in H, x̂ and 1."""
     row = tl.program_id(0)
+    g_row = _slice_row(g_ptr, row, C, n, g_batch_stride)
     acc_ty = mean_ptr.dtype.element_ty
     mean, scale = tl.load(mean_ptr + row), tl.load(scale_ptr + row)
     s_a = tl.zeros([BLOCK], dtype=acc_ty)
@@ -162,7 +180,7 @@ def _adj_bwd_reduce_kernel(h_ptr, g_ptr, hh_ptr, mean_ptr, scale_ptr, sums_ptr, 
         offs = i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         xhat = tl.where(mask, _row_load(h_ptr, row, offs, mask, n, acc_ty) - mean, 0.0)
-        g = _row_load(g_ptr, row, offs, mask, n, acc_ty)
+        g = tl.load(g_row + offs, mask=mask, other=0.0).to(acc_ty)
         hh = _row_load(hh_ptr, row, offs, mask, n, acc_ty)
         d1, d2 = _gelu_derivatives(xhat * scale)
         abar, r = g * d1, g * d2
@@ -204,15 +222,17 @@ def _second_order_dabar(xhat, hh, c, mask):
 
 
 @triton.jit
-def _adj_bwd_apply_kernel(h_ptr, g_ptr, hh_ptr, coef_ptr, grad_h_ptr, grad_g_ptr, n, BLOCK: tl.constexpr):
+def _adj_bwd_apply_kernel(h_ptr, g_ptr, hh_ptr, coef_ptr, grad_h_ptr, grad_g_ptr, n, C, g_batch_stride,
+                          BLOCK: tl.constexpr):
     """Grid (R, ⌈n/BLOCK⌉). dḡ = dā GELU'(a) and dh = coef_x H + dQ ā + σ da + e x̂ − mean, da = dā ḡ GELU''(a),
-    coef (R, 7) = (μ, σ, dQ, dS, coef_x, e, mean)."""
+    coef (R, 7) = (μ, σ, dQ, dS, coef_x, e, mean); h, H, dh, dḡ: (R, n), ḡ as in the reduce kernel."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc_ty = coef_ptr.dtype.element_ty
     c = coef_ptr + 7 * row
-    g, hh = _row_load(g_ptr, row, offs, mask, n, acc_ty), _row_load(hh_ptr, row, offs, mask, n, acc_ty)
+    g = tl.load(_slice_row(g_ptr, row, C, n, g_batch_stride) + offs, mask=mask, other=0.0).to(acc_ty)
+    hh = _row_load(hh_ptr, row, offs, mask, n, acc_ty)
     xhat, d1, d2 = _second_order_gelu(_row_load(h_ptr, row, offs, mask, n, acc_ty), c, mask)
     dabar = _second_order_dabar(xhat, hh, c, mask)
     da = dabar * g * d2
@@ -353,13 +373,23 @@ def _row_grid(rows: int, n: int) -> tuple[int, int]:
     return rows, triton.cdiv(n, _block(n))
 
 
+def _channel_rows(g: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(g, its batch stride) for a kernel that reads g (B, C, H, W) as B·C rows of H·W: g itself when each image's
+    (C, H, W) block is contiguous — a channel slice of a larger tensor, as the explicit adjoint's skip split and
+    its gradient give, is read in place — else a contiguous copy."""
+    c, height, width = g.shape[1:]
+    if not g.is_contiguous() and g.stride()[1:] != (height * width, width, 1):
+        g = g.contiguous()
+    return g, g.stride(0) if g.shape[0] > 1 else c * height * width
+
+
 def _channels(c: int) -> dict[str, int]:
     """Constexprs of a per-image kernel over c channels."""
     return {"BLOCK_C": triton.next_power_of_2(c)}
 
 
 def norm_act_statistics_launch(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ, v) of contiguous h (B, C, H, W), each (B, C) in the statistics dtype: one launch, two passes over h."""
+    """(μ, v) of contiguous h (B, C, H, W), each (B, C) in the statistics dtype: one launch, one pass over h."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
     mean = torch.empty(b, c, device=h.device, dtype=statistics_dtype(h.dtype))
     var = torch.empty_like(mean)
@@ -386,18 +416,23 @@ def norm_act_forward_launch(h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Ten
 
 
 def norm_act_adjoint_launch(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                            grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̄, k̄) for contiguous h, ḡ (B, C, H, W), k (B, C) in the statistics dtype and h's statistics μ, v (B, C)
-    (formulas in the module doc). Four launches: σ, Σ ā and Q, channel terms, h̄."""
+                            grad_out: torch.Tensor, addend: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h̄, k̄) for contiguous h (B, C, H, W), ḡ like h (a channel slice read in place, :func:`_channel_rows`), k (B, C)
+    in the statistics dtype and h's statistics μ, v (B, C) (formulas in the module doc); with a contiguous ``addend``
+    like h, h̄ + addend instead of h̄ (read in the last pass). Four launches: σ, Σ ā and Q, channel terms, h̄."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
+    grad_out, g_stride = _channel_rows(grad_out)
     scale = _scale(var, k)
     sum_abar, q, grad_k = torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
     coef_x, abar_mean = torch.empty_like(mean), torch.empty_like(mean)
-    launch(_norm_act_adj_reduce_kernel, (b * c,), h, grad_out, mean, scale, sum_abar, q, n, **_row_loop(n))
+    launch(_norm_act_adj_reduce_kernel, (b * c,), h, grad_out, mean, scale, sum_abar, q, n, c, g_stride,
+           **_row_loop(n))
     launch(_adj_coef_kernel, (b,), var, k, q, sum_abar, grad_k, coef_x, abar_mean, c, n, **_channels(c))
     grad_h = torch.empty_like(h)
-    launch(_norm_act_adj_apply_kernel, _row_grid(b * c, n), h, grad_out, mean, scale, abar_mean, coef_x, grad_h, n,
-           BLOCK=_block(n))
+    launch(_norm_act_adj_apply_kernel, _row_grid(b * c, n), h, grad_out, mean, scale, abar_mean, coef_x,
+           grad_h if addend is None else addend, grad_h, n, c, g_stride, BLOCK=_block(n),
+           HAS_ADDEND=addend is not None)
     return grad_h, grad_k
 
 
@@ -417,18 +452,21 @@ def norm_act_adjoint_backward_launch(h: torch.Tensor, k: torch.Tensor, mean: tor
         dv = −w² dw + dV / C
         pass 2:  dḡ, and dh = coef_x H + dQ ā + σ da + (2 dv / n) x̂ − mean of the same (Σ x̂ = 0)
 
-    h, ḡ, H contiguous (B, C, H, W); k, K and h's statistics μ, v (B, C) in the statistics dtype. dh is the whole
+    h, H contiguous (B, C, H, W), ḡ as in :func:`norm_act_adjoint_launch`, dḡ contiguous; k, K and h's statistics
+    μ, v (B, C) in the statistics dtype. dh is the whole
     derivative, through μ and v included (their own gradients are not returned: see the custom operators). Four
     launches: σ, pass 1, channel terms, pass 2."""
     b, c, n = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
+    grad_g = torch.empty(h.shape, device=h.device, dtype=grad_out.dtype)
+    grad_out, g_stride = _channel_rows(grad_out)
     scale = _scale(var, k)
     sums = torch.empty(b, c, 10, device=h.device, dtype=k.dtype)
-    launch(_adj_bwd_reduce_kernel, (b * c,), h, grad_out, grad_grad_h, mean, scale, sums, n, **_row_loop(n),
-           num_warps=SUMS_WARPS)
+    launch(_adj_bwd_reduce_kernel, (b * c,), h, grad_out, grad_grad_h, mean, scale, sums, n, c, g_stride,
+           **_row_loop(n), num_warps=SUMS_WARPS)
     coef, grad_k = torch.empty(b, c, 7, device=h.device, dtype=k.dtype), torch.empty_like(mean)
     launch(_adj_bwd_coef_kernel, (b,), mean, var, k, grad_grad_k, sums, coef, grad_k, c, n, **_channels(c))
-    grad_h, grad_g = torch.empty_like(h), torch.empty_like(grad_out)
-    launch(_adj_bwd_apply_kernel, _row_grid(b * c, n), h, grad_out, grad_grad_h, coef, grad_h, grad_g, n,
+    grad_h = torch.empty_like(h)
+    launch(_adj_bwd_apply_kernel, _row_grid(b * c, n), h, grad_out, grad_grad_h, coef, grad_h, grad_g, n, c, g_stride,
            BLOCK=_block(n))
     return grad_h, grad_k, grad_g
 
@@ -455,6 +493,14 @@ def norm_act_adjoint_op(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, va
                         grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, k̄) = Jᵀ ḡ, μ and v h's statistics; backward = dsm_fast::norm_act_adjoint_backward."""
     return norm_act_adjoint_launch(h, k, mean, var, grad_out)
+
+
+@torch.library.custom_op("dsm_fast::norm_act_backward", mutates_args=())
+def norm_act_backward_op(h: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                         grad_out: torch.Tensor, grad_h_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Jᵀ ḡ + the gradient h has from its other consumers, k̄): NormAct's backward when h is also used elsewhere
+    (:class:`NormActHandingOn`); differentiating it raises."""
+    return norm_act_adjoint_launch(h, k, mean, var, grad_out, grad_h_other)
 
 
 @torch.library.custom_op("dsm_fast::norm_act_adjoint_backward", mutates_args=())
@@ -484,9 +530,14 @@ def _(h, k, mean, var, grad_out):
     return torch.empty_like(h), torch.empty_like(k)
 
 
+@norm_act_backward_op.register_fake
+def _(h, k, mean, var, grad_out, grad_h_other):
+    return torch.empty_like(h), torch.empty_like(k)
+
+
 @norm_act_adjoint_backward_op.register_fake
 def _(h, k, mean, var, grad_out, grad_grad_h, grad_grad_k):
-    return torch.empty_like(h), torch.empty_like(k), torch.empty_like(grad_out)
+    return torch.empty_like(h), torch.empty_like(k), h.new_empty(h.shape, dtype=grad_out.dtype)
 
 
 def _save_forward(ctx, inputs, output) -> None:
@@ -501,7 +552,7 @@ def _save_inputs(ctx, inputs, output) -> None:
 
 def _norm_act_backward(ctx, grad_z, grad_mean, grad_var):
     h, k, mean, var = ctx.saved_tensors
-    return norm_act_adjoint_op(h, k, mean, var, grad_z.contiguous())
+    return norm_act_adjoint_op(h, k, mean, var, grad_z)
 
 
 def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -529,13 +580,38 @@ def _third_order(ctx, *grads):
 torch.library.register_autograd("dsm_fast::norm_act", _norm_act_backward, setup_context=_save_forward)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint", _norm_act_adjoint_backward, setup_context=_save_inputs)
 torch.library.register_autograd("dsm_fast::norm_act_adjoint_backward", _third_order, setup_context=_save_inputs)
+torch.library.register_autograd("dsm_fast::norm_act_backward", _third_order, setup_context=_save_inputs)
 # Per op and call: (kernels launched, all Triton; full passes over an h-sized tensor, each read or write), what
 # dsm-fast profile --cost counts for an op it sees only from outside (tests/test_kernels_custom_ops.py recounts
 # the kernels).
-# Statistics read h twice; forward: statistics, σ, + read h, write z; adjoint (statistics given): σ, read h, ḡ
-# twice, write h̄; its backward (statistics given): σ, read h, ḡ, H twice, write dḡ and dh.
-LAUNCHES = {"dsm_fast.norm_act": (3, 4), "dsm_fast.norm_act_statistics": (1, 2), "dsm_fast.norm_act_adjoint": (4, 5),
-            "dsm_fast.norm_act_adjoint_backward": (4, 8)}
+# Statistics read h once; forward: statistics, σ, + read h, write z; adjoint (statistics given): σ, read h, ḡ
+# twice, write h̄ (NormAct's backward: the same, and read h's other gradient); the adjoint's backward (statistics
+# given): σ, read h, ḡ, H twice, write dḡ and dh.
+LAUNCHES = {"dsm_fast.norm_act": (3, 3), "dsm_fast.norm_act_statistics": (1, 1), "dsm_fast.norm_act_adjoint": (4, 5),
+            "dsm_fast.norm_act_adjoint_backward": (4, 8), "dsm_fast.norm_act_backward": (4, 6)}
+
+
+class NormActHandingOn(torch.autograd.Function):
+    """(z, μ, v, h) = dsm_fast::norm_act(h, k) with h handed on (a view, no copy) for a second consumer — the explicit
+    adjoint of the same layer. Its gradient then reaches this backward beside z's, and dsm_fast::norm_act_backward
+    adds it inside the adjoint's last pass: one read of it instead of a separate sum (read both, write one) of
+    h's two gradients (docs/method.md §4.4). Differentiable once (what a first-order route needs)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, k: torch.Tensor):
+        z, mean, var = norm_act_op(h, k)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(h, k, mean, var)
+        return z, mean, var, h.view_as(h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z, grad_mean, grad_var, grad_h_other):
+        h, k, mean, var = ctx.saved_tensors
+        grad_z = torch.zeros_like(h) if grad_z is None else grad_z
+        if grad_h_other is None:
+            return norm_act_adjoint_op(h, k, mean, var, grad_z)
+        return norm_act_backward_op(h, k, mean, var, grad_z, grad_h_other.contiguous())
 
 
 # --- public functions -------------------------------------------------------------------------------------------
@@ -549,5 +625,5 @@ def norm_act_adjoint(h: torch.Tensor, gain: torch.Tensor, modulation: torch.Tens
     """(h̄, m̄) = Jᵀ ḡ of :func:`norm_act` w.r.t. h and m (m̄ = g k̄), differentiable in h, g, m and ḡ."""
     h = h.contiguous()
     grad_h, grad_k = norm_act_adjoint_op(h, modulated_gain(h, gain, modulation), *norm_act_statistics_op(h.detach()),
-                                         grad_out.contiguous())
+                                         grad_out)
     return grad_h, (gain.to(grad_k.dtype) * grad_k).to(modulation.dtype)

@@ -35,6 +35,7 @@ def test_opcheck_every_op(seed):
              # no gradient required: its own backward raises by design (test_kernels_norm_act.py)
              (torch.ops.dsm_fast.norm_act_adjoint_backward.default,
               [x.detach() for x in (h, k, mean, var, g, hh, kk)]),
+             (torch.ops.dsm_fast.norm_act_backward.default, [x.detach() for x in (h, k, mean, var, g, hh)]),
              (torch.ops.dsm_fast.dual_score_loss.default, (grad_y.requires_grad_(), grad_t, eps, t)),
              (torch.ops.dsm_fast.dual_score_loss_backward.default,
               (grad_y, grad_t, eps, t, torch.rand(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64), sums))]
@@ -74,6 +75,7 @@ def test_compile_traces_the_ops_without_graph_breaks(seed):
     ("dsm_fast.norm_act", na.norm_act_forward_launch, lambda: norm_act_inputs()[:2]),
     ("dsm_fast.norm_act_statistics", na.norm_act_statistics_launch, lambda: norm_act_inputs()[:1]),
     ("dsm_fast.norm_act_adjoint", na.norm_act_adjoint_launch, lambda: norm_act_inputs()[:5]),
+    ("dsm_fast.norm_act_backward", na.norm_act_adjoint_launch, lambda: norm_act_inputs()[:6]),
     ("dsm_fast.norm_act_adjoint_backward", na.norm_act_adjoint_backward_launch, norm_act_inputs),
     ("dsm_fast.dual_score_loss", loss_op._dual_score_loss_op._init_fn, loss_inputs),
     ("dsm_fast.dual_score_loss_backward", loss_op._dual_score_loss_backward_op._init_fn,

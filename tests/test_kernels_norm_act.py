@@ -126,3 +126,55 @@ def test_bfloat16_storage_no_worse_than_the_reference(seed):
     assert kernel[0].dtype == torch.bfloat16 and kernel[1].dtype == torch.bfloat16
     for name, k, r, e in zip(("z", "h̄", "m̄"), kernel, reference, exact):
         assert relative_error(k, e) <= 2 * relative_error(r, e) + 1e-6, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_pass_statistics_survive_a_large_offset(dtype, seed):
+    """μ, v in one pass over rows of three blocks (1,024 + 1,024 + 50 positions) whose mean is 1,000 times their
+    spread: merging exact per-block moments (Chan, Golub & LeVeque) keeps v to the dtype's rounding, where
+    E h² − μ² in float32 would lose every digit of it."""
+    h = 1e3 + torch.randn(2, 3, 2 * op.MAX_BLOCK + 50, 1, dtype=torch.float64)
+    h[:, :, -1] += 30.0  # an outlier alone in the last block
+    h = h.to(dtype)
+    mean, var = op.norm_act_statistics_launch(h)
+    rel = 1e-10 if dtype == torch.float64 else TOLERANCES[dtype]
+    assert_rel_close(mean.double(), h.double().mean(dim=(2, 3)), rel, "mean", seed)
+    assert_rel_close(var.double(), h.double().var(dim=(2, 3), unbiased=False), rel, "variance", seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_handing_h_on_adds_its_two_gradients_in_the_backward(dtype, seed):
+    """NormActHandingOn: h's gradient through z and through the handed-on h (into the adjoint, as in the fused
+    route), summed by dsm_fast::norm_act_backward, equals autograd's of the reference."""
+    h, gain, modulation, grad_out = draw_norm_act_inputs(SHAPES[2], dtype, requires_grad=True)
+    w = torch.randn_like(h)
+
+    def by_kernels(h, k):
+        z, mean, var, h_on = op.NormActHandingOn.apply(h, k)
+        return z, *op.norm_act_adjoint_op(h_on, k, mean, var, grad_out)
+
+    def by_reference(h, k):
+        return op.scaled_norm_act_ref(h, k), *op.scaled_norm_act_adjoint_ref(h, k, grad_out)
+
+    inputs = [h, gain, modulation, grad_out]
+    gradients = []
+    for step in (by_kernels, by_reference):
+        z, grad_h, grad_k = step(h, op.modulated_gain(h, gain, modulation))
+        gradients.append(torch.autograd.grad((z * w).sum() + grad_h.square().sum() + grad_k.sum(), inputs))
+    rel = 1e-10 if dtype == torch.float64 else TOLERANCES[dtype]
+    assert_rel_close(list(gradients[0]), list(gradients[1]), rel, "gradients", seed)
+
+
+def test_a_channel_slice_of_the_incoming_gradient_is_read_in_place(seed):
+    """ḡ a channel slice of a wider tensor (the explicit adjoint's skip split): the adjoint and its backward read it
+    without a copy and give exactly what they give on a contiguous ḡ."""
+    h, gain, modulation, _ = draw_norm_act_inputs(SHAPES[1], torch.float64)
+    b, c, height, width = h.shape
+    g = torch.randn(b, c + 3, height, width, dtype=torch.float64)[:, 1:c + 1]
+    assert op._channel_rows(g)[0] is g
+    k = op.modulated_gain(h, gain, modulation)
+    mean, var = op.norm_act_statistics_launch(h)
+    hh, kk = torch.randn_like(h), torch.randn_like(k)
+    for launcher, extra in ((op.norm_act_adjoint_launch, ()), (op.norm_act_adjoint_backward_launch, (hh, kk))):
+        sliced, copied = launcher(h, k, mean, var, g, *extra), launcher(h, k, mean, var, g.contiguous(), *extra)
+        assert all(torch.equal(x, y) for x, y in zip(sliced, copied)), (launcher.__name__, seed)

@@ -72,6 +72,16 @@ def test_fused_triton_step_launches_a_third_and_moves_half_of_the_reference():
     assert fused["bytes"] <= reference["bytes"] / 2, (fused["bytes"], reference["bytes"])
 
 
+def test_only_the_double_backward_has_convolutions_that_underfill_the_gpu():
+    """docs/method.md §5.4: at the paper preset, batch 128, every convolution of the score step fills the H100's SMs;
+    the reference step adds ATen's 20 batch-swapped weight-gradient convolutions, which do not."""
+    score, reference = cost.trace_step("score"), cost.trace_step("reference")
+    assert all(op.sm_fraction == 1 for op in score["ops"])
+    few = [op for op in reference["ops"] if op.sm_fraction < 1]
+    assert len(few) == 20 and {op.name for op in few} == {"aten.convolution"}
+    assert max(op.sm_fraction for op in few) < 1 and min(op.sm_fraction for op in few) == pytest.approx(1 / cost.SMS)
+
+
 def test_edm2_fused_triton_step_launches_a_third_and_moves_half_of_the_reference():
     """Issue 20's cost target on the tiny EDM2 preset (batch 8, 32², eager fp32): the fused route with
     kernels/mp_block.py's ops launches at most a third of the reference route's kernels (the counts are the same at

@@ -51,3 +51,18 @@ def test_breakdown_adds_up_to_the_step_largest_first():
     total = inductor_cost.step_ms(inductor_cost.step_parts(ops, H100), H100, 2e-6, 0.2)
     assert sum(r["ms"] for r in rows) == pytest.approx(total)
     assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
+
+
+def test_a_convolution_with_few_output_tiles_runs_at_their_share_of_the_sms():
+    """docs/method.md §5.4: the paper preset's first convolution (128 × 64 × 64² outputs) fills the H100; the weight
+    gradient of the convolution double backward as a forward convolution (64 × 64 × 3², batch and channels swapped)
+    has 5 tiles of 128², so its FLOPs take 132 / 5 times as long."""
+    from dsm_fast.tools.cost import H100, OpCost
+
+    assert inductor_cost.conv_sm_fraction([128, 64, 64, 64]) == 1.0
+    small = inductor_cost.conv_sm_fraction([64, 64, 3, 3])
+    assert small == pytest.approx(5 / 132)
+    full, swapped = OpCost("aten.convolution", 1, 4e10, 1e6, "tf32"), OpCost("aten.convolution", 1, 4e10, 1e6, "tf32",
+                                                                             small)
+    ratio = inductor_cost.step_parts([swapped], H100)[0] / inductor_cost.step_parts([full], H100)[0]
+    assert ratio == pytest.approx(132 / 5)

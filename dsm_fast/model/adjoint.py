@@ -58,20 +58,21 @@ def silu_derivative(z: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_ops(kernels: str) -> tuple:
-    """(forward(h, k) → (z, h's statistics), adjoint(h, k, statistics, ḡ) → (h̄, k̄)): the custom operators of
-    kernels/norm_act.py ('triton': the adjoint takes the forward's μ, v instead of reducing h again) or of the CUDA
-    C++ extension ('cuda': it reduces h itself, statistics empty; its second order by the Triton op); h, ḡ contiguous,
-    k = g (1 + m)."""
+    """(forward(h, k) → (z, h for the adjoint, h's statistics), adjoint(h, k, statistics, ḡ) → (h̄, k̄)): the custom
+    operators of kernels/norm_act.py ('triton': the forward hands h on to the adjoint, so that its backward adds h's
+    two gradients in one pass, and the adjoint takes the forward's μ, v instead of reducing h again, and reads a
+    channel slice ḡ in place) or of the CUDA C++ extension ('cuda': it reduces h itself, statistics empty; its
+    second order by the Triton op); h contiguous, k = g (1 + m)."""
     if kernels == "cuda":
         from ..cuda_ext import norm_act_adjoint_cuda_op, norm_act_cuda_op
 
-        return (lambda h, k: (norm_act_cuda_op(h, k), ()),
-                lambda h, k, statistics, g: norm_act_adjoint_cuda_op(h, k, g))
-    from ..kernels.norm_act import norm_act_adjoint_op, norm_act_op
+        return (lambda h, k: (norm_act_cuda_op(h, k), h, ()),
+                lambda h, k, statistics, g: norm_act_adjoint_cuda_op(h, k, g.contiguous()))
+    from ..kernels.norm_act import NormActHandingOn, norm_act_adjoint_op
 
     def forward(h, k):
-        z, mean, var = norm_act_op(h, k)
-        return z, (mean, var)
+        z, mean, var, h_on = NormActHandingOn.apply(h, k)
+        return z, h_on, (mean, var)
 
     return forward, lambda h, k, statistics, g: norm_act_adjoint_op(h, k, *statistics, g)
 
@@ -79,15 +80,14 @@ def _kernel_ops(kernels: str) -> tuple:
 def kernel_norm_act_forward(kernels: str, h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """(z, what :func:`kernel_norm_act_adjoint` needs): :func:`norm_act_forward_ref` by the ``kernels`` ops."""
     forward, adjoint_op = _kernel_ops(kernels)
-    h = h.contiguous()
-    z, statistics = forward(h, k)
+    z, h, statistics = forward(h.contiguous(), k)
     return z, (adjoint_op, h, k, statistics)
 
 
 def kernel_norm_act_adjoint(saved: tuple, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h̄, k̄): :func:`norm_act_adjoint_of_terms` by the ops of :func:`kernel_norm_act_forward`."""
     adjoint_op, h, k, statistics = saved
-    return adjoint_op(h, k, statistics, g.contiguous())
+    return adjoint_op(h, k, statistics, g)
 
 
 # kernels → (forward(h, k) → (z, saved), adjoint(saved, ḡ) → (h̄, k̄)) of NormAct, k = g (1 + m) of shape (B, C)

@@ -15,14 +15,15 @@ Per route, from one steady-state step (the optimizer's state already exists; vie
 
 Roofline, per operator i on device D, then summed over the step:
 
-    t_i = max(F_i / (η_F · P_D(dtype_i)),  B_i / (η_B · BW_D)) + n_i · τ
+    t_i = max(F_i / (η_F · φ_i · P_D(dtype_i)),  B_i / (η_B · BW_D)) + n_i · τ
 
 P the peak dense FLOP/s of the dtype's tensor-core path (fp32 convolutions run as TF32 under cuDNN's default,
-fp32 matmuls as plain fp32), BW the HBM bandwidth, η the achieved fractions, n_i the kernels operator i launches
-and τ the per-launch cost: fitted (least squares in log time) to the three eager H100 anchors of docs/method.md §6.2
-(the model: docs/method.md §5).
-What it cannot see: caching, fusion by a compiler, overlap of launches with work, kernels below peak for a
-reason other than bytes (small grids, poor tiling), and the host; a compiled route is therefore not predicted.
+fp32 matmuls as plain fp32), φ_i the share of the SMs a convolution's output tiles fill (:func:`conv_sm_fraction`),
+BW the HBM bandwidth, η the achieved fractions, n_i the kernels operator i launches and τ the per-launch cost:
+fitted (least squares in log time) to the three eager H100 anchors of docs/method.md §6.2 (the model:
+docs/method.md §5). What it cannot see: caching, fusion by a compiler, overlap of launches with work, kernels below
+peak for a reason other than bytes and small convolution grids (poor tiling, cuDNN's algorithm choice), and the
+host; the compiled step has its own model (tools/inductor_cost.py).
 """
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ DEVICES = (H100, H200)
 FLOP_EFFICIENCY = 0.5  # η_F: cuDNN/cuBLAS reach about half the dense peak on this UNet's conv shapes (assumed)
 BANDWIDTH_EFFICIENCY = 0.8  # η_B: elementwise/reduction kernels reach ~80 % of HBM peak (STREAM-like copy)
 
+# The output tile of one thread block of cuDNN's Hopper implicit-GEMM convolutions (kernel names
+# sm90_xmma_fprop_implicit_gemm_…_tilesize128x128x64_…_segment_k_off: 128 × 128 outputs, reduction not split).
+CONV_TILE = 128
+SMS = 132  # streaming multiprocessors of an H100 SXM and of an H200 SXM (datasheets)
+
 # docs/method.md §6.2, one H100 80GB, PyTorch 2.11, paper preset, batch 128, fp32, eager (ms).
 ANCHORS = {"forward": 17.2, "score": 58.3, "reference": 265.0}
 NOT_KERNELS = ("aten._local_scalar_dense", "aten.empty", "aten.empty_strided", "aten.empty_like", "aten.lift_fresh",
@@ -74,15 +80,27 @@ def custom_op_launches() -> dict[str, tuple[int, float]]:
     return {**norm_act.LAUNCHES, **dual_score_loss.LAUNCHES, **cosine_attention.LAUNCHES, **mp_block.LAUNCHES}
 
 
+def conv_sm_fraction(out_shape: list[int], sms: int = SMS) -> float:
+    """The fraction of the SMs a convolution's output tiles can keep busy, min(1, tiles / SMs): as an implicit GEMM,
+    a convolution's output (N, C, H, W) is an (N·H·W) × C matrix cut into :data:`CONV_TILE`² tiles, one per thread
+    block, and its reduction (C_in × kernel area) is not split. Below one tile per SM the convolution runs at that
+    fraction of the device's rate — the weight gradients that ATen's convolution double backward computes as
+    forward convolutions with batch and channels swapped (a 64×64 'kernel', a 3×3 output) have 1 to 144 tiles."""
+    n, c, spatial = out_shape[0], out_shape[1], math.prod(out_shape[2:])
+    return min(1.0, math.ceil(n * spatial / CONV_TILE) * math.ceil(c / CONV_TILE) / sms)
+
+
 @dataclass
 class OpCost:
-    """One dispatched operator: its name, kernels launched, FLOPs, bytes moved and its FLOPs' dtype."""
+    """One dispatched operator: its name, kernels launched, FLOPs, bytes moved, its FLOPs' dtype and the fraction of
+    the device's SMs its grid keeps busy (1 unless the compiled-step model says otherwise, docs/method.md §5.4)."""
 
     name: str
     kernels: int
     flops: int
     bytes: int
     dtype: str
+    sm_fraction: float = 1.0
 
 
 def _dtype_key(func_name: str, tensors: list[torch.Tensor]) -> str:
@@ -117,7 +135,8 @@ class CostMode(TorchDispatchMode):
             moved = int(passes * tensors[0].numel() * tensors[0].element_size())
         else:
             kernels, moved = 1, sum(x.numel() * x.element_size() for x in tensors)
-        self.ops.append(OpCost(name, kernels, flops, moved, _dtype_key(name, tensors)))
+        fraction = conv_sm_fraction(list(out.shape)) if name == "aten.convolution" else 1.0
+        self.ops.append(OpCost(name, kernels, flops, moved, _dtype_key(name, tensors), fraction))
         return out
 
 
@@ -210,7 +229,7 @@ def trace_step(route: str, preset: str = "paper", batch: int = 128, image_size: 
 
 def roofline_parts(ops: list[OpCost], device: Device) -> tuple[float, int]:
     """(Σ_i max(compute, memory) seconds, Σ_i kernels): the launch-free time and the launch count."""
-    seconds = sum(max(op.flops / (FLOP_EFFICIENCY * device.peak_flops[op.dtype]),
+    seconds = sum(max(op.flops / (FLOP_EFFICIENCY * op.sm_fraction * device.peak_flops[op.dtype]),
                       op.bytes / (BANDWIDTH_EFFICIENCY * device.hbm_bytes_per_s)) for op in ops)
     return seconds, sum(op.kernels for op in ops)
 

@@ -8,7 +8,9 @@ Scheduler — whose nodes, after fusion, are the kernels it would generate:
 
     Triton kernel (a fused or single scheduler node)   1 launch, bytes = Inductor's own count of the buffers it
                                                         reads and writes (get_read_write_buffers_sizes)
-    extern kernel (cuDNN convolution, cuBLAS matmul)   1 launch, FLOPs = Inductor's estimate_flops, bytes as above
+    extern kernel (cuDNN convolution, cuBLAS matmul)   1 launch, FLOPs by torch.utils.flop_counter's formulas,
+                                                        bytes as above; a convolution also the share φ of the SMs
+                                                        its output tiles fill (cost.conv_sm_fraction, §5.4)
     dsm_fast custom op (Triton, kernels/*.py)          its module's LAUNCHES: launches and passes over its first
                                                         input's size
 
@@ -25,7 +27,7 @@ from unittest import mock
 
 import torch
 
-from .cost import OpCost, custom_op_launches
+from .cost import OpCost, conv_sm_fraction, custom_op_launches
 
 # torch.cuda.get_device_properties of an H100 SXM as Inductor reads it (SM count, register file, shared memory
 # per block opt-in; NVIDIA H100 datasheet and the CUDA programming guide's compute capability 9.0 column).
@@ -103,7 +105,9 @@ def _node_cost(node, launches: dict[str, tuple[int, int]]) -> OpCost | None:
         return OpCost(name, kernels, 0, passes * numel * first.get_dtype().itemsize, "fp32")
     flops = _flops(ir_node)
     dtype = next((x.get_dtype() for x in getattr(ir_node, "inputs", ()) if hasattr(x, "get_dtype")), torch.float32)
-    return OpCost(name, 1, flops, int(node.get_read_write_buffers_sizes()), _dtype_key(dtype, name))
+    fraction = conv_sm_fraction([int(d) for d in ir_node.get_size()]) if name == "aten.convolution" else 1.0
+    return OpCost(name, 1, flops, int(node.get_read_write_buffers_sizes()), _dtype_key(dtype, name), fraction)
+
 
 
 def _flops(ir_node) -> int:
@@ -236,7 +240,7 @@ def step_parts(ops: list[OpCost], device) -> tuple[float, float, int]:
     a step's time is then ``extern + bytes / (η_mem · BW) + kernels · τ``."""
     from .cost import BANDWIDTH_EFFICIENCY, FLOP_EFFICIENCY
 
-    extern = sum(max(o.flops / (FLOP_EFFICIENCY * device.peak_flops[o.dtype]),
+    extern = sum(max(o.flops / (FLOP_EFFICIENCY * o.sm_fraction * device.peak_flops[o.dtype]),
                      o.bytes / (BANDWIDTH_EFFICIENCY * device.hbm_bytes_per_s)) for o in ops if o.flops)
     return extern, sum(o.bytes for o in ops if not o.flops), sum(o.kernels for o in ops)
 

@@ -41,9 +41,9 @@ MP_BLOCK_OPS = ("weight_norms", "weight_norms_backward", "pixel_norm_silu", "pix
                 "pixel_norm_silu_adjoint_backward", "mod_silu", "mod_silu_adjoint", "mod_silu_adjoint_backward", "mp_sum",
                 "masked_split")  # kernels/mp_block.py's, each launched by <name>_launch
 OPS = ("dsm_fast::norm_act", "dsm_fast::norm_act_statistics", "dsm_fast::norm_act_adjoint",
-       "dsm_fast::norm_act_adjoint_backward", "dsm_fast::dual_score_loss", "dsm_fast::dual_score_loss_backward",
-       "dsm_fast::cosine_attention", "dsm_fast::cosine_attention_adjoint", "dsm_fast::cosine_attention_adjoint_backward",
-       *(f"dsm_fast::{name}" for name in MP_BLOCK_OPS))
+       "dsm_fast::norm_act_backward", "dsm_fast::norm_act_adjoint_backward", "dsm_fast::dual_score_loss",
+       "dsm_fast::dual_score_loss_backward", "dsm_fast::cosine_attention", "dsm_fast::cosine_attention_adjoint",
+       "dsm_fast::cosine_attention_adjoint_backward", *(f"dsm_fast::{name}" for name in MP_BLOCK_OPS))
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ def launchers() -> dict[str, object]:
             "dsm_fast::norm_act": norm_act.norm_act_forward_launch,
             "dsm_fast::norm_act_statistics": norm_act.norm_act_statistics_launch,
             "dsm_fast::norm_act_adjoint": norm_act.norm_act_adjoint_launch,
+            "dsm_fast::norm_act_backward": norm_act.norm_act_adjoint_launch,
             "dsm_fast::norm_act_adjoint_backward": norm_act.norm_act_adjoint_backward_launch,
             "dsm_fast::dual_score_loss": dual_score_loss.dual_loss_forward_launch,
             "dsm_fast::dual_score_loss_backward": dual_score_loss.dual_loss_backward_launch}
