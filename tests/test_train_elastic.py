@@ -4,6 +4,7 @@ each stop both ranks after the same step with one checkpoint (exit 143 / 130); t
 process, and a copy of a 1-process run continues on 2 — both ending at the weights of an uninterrupted run.
 DeepSpeed ZeRO-2 under DeepSpeed's launcher with a hostfile: the same for SIGTERM to one rank, then 2 → 1 (as
 engine single)."""
+import contextlib
 import os
 import re
 import shutil
@@ -33,7 +34,8 @@ def torchrun(nproc: int, out: Path, *args: str, restarts: int = 0) -> subprocess
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                              str(nproc), "--max-restarts", str(restarts), "-m", "dsm_fast", "train", *FLAGS,
                              "--engine", "ddp", "--out", str(out), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str, log: Path | None = None) -> None:
@@ -41,7 +43,8 @@ def wait_for(condition, proc: subprocess.Popen, what: str, log: Path | None = No
     deadline = time.monotonic() + WAIT
     while not condition():
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # the launcher and its workers (a session of their own)
+                os.killpg(proc.pid, signal.SIGKILL)
             output = log.read_text() if log else proc.communicate()[1]
             raise AssertionError(f"gave up waiting for {what}: {output[-3000:]}")
         time.sleep(0.1)
@@ -162,7 +165,8 @@ def test_deepspeed_launcher_stop_signal_and_resume_on_one_process(tmp_path):
                                      "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                                      "--module", "dsm_fast", "train", *FLAGS, "--engine", "deepspeed", "--zero-stage",
                                      "2", "--steps", "100000", "--out", str(out)],
-                                    stdout=output, stderr=subprocess.STDOUT, text=True, env=env)
+                                    stdout=output, stderr=subprocess.STDOUT, text=True, env=env,
+                                    start_new_session=True)
         wait_for(lambda: newest_step(out) >= 2 and rank_pid(launcher, 1), launcher, "the checkpoint of step 2", log)
         os.kill(rank_pid(launcher, 1), signal.SIGTERM)
         code = launcher.wait(timeout=WAIT)
