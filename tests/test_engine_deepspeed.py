@@ -17,6 +17,8 @@ from test_engine import K, assert_same_weights, engine_config, errors, free_port
 from dsm_fast.config import ConfigError
 from dsm_fast.distributed import World
 from dsm_fast.engine import check_engine, deepspeed_available, deepspeed_config
+from dsm_fast.tools.testing import state_bytes
+from dsm_fast.train import Trainer
 
 pytestmark = pytest.mark.skipif(not deepspeed_available(),
                                 reason="DeepSpeed not installed (DS_BUILD_OPS=0 pip install 'dsm_fast[deepspeed]')")
@@ -39,7 +41,7 @@ def test_zero_1_2_3_equal_one_process_resume_after_a_kill_and_on_another_world_s
         {"name": "z2_accum1", "changes": {**z2, "grad_accum": 1}},
         {"name": "z2_reference", "changes": {**z2, "route": "reference"}},
         {"name": "z3", "changes": z3},
-        {"name": "z3_edm2", "changes": {**z3, **EDM2}},
+        {"name": "z3_edm2", "changes": {**z3, **EDM2}, "state_bytes": True},
         {"name": "crafted", "changes": z2},
         {"name": "shrink2", "changes": {**z2_fused, "steps": K // 2}},  # resumed on 1 process below
         {"name": "shrink3", "changes": {**z3, "steps": K // 2}},
@@ -97,8 +99,13 @@ def test_zero_1_2_3_equal_one_process_resume_after_a_kill_and_on_another_world_s
     # the EDM2-style attention UNet, every weight partitioned (its weight normalization is formed in the forward)
     assert not errors(tmp_path, "z3_edm2"), errors(tmp_path, "z3_edm2")
     edm2_start = initial_weights(tmp_path / "edm2_init", **EDM2)
-    assert_same_weights(torch.load(tmp_path / "z3_edm2.pt"), single_run(tmp_path / "edm2", route="fused", **EDM2),
-                        edm2_start)
+    single = Trainer(engine_config(tmp_path / "edm2", route="fused", **EDM2))
+    single.run()
+    assert_same_weights(torch.load(tmp_path / "z3_edm2.pt"), single.model.state_dict(), edm2_start)
+    # each rank holds half of one process's weights, gradients and Adam moments (partitions padded per tensor)
+    for rank in (0, 1):
+        share = int((tmp_path / f"z3_edm2.rank{rank}.bytes").read_text()) / state_bytes(single.engine)
+        assert 0.49 < share < 0.52, (rank, share)
 
 
 def losses(run: Path) -> dict[int, float]:
