@@ -265,17 +265,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
     return weights, state, ema
 
 
-def restore_streams(run_dir: Path, state: dict[str, Any], world, deepspeed: bool, data, noise_generator) -> None:
+def restore_streams(run_dir: Path, state: dict[str, Any], world, data, noise_generator) -> None:
     """Put this rank's data stream, noise generator and torch RNG where checkpoint ``state`` left them, whatever
     world size wrote it: the same world size takes each rank's own state (bit-exact); another takes the unsharded
     data position ``data_position`` (``data.seek``), the noise generator (the same on every rank) and leaves the
-    rank-local torch RNG as seeded (the engine's own state: ``engine.load``). Refused in one line: a change of
-    engine format, a stream without a shared position (GSM)."""
+    rank-local torch RNG as seeded (the engine's own state: ``engine.load``). Refused in one line: a stream without
+    a shared position (GSM)."""
     saved = int(state.get("world_size", 1))
-    written_by_deepspeed = bool(state.get("engine_format", False))
-    if written_by_deepspeed != deepspeed:
-        raise ConfigError(f"{run_dir} was written {'with' if written_by_deepspeed else 'without'} DeepSpeed; "
-                          f"resume it with --engine {'deepspeed' if written_by_deepspeed else 'single or ddp'}")
     if saved == world.size:
         local = state if saved == 1 else state["ranks"][world.rank]
         data.load_state_dict(local["data"])

@@ -155,11 +155,20 @@ class SingleEngine:
         return []
 
     def prune_native(self, run_dir: Path, keep: list[str]) -> None:
-        """Delete the engine's own checkpoints of steps not in ``keep`` (rank 0)."""
+        """Delete DeepSpeed's checkpoints of steps not in ``keep`` (rank 0; also those of a DeepSpeed run resumed by
+        another engine). Beside them: DeepSpeed's zero_to_fp32.py."""
+        for old in (Path(run_dir) / DEEPSPEED_SUBDIR).glob("step_*"):
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load(self, run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict) -> None:
+        """Weights and optimizer state of a checkpoint (one written under DeepSpeed: from its full tensors)."""
+        if "optimizer" not in state and "zero_optimizer" not in state:
+            raise ConfigError(f"{run_dir} was written with DeepSpeed by an older dsm_fast, without the full optimizer "
+                              f"state another engine needs; resume it with --engine deepspeed")
         self.module.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"] if "optimizer" in state else
+                                       zero_state.to_torch_state(self.optimizer, self.module, state["zero_optimizer"]))
 
 
 class DDPEngine(SingleEngine):
@@ -245,7 +254,7 @@ class DeepSpeedEngine(SingleEngine):
     DeepSpeed's. Checkpoints: DeepSpeed's own format in RUN/deepspeed/step_N plus the trainer's state, which holds
     the full weights (gathered under ZeRO-3) and the optimizer state as full tensors per parameter
     (dsm_fast/zero_state.py). A resume with the world size and ZeRO options that wrote the run loads DeepSpeed's
-    own checkpoint (bit-exact); another world size or ZeRO stage loads the full tensors into the new partitions."""
+    own checkpoint (bit-exact); another world size, ZeRO stage or engine loads full tensors into the partitions."""
 
     name = "deepspeed"
     skips_non_finite = False  # it cannot discard a partly accumulated, partitioned step: the run stops instead
@@ -311,21 +320,20 @@ class DeepSpeedEngine(SingleEngine):
         barrier()  # every rank's files are written before rank 0 digests them
         return sorted((folder / tag(step)).iterdir())
 
-    def prune_native(self, run_dir: Path, keep: list[str]) -> None:
-        for old in (Path(run_dir) / DEEPSPEED_SUBDIR).glob("step_*"):  # beside them: DeepSpeed's zero_to_fp32.py
-            if old.name not in keep:
-                shutil.rmtree(old, ignore_errors=True)
-
     def load(self, run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict) -> None:
-        written = state.get("zero_layout", {"world_size": int(state.get("world_size", 1)),
-                                            "zero_optimization": self.layout()["zero_optimization"]})
-        if written != self.layout():  # another world size or ZeRO configuration: the partition-free state
-            if "zero_optimizer" not in state:
+        written = state.get("zero_layout")
+        if written is None and state.get("engine_format"):  # DeepSpeed, written by an older dsm_fast
+            written = {"world_size": int(state["world_size"]), "zero_optimization": self.layout()["zero_optimization"]}
+        if written != self.layout():  # another world size, ZeRO configuration or engine: the partition-free state
+            if "zero_optimizer" in state:
+                full = state["zero_optimizer"]
+            elif "optimizer" in state:  # written by engine single or ddp
+                full = zero_state.from_torch_state(self.module, state["optimizer"])
+            else:
                 raise ConfigError(f"{run_dir} was written by {written['world_size']} DeepSpeed process(es) with an "
                                   f"older dsm_fast, without the optimizer state another world size needs; resume it "
                                   f"with {written['world_size']} processes and the same ZeRO options")
-            zero_state.scatter_full(self.module, self.optimizer, weights, state["zero_optimizer"],
-                                    self.partitions_weights)
+            zero_state.scatter_full(self.module, self.optimizer, weights, full, self.partitions_weights)
             self.ds.global_steps, self.ds.global_samples = step, step * self.config["train_batch_size"]
             return
         folder = Path(run_dir) / DEEPSPEED_SUBDIR

@@ -9,7 +9,7 @@ Once several ranks agree to stop, SIGTERM and SIGINT are ignored until the proce
 handler would be reset to the default during the interpreter's finalization). A launcher whose first worker has
 exited (143 is not 0) sends SIGTERM to the others — torchrun at once, DeepSpeed's launcher within a second — and
 that second signal killed a rank still closing its process group or finalizing (exit -15 instead of 143, three
-runs in six of tests/test_train_elastic.py's scenario). SIGKILL still ends a rank.
+runs in eight of tests/test_train_elastic.py's scenario). SIGKILL still ends a rank.
 """
 from __future__ import annotations
 

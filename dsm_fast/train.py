@@ -132,11 +132,18 @@ class Trainer:
         if not distributed.all_true(not bad, self.device):
             self.diverged(f"non-finite weights or optimizer state at step {self.step} ({', '.join(bad[:3])})")
         native = self.engine.save_native(self.run_dir, self.step)
+        failed = None
         if self.world.is_main:
-            checkpoint.save_checkpoint(self.run_dir, self.step, weights, state, ema, healthy=self.skipped.in_row == 0,
-                            trusted_before=self.skipped.trusted_before(self.step), native=native)
-            self.engine.prune_native(self.run_dir, [p.name for p in checkpoint.list_checkpoints(self.run_dir)])
-        distributed.barrier()
+            try:
+                checkpoint.save_checkpoint(self.run_dir, self.step, weights, state, ema,
+                                           healthy=self.skipped.in_row == 0,
+                                           trusted_before=self.skipped.trusted_before(self.step), native=native)
+                self.engine.prune_native(self.run_dir, [p.name for p in checkpoint.list_checkpoints(self.run_dir)])
+            except checkpoint.CheckpointWriteError as error:  # e.g. a full disk: every rank stops, none waits
+                failed = error
+        if not distributed.all_true(failed is None, self.device):  # (also the barrier before anyone reads it)
+            raise failed or checkpoint.CheckpointError(f"rank 0 could not write the checkpoint of step {self.step} "
+                                                       f"(its line says why); the earlier checkpoints are intact")
         return checkpoint.list_checkpoints(self.run_dir)[-1]
 
     def _restore(self) -> None:
@@ -153,8 +160,7 @@ class Trainer:
         if self.world.is_main:
             checkpoint.reject_from(self.run_dir, step + 1)
             checkpoint.drop_stats_after(self.run_dir / "stats.jsonl", step)
-        checkpoint.restore_streams(self.run_dir, state, self.world, self.engine.name == "deepspeed", self.data,
-                                   self.noise_generator)  # any world size for single/DDP
+        checkpoint.restore_streams(self.run_dir, state, self.world, self.data, self.noise_generator)  # any world size
         self.engine.load(self.run_dir, step, weights, state)
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema)

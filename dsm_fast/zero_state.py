@@ -1,4 +1,5 @@
-"""DeepSpeed's optimizer state without its partitioning, so a run resumes on another world size or ZeRO stage.
+"""DeepSpeed's optimizer state without its partitioning, so a run resumes on another world size, ZeRO stage or
+engine.
 
 ZeRO 1–3 cut the fp32 master weights θ and the optimizer's per-element state (Adam's m = ``exp_avg`` and
 v = ``exp_avg_sq``) into one flat partition per rank; DeepSpeed's own checkpoint stores those partitions and
@@ -11,6 +12,9 @@ into a freshly built engine: the module's weights, each parameter's fp32 master 
 and its slice of m and v (``safe_set_full_optimizer_state``), with k — after which the next Adam update
 θ ← θ − lr · m̂ / (√v̂ + ε), m̂ = m / (1 − β₁ᵏ), v̂ = v / (1 − β₂ᵏ), is the uninterrupted run's, up to the
 summation order of the gradient reduction over another number of ranks.
+
+The same full tensors convert to and from a torch optimizer's state dict (``to_torch_state``,
+``from_torch_state``), so a DeepSpeed run continues under ``single`` or ``ddp`` and the reverse.
 
 DeepSpeed's universal checkpoint (``ds_to_universal`` then ``load_universal``) does the same through files of
 its own, written by an offline conversion per checkpoint; its ZeRO-3 path has open reports of wrong results
@@ -113,3 +117,25 @@ def scatter_full(module: nn.Module, optimizer, weights: dict[str, torch.Tensor],
             else:  # ZeRO-0: the optimizer steps the module's own parameters
                 inner.state[param][key].copy_(values[name])
 
+
+def to_torch_state(optimizer: torch.optim.Optimizer, module: nn.Module, full: dict) -> dict:
+    """A state dict for ``optimizer`` (a torch optimizer over ``module.parameters()``, in order) from
+    ``gather_full``'s full tensors ({} before the first step: no state)."""
+    names = [name for name, _ in module.named_parameters()]
+    state = {index: {**{key: value.clone() if torch.is_tensor(value) else value  # one step count per parameter
+                        for key, value in full["scalars"].items()},
+                     **{key: values[name] for key, values in full["moments"].items()}}
+             for index, name in enumerate(names)} if full else {}
+    return {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+
+
+def from_torch_state(module: nn.Module, saved: dict) -> dict:
+    """``gather_full``'s form of a torch optimizer's state dict over ``module.parameters()`` (in order); a parameter
+    without state (never updated) gets zero moments."""
+    if not saved["state"]:
+        return {}
+    first = next(iter(saved["state"].values()))
+    keys = [key for key, value in first.items() if torch.is_tensor(value) and value.dim() > 0]
+    moments = {key: {name: saved["state"][index][key] if index in saved["state"] else torch.zeros_like(param)
+                     for index, (name, param) in enumerate(module.named_parameters())} for key in keys}
+    return {"moments": moments, "scalars": {key: value for key, value in first.items() if key not in moments}}

@@ -5,6 +5,9 @@ environment ends in one clear error on every rank, never a hang. DeepSpeed: test
 Each multi-process case launches fresh processes (spawn) that run a list of jobs and write, per job, the
 full weights (rank 0) or the error text (every rank) into a folder the test reads back.
 """
+import copy
+import errno
+import json
 import multiprocessing
 import os
 import socket
@@ -15,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsm_fast.checkpoint import checkpoint_step, list_checkpoints
 from dsm_fast.config import ConfigError, TrainConfig
 from dsm_fast.distributed import DistributedError, launch_environment, start
 from dsm_fast.tools.testing import relative_error, state_bytes, tiny_config
@@ -46,11 +50,22 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict], folder: str) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
+    from dsm_fast import checkpoint
+
+    save_file = checkpoint.save_file
     for job in jobs:
         name = job["name"]
+        checkpoint.save_file = save_file
         try:
             trainer = Trainer(engine_config(Path(folder) / name.split("+")[0], **job["changes"]),
                               resume=job.get("resume", False))
+            if job.get("full_disk", (None,))[0] == rank:  # this rank's disk is full from step job["full_disk"][1]
+                def full(*args, trainer=trainer, at=job["full_disk"][1]):
+                    if trainer.step >= at:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    return save_file(*args)
+
+                checkpoint.save_file = full
             if job.get("die", (None,))[0] == rank:  # this rank dies abruptly inside step job["die"][1]
                 route_call = trainer.route.__class__.__call__
 
@@ -108,6 +123,12 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     assert moved > 1e3 * tol, f"weights moved by only {moved:.3g}: the comparison proves nothing"
 
 
+def logged_losses(run: Path) -> dict[int, float]:
+    """The loss of every step logged in a run's stats.jsonl."""
+    rows = [json.loads(line) for line in (Path(run) / "stats.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
 def initial_weights(out, **changes) -> dict[str, torch.Tensor]:
     trainer = Trainer(engine_config(out, steps=0, **changes))
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -120,10 +141,17 @@ def test_ddp_two_processes_equal_one_process_and_resume_after_a_kill(tmp_path):
         {"name": "ddp2", "changes": {"engine": "ddp", "grad_accum": 2}},
         {"name": "ref2", "changes": {"engine": "ddp", "grad_accum": 2, "route": "reference"}},
         {"name": "fp64", "changes": {"engine": "ddp", "grad_accum": 2, "precision": "fp64"}},
+        {"name": "full", "changes": {"engine": "ddp"}, "full_disk": (0, 2), "stop_on_error": False},
         {"name": "killed", "changes": {"engine": "ddp", "grad_accum": 2}, "die": (1, 3)},
     ]
     started = time.monotonic()
     codes = launch(2, jobs, tmp_path)
+    # rank 0 cannot write the checkpoint of step 2 (a full disk): both ranks stop at once, each with one line
+    full = errors(tmp_path, "full")
+    assert full[0].startswith("CheckpointWriteError: could not write the checkpoint of step 2") and \
+        "No space left on device" in full[0], full[0]
+    assert full[1].startswith("CheckpointError: rank 0 could not write the checkpoint of step 2"), full[1]
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path / "full")] == [0]
     assert codes[1] == 3, codes  # rank 1 died at step 3 (checkpoint of step 2 on disk)
     failures = errors(tmp_path, "killed")
     assert set(failures) == {0}, failures
@@ -193,3 +221,43 @@ def test_global_batch_must_split_over_ranks_and_micro_steps(tmp_path):
 def test_single_process_grad_accum_equals_one_big_batch(tmp_path):
     start_weights = initial_weights(tmp_path / "init")
     assert_same_weights(single_run(tmp_path / "acc", grad_accum=4), single_run(tmp_path / "big"), start_weights)
+
+
+def test_optimizer_state_converts_to_full_tensors_and_back_and_old_deepspeed_runs_are_refused(tmp_path):
+    """A torch Adam state → the partition-free form DeepSpeed checkpoints hold (dsm_fast/zero_state.py) → a fresh
+    Adam: the same state; a DeepSpeed checkpoint without that form is refused by another engine in one line."""
+    from dsm_fast.engine import SingleEngine
+    from dsm_fast.zero_state import from_torch_state, to_torch_state
+
+    def adam_steps(model, steps, seed):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+        inputs = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randn(5, 3, generator=inputs)).square().sum().backward()
+            optimizer.step()
+        return optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    trained = adam_steps(model, 3, seed=1)
+    full = from_torch_state(model, copy.deepcopy(trained.state_dict()))  # (as read back from a checkpoint)
+    assert sorted(full["moments"]) == ["exp_avg", "exp_avg_sq"] and float(full["scalars"]["step"]) == 3
+    assert full["moments"]["exp_avg"]["1.weight"].shape == (2, 4)
+    twin = copy.deepcopy(model)
+    fresh = adam_steps(twin, 0, seed=0)
+    fresh.load_state_dict(to_torch_state(fresh, twin, full))
+    for a, b in zip(trained.state.values(), fresh.state.values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for optimizer, module in ((trained, model), (fresh, twin)):  # two more steps from the same gradients
+        inputs = torch.Generator().manual_seed(2)
+        for _ in range(2):
+            optimizer.zero_grad()
+            module(torch.randn(5, 3, generator=inputs)).square().sum().backward()
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert to_torch_state(fresh, model, {})["state"] == {}  # a checkpoint of step 0: no state yet
+    engine = SingleEngine(twin, fresh, 1, None)
+    with pytest.raises(ConfigError, match="written with DeepSpeed by an older dsm_fast.*resume it with --engine "
+                                          "deepspeed"):
+        engine.load(tmp_path, 4, twin.state_dict(), {"engine_format": True, "world_size": 2})

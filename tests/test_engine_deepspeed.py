@@ -1,8 +1,10 @@
-"""DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo): ZeRO 1, 2 and 3 in two processes equal one process with the
-same global batch, gradient accumulation included (ZeRO 1/2 with the first-order and the reference routes, ZeRO-3
-with the explicit adjoint and every weight partitioned); a killed run resumes from DeepSpeed's own checkpoint to
-the same weights; a run moved from 2 processes to 1, or from 1 to 2 (ZeRO-2, ZeRO-3, and ZeRO-2 to ZeRO-3),
-continues the uninterrupted run's losses and weights (dsm_fast/zero_state.py); each pitfall of docs/method.md §7.2 is shown, and the routes it breaks are refused in one line."""
+"""DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo): ZeRO 1, 2 and 3 in two processes equal one process with the same
+global batch, gradient accumulation included (ZeRO 1/2 with the first-order and the reference routes, ZeRO-3 with
+the explicit adjoint and every weight partitioned); a killed run resumes from DeepSpeed's own checkpoint to the same
+weights; a run moved from 2 processes to 1, or from 1 to 2 (ZeRO-2, ZeRO-3, and ZeRO-2 to ZeRO-3), continues the
+uninterrupted run's losses and weights, as does a run of engine single continued under ZeRO-3
+(dsm_fast/zero_state.py); each pitfall of docs/method.md §7.2 is shown, and the routes it breaks are refused in one
+line."""
 import dataclasses
 import inspect
 import json
@@ -12,7 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import K, assert_same_weights, engine_config, errors, free_port, initial_weights, launch, single_run
+from test_engine import (
+    K,
+    assert_same_weights,
+    engine_config,
+    errors,
+    free_port,
+    initial_weights,
+    launch,
+    logged_losses,
+    single_run,
+)
 
 from dsm_fast.config import ConfigError
 from dsm_fast.distributed import World
@@ -51,17 +63,20 @@ def test_zero_1_2_3_equal_one_process_resume_after_a_kill_and_on_another_world_s
     codes = [launch(2, jobs, tmp_path),
              launch(2, [{"name": "killed+resumed", "changes": z2, "resume": True},
                         {"name": "killed3", "changes": z3, "die": (1, 3)}], tmp_path)]
-    # another world size: 2 → 1 and 1 → 2 processes under ZeRO-2 and ZeRO-3, and 1 → 2 from ZeRO-2 to ZeRO-3
+    # another world size: 2 → 1 and 1 → 2 processes under ZeRO-2 and ZeRO-3, 1 → 2 from ZeRO-2 to ZeRO-3, and
+    # (below) a one-process run of engine single continued by ZeRO-3 on 2
     launch(1, [{"name": "shrink2+resumed", "changes": z2_fused, "resume": True},
                {"name": "shrink3+resumed", "changes": z3, "resume": True},
                {"name": "grow2", "changes": {**z2_fused, "steps": K // 2}},
                {"name": "grow3", "changes": {**z3, "steps": K // 2}},
                {"name": "restage", "changes": {**z2_fused, "steps": K // 2}}], tmp_path)
     marker = craft_model_states(tmp_path / "crafted")
+    Trainer(engine_config(tmp_path / "from_single", route="fused", grad_accum=2, log_every=1, steps=K // 2)).run()
     launch(2, [{"name": "killed3+resumed", "changes": z3, "resume": True},
                {"name": "grow2+resumed", "changes": z2_fused, "resume": True},
                {"name": "grow3+resumed", "changes": z3, "resume": True},
                {"name": "restage+resumed", "changes": z3, "resume": True},
+               {"name": "from_single+resumed", "changes": z3, "resume": True},
                {"name": "crafted+resumed", "changes": z2, "resume": True}], tmp_path)
     # a crafted DeepSpeed file whose digest was forged to match is still refused, and its code never ran
     assert not marker.exists()
@@ -84,15 +99,15 @@ def test_zero_1_2_3_equal_one_process_resume_after_a_kill_and_on_another_world_s
     assert_same_weights(torch.load(tmp_path / "z2_reference.pt"), single_run(tmp_path / "ref", route="reference"),
                         start)
     want_fused = single_run(tmp_path / "fused", route="fused")
-    moved = ("shrink2", "shrink3", "grow2", "grow3", "restage")
+    moved = ("shrink2", "shrink3", "grow2", "grow3", "restage", "from_single")
     for name in ("z3", "killed3+resumed", *(f"{name}+resumed" for name in moved)):
         assert not errors(tmp_path, name), errors(tmp_path, name)
         assert_same_weights(torch.load(tmp_path / f"{name}.pt"), want_fused, start)
     # the resumed runs' losses are the uninterrupted run's, steps before and after the move, to float rounding
-    uninterrupted = losses(tmp_path / "z3")
+    uninterrupted = logged_losses(tmp_path / "z3")
     assert sorted(uninterrupted) == list(range(1, K + 1))
     for name in moved:
-        resumed = losses(tmp_path / name)
+        resumed = logged_losses(tmp_path / name)
         assert resumed.keys() == uninterrupted.keys(), name
         for step, loss in resumed.items():
             assert loss == pytest.approx(uninterrupted[step], rel=1e-6), (name, step)
@@ -107,12 +122,6 @@ def test_zero_1_2_3_equal_one_process_resume_after_a_kill_and_on_another_world_s
     for rank in (0, 1):
         share = int((tmp_path / f"z3_edm2.rank{rank}.bytes").read_text()) / state_bytes(single.engine)
         assert share == pytest.approx(5 / 8, rel=0.01), (rank, share)
-
-
-def losses(run: Path) -> dict[int, float]:
-    """The loss of every step logged in a run's stats.jsonl."""
-    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}
 
 
 class _RunsCode:
@@ -239,3 +248,15 @@ def test_generated_config_comes_from_ours(tmp_path):
     assert merged["zero_optimization"] == {"stage": 1} and merged["train_batch_size"] == 16
     # DeepSpeed would clip at 1.0 by default: ours (no clipping) is written in
     assert merged["gradient_clipping"] == 0.0 and merged["zero_allow_untested_optimizer"] is True
+
+
+def test_an_older_deepspeed_checkpoint_on_another_world_size_is_refused_in_one_line(tmp_path):
+    """Without the full optimizer state (written before dsm_fast/zero_state.py), another world size is refused
+    before DeepSpeed is touched; the line names the world size that can resume it."""
+    from dsm_fast.engine import DeepSpeedEngine
+
+    engine = object.__new__(DeepSpeedEngine)  # the refusal needs only the layout: no process group, no DeepSpeed
+    engine.world, engine.config = World(0, 1, 0), {"zero_optimization": {"stage": 2}}
+    with pytest.raises(ConfigError, match="written by 2 DeepSpeed process\\(es\\) with an older dsm_fast.*resume it "
+                                          "with 2 processes and the same ZeRO options"):
+        engine.load(tmp_path, 4, {}, {"engine_format": True, "world_size": 2})

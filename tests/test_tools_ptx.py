@@ -33,9 +33,10 @@ def version_tuple(text: str) -> tuple[int, ...]:
 
 def kernel_names() -> set[str]:
     """Every @triton.jit kernel (named *_kernel; jitted or, here, interpreted: it wraps ``fn``) of dsm_fast.kernels."""
-    from dsm_fast.kernels import cosine_attention, dual_score_loss, norm_act
+    from dsm_fast.kernels import cosine_attention, dual_score_loss, mp_block, norm_act
 
-    return {name for module in (norm_act, dual_score_loss, cosine_attention) for name, obj in inspect.getmembers(module)
+    return {name for module in (norm_act, dual_score_loss, cosine_attention, mp_block)
+            for name, obj in inspect.getmembers(module)
             if name.endswith("_kernel") and inspect.isfunction(getattr(obj, "fn", None))}
 
 

@@ -143,8 +143,9 @@ def run_ptx(args) -> int:
     in a per-layer kernel."""
     import argparse
 
-    from ..model.unet import PRESETS  # 'all': the paper UNet's presets (NormAct, loss) and edm2-s (attention: at
-    from ..tools.ptx import PRECISIONS, TARGETS, format_ptx_table, ptx_report  # 64×64, c = 64 and L = 256, 64)
+    from ..model.unet import PRESETS  # 'all': the paper UNet's presets (NormAct, loss) and edm2-s (attention at
+    from ..tools.ptx import PRECISIONS, TARGETS, format_ptx_table, ptx_report  # 64×64, c = 64 and L = 256, 64;
+    # kernels/mp_block.py's at edm2's widest channels)
 
     presets = (*PRESETS, "edm2-s") if args.preset == "all" else (args.preset,)
     for preset in presets:

@@ -28,10 +28,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..kernels.cosine_attention_ref import cosine_attention_adjoint_ref, cosine_attention_ref
+from ..kernels.mp_block_ref import (  # noqa: F401 (EPS, MP_SILU_SCALE, mp_silu_derivative: re-exported)
+    EPS,
+    MP_SILU_SCALE,
+    TORCH_OPS,
+    BlockOps,
+    mp_silu,
+    mp_silu_derivative,
+    pixel_norm,
+    weight_norm_ref,
+)
 
-EPS = 1e-4  # weight and pixel normalization
-MP_SILU_SCALE = 0.596  # E[SiLU(x)²]^½ for x ~ N(0, 1): SiLU / 0.596 keeps unit magnitude
-CLIP = 256.0  # |activations| clipped after every block
 NOISE_FLOOR = 1e-12  # c = ⅛ ln(t + floor): finite at t = 0, far below t_min = 1e-9
 RES_BALANCE, ATTN_BALANCE, CONCAT_BALANCE = 0.3, 0.3, 0.5
 
@@ -57,16 +64,6 @@ PRESETS: dict[str, EDM2Preset] = {
 }
 
 
-def mp_silu(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x) / MP_SILU_SCALE
-
-
-def mp_silu_derivative(x: torch.Tensor) -> torch.Tensor:
-    """d/dx SiLU(x) / 0.596 = σ(x) (1 + x (1 − σ(x))) / 0.596."""
-    s = torch.sigmoid(x)
-    return s * (1.0 + x * (1.0 - s)) / MP_SILU_SCALE
-
-
 def mp_sum_weights(balance: float) -> tuple[float, float]:
     """(w_a, w_b) of mp_sum(a, b) = w_a a + w_b b = ((1 − β) a + β b) / √((1 − β)² + β²)."""
     norm = math.sqrt((1 - balance) ** 2 + balance ** 2)
@@ -78,16 +75,6 @@ def mp_cat_weights(channels_a: int, channels_b: int, balance: float) -> tuple[fl
     s = √((N_a + N_b) / ((1 − β)² + β²))."""
     scale = math.sqrt((channels_a + channels_b) / ((1 - balance) ** 2 + balance ** 2))
     return scale * (1 - balance) / math.sqrt(channels_a), scale * balance / math.sqrt(channels_b)
-
-
-def statistics_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def pixel_norm(x: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x / (ε + r), r),  r = ‖x‖_dim / √C_dim: unit magnitude along ``dim`` (norms in float32 at least)."""
-    r = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=statistics_dtype(x)) / math.sqrt(x.shape[dim])
-    return x / (EPS + r).to(x.dtype), r
 
 
 def resample(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -110,17 +97,15 @@ class MPConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, *kernel))
 
-    def normalized_weight(self, gain: torch.Tensor | float = 1.0) -> torch.Tensor:
-        w = self.weight
-        fan_in = w[0].numel()
-        norm = torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())), keepdim=True)
-        return w * (gain / (math.sqrt(fan_in) * EPS + norm))
+    def normalized_weight(self, gain: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        """W times ``scale`` (a constant folded into the weight: an mp_sum's weight on this layer's output)."""
+        return weight_norm_ref(self.weight, gain, scale)
 
     def apply_weight(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         w = w.to(x.dtype)
         return x @ w.t() if w.dim() == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
 
-    def forward(self, x: torch.Tensor, gain: torch.Tensor | float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
         return self.apply_weight(x, self.normalized_weight(gain))
 
 
@@ -148,13 +133,23 @@ def cosine_attention(qkv: torch.Tensor, heads: int, kernels: str = "torch") -> t
     return o.reshape(b, -1, height, width), (y, r, x, saved, adjoint)
 
 
+def normalized_weights(specs: list[tuple[MPConv, torch.Tensor | None, float]], ops: BlockOps = TORCH_OPS
+                       ) -> dict[MPConv, torch.Tensor]:
+    """Layer → its normalized weight for (layer, gain, scale) ``specs``, all formed in one ``ops.weight_norms``."""
+    layers, gains, scales = zip(*specs)
+    return dict(zip(layers, ops.weight_norms([layer.weight for layer in layers], list(gains), list(scales))))
+
+
 class Block(nn.Module):
     """EDM2's residual block, flavour 'enc' (skip 1×1 and pixel norm on the main branch first) or 'dec' (skip 1×1
     after the residual branch), with optional 'down'/'up' resampling and cosine self-attention:
 
         x ← resample(x);  enc: x ← pixnorm(skip(x))
-        r = conv₁(mp_silu(conv₀(mp_silu(x)) ⊙ (1 + g_e W_e emb)));   dec: x ← skip(x)
+        r = conv₁(mp_silu(conv₀(mp_silu(x)) ⊙ c));   dec: x ← skip(x)
         x ← mp_sum(x, r, 0.3);  attention: x ← mp_sum(x, proj(attn(qkv(x))), 0.3);  x ← clip(x, ±256)
+
+    with the modulation c = 1 + g_e W_e emb (B, C) formed for every block at once by EDM2UNet.modulations (its
+    weights emb_gain and emb_linear live here).
     """
 
     def __init__(self, c_in: int, c_out: int, emb_channels: int, flavor: str, resample_mode: str = "keep",
@@ -169,42 +164,52 @@ class Block(nn.Module):
         self.attn_qkv = MPConv(c_out, 3 * c_out, (1, 1)) if heads else None
         self.attn_proj = MPConv(c_out, c_out, (1, 1)) if heads else None
 
-    def run(self, x: torch.Tensor, emb: torch.Tensor, tape: list | None = None, kernels: str = "torch"
-            ) -> torch.Tensor:
+    def weight_specs(self) -> list[tuple[MPConv, torch.Tensor | None, float]]:
+        """(layer, gain, scale) of each weight normalization of :meth:`run` (emb_linear's is the network's, in
+        EDM2UNet.modulations): the mp_sum weights b on the residual and attention branches are folded into
+        conv_res1's and attn_proj's weights."""
+        specs = [(self.conv_res0, None, 1.0), (self.conv_res1, None, mp_sum_weights(RES_BALANCE)[1])]
+        if self.conv_skip is not None:
+            specs.append((self.conv_skip, None, 1.0))
+        if self.heads:
+            specs += [(self.attn_qkv, None, 1.0), (self.attn_proj, None, mp_sum_weights(ATTN_BALANCE)[1])]
+        return specs
+
+    def run(self, x: torch.Tensor, c: torch.Tensor, w: dict | None = None, tape: list | None = None,
+            ops: BlockOps = TORCH_OPS) -> torch.Tensor:
         """The block's output; with a ``tape``, appends the dict its adjoint (edm2_adjoint.block_adjoint) needs.
-        ``kernels``: the attention's ('torch', 'triton': see :func:`attention_ops`)."""
-        s: dict = {}
+        ``w``: layer → normalized weight (:meth:`weight_specs`; None: formed here, by one ``ops.weight_norms``);
+        ``ops``: the elementwise chains in PyTorch or by kernels/mp_block.py's kernels."""
+        w = normalized_weights(self.weight_specs(), ops) if w is None else w
+        s: dict = {"w0": w[self.conv_res0], "w1": w[self.conv_res1]}
         x = resample(x, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
-                s["w_skip"] = self.conv_skip.normalized_weight()
+                s["w_skip"] = w[self.conv_skip]
                 x = self.conv_skip.apply_weight(x, s["w_skip"])
             s["pre_norm"] = x
-            x, s["r"] = pixel_norm(x)
-        s["x"] = x
-        s["w0"], s["w1"] = self.conv_res0.normalized_weight(), self.conv_res1.normalized_weight()
-        s["w_emb"] = self.emb_linear.normalized_weight(self.emb_gain)
-        s["h0"] = self.conv_res0.apply_weight(mp_silu(x), s["w0"])
-        s["c"] = (1.0 + self.emb_linear.apply_weight(emb, s["w_emb"])).to(x.dtype)[:, :, None, None]
-        s["m"] = s["h0"] * s["c"]
-        r = self.conv_res1.apply_weight(mp_silu(s["m"]), s["w1"])
+            x, silu_x, s["r"] = ops.pixel_norm_silu(x)
+        else:
+            silu_x = ops.mod_silu(x, None)
+        s["x"], s["h0"], s["c"] = x, self.conv_res0.apply_weight(silu_x, s["w0"]), c
+        r = self.conv_res1.apply_weight(ops.mod_silu(s["h0"], c), s["w1"])  # b · conv₁(mp_silu(h₀ ⊙ c))
         if self.flavor == "dec" and self.conv_skip is not None:
-            s["w_skip"] = self.conv_skip.normalized_weight()
+            s["w_skip"] = w[self.conv_skip]
             x = self.conv_skip.apply_weight(x, s["w_skip"])
-        a, b = mp_sum_weights(RES_BALANCE)
-        x = a * x + b * r
+        a, _ = mp_sum_weights(RES_BALANCE)
         if self.heads:
-            s["w_qkv"], s["w_proj"] = self.attn_qkv.normalized_weight(), self.attn_proj.normalized_weight()
-            o, s["attention"] = cosine_attention(self.attn_qkv.apply_weight(x, s["w_qkv"]), self.heads, kernels)
-            a, b = mp_sum_weights(ATTN_BALANCE)
-            x = a * x + b * self.attn_proj.apply_weight(o, s["w_proj"])
-        s["inside"] = (x >= -CLIP) & (x <= CLIP)  # the clamp's mask, shared by the adjoint
+            x = ops.masked_sum(x, r, None, a, 1.0)
+            a, _ = mp_sum_weights(ATTN_BALANCE)
+            s["w_qkv"], s["w_proj"] = w[self.attn_qkv], w[self.attn_proj]
+            o, s["attention"] = cosine_attention(self.attn_qkv.apply_weight(x, s["w_qkv"]), self.heads, ops.name)
+            r = self.attn_proj.apply_weight(o, s["w_proj"])
+        x, s["inside"] = ops.mp_sum_clip(x, r, a, 1.0)  # the clamp's mask, shared by the adjoint
         if tape is not None:
             tape.append(s)
-        return x.clamp(-CLIP, CLIP)
+        return x
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.run(x, emb)
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.run(x, c)
 
 
 class NoiseEmbedding(nn.Module):
@@ -217,9 +222,10 @@ class NoiseEmbedding(nn.Module):
         self.register_buffer("phases", 2 * math.pi * torch.rand(noise_channels))
         self.linear = MPConv(noise_channels, emb_channels, ())
 
-    def run(self, t: torch.Tensor, tape: list | None = None) -> torch.Tensor:
+    def run(self, t: torch.Tensor, tape: list | None = None, w: torch.Tensor | None = None) -> torch.Tensor:
+        """emb(t); ``w``: the linear map's normalized weight, if formed already."""
         phase = 0.125 * torch.log(t + NOISE_FLOOR)[:, None] * self.freqs.to(t.dtype) + self.phases.to(t.dtype)
-        w = self.linear.normalized_weight()
+        w = self.linear.normalized_weight() if w is None else w
         z = self.linear.apply_weight(math.sqrt(2.0) * torch.cos(phase), w)
         if tape is not None:
             tape.append({"phase": phase, "w": w, "z": z})
@@ -286,17 +292,20 @@ class EDM2UNet(nn.Module):
         with torch.no_grad():
             self.out_gain.zero_()
 
-    def run(self, y: torch.Tensor, t: torch.Tensor, tape: list | None = None, kernels: str = "torch") -> torch.Tensor:
-        """f(y, t); with a ``tape``, every layer appends what its adjoint needs, in forward order. ``kernels``: the
-        attention's (:func:`attention_ops`)."""
+    def run(self, y: torch.Tensor, t: torch.Tensor, tape: list | None = None, ops: BlockOps = TORCH_OPS
+            ) -> torch.Tensor:
+        """f(y, t); with a ``tape``, every layer appends what its adjoint needs, in forward order; ``ops`` as in
+        :meth:`Block.run`."""
         if y.shape[-1] % self.downsampling or y.shape[-2] % self.downsampling:
             raise ValueError(f"image size {tuple(y.shape[-2:])} is not a multiple of {self.downsampling}")
-        emb = self.embedding.run(t, tape).to(y.dtype)
-        w_in = self.conv_in.normalized_weight()
+        w = normalized_weights(self.weight_specs(blocks=self.checkpoint == "none" or tape is None), ops)
+        emb = self.embedding.run(t, tape, w[self.embedding.linear]).to(y.dtype)
+        w_mod, mods = self.modulations(emb, w)
+        w_in = w[self.conv_in]
         x = self.conv_in.apply_weight(torch.cat([y, torch.ones_like(y[:, :1])], dim=1), w_in)
-        skips = [x]
+        skips, mods = [x], iter(mods)
         for block in self.encoder:
-            x = self.run_block(block, x, emb, tape, kernels)
+            x = self.run_block(block, x, next(mods), w, tape, ops)
             skips.append(x)
         for block, concat in zip(self.decoder, self.concat):
             if concat:
@@ -305,22 +314,41 @@ class EDM2UNet(nn.Module):
                 if tape is not None:
                     tape.append({"cat": (x.shape[1], skip.shape[1])})
                 x = torch.cat([a * x, b * skip], dim=1)
-            x = self.run_block(block, x, emb, tape, kernels)
-        w_out = self.conv_out.normalized_weight(self.out_gain)
+            x = self.run_block(block, x, next(mods), w, tape, ops)
+        w_out = w[self.conv_out]
         if tape is not None:
-            tape.append({"emb": emb, "w_in": w_in, "w_out": w_out})
+            tape.append({"emb": emb, "w_mod": w_mod, "w_in": w_in, "w_out": w_out})
         return self.conv_out.apply_weight(x, w_out)
 
-    def run_block(self, block: Block, x: torch.Tensor, emb: torch.Tensor, tape: list | None, kernels: str = "torch"
-                  ) -> torch.Tensor:
+    @property
+    def blocks(self) -> list[Block]:
+        """The encoder's blocks, then the decoder's: the forward's order."""
+        return [*self.encoder, *self.decoder]
+
+    def weight_specs(self, blocks: bool = True) -> list[tuple[MPConv, torch.Tensor | None, float]]:
+        """(layer, gain, scale) of the network's weight normalizations, the blocks' own included if ``blocks``
+        (activation checkpointing forms those inside each recomputed block instead)."""
+        return [(self.embedding.linear, None, 1.0), (self.conv_in, None, 1.0), (self.conv_out, self.out_gain, 1.0),
+                *((b.emb_linear, b.emb_gain, 1.0) for b in self.blocks),
+                *(spec for b in self.blocks if blocks for spec in b.weight_specs())]
+
+    def modulations(self, emb: torch.Tensor, w: dict) -> tuple[torch.Tensor, tuple]:
+        """(W = [g_e W_e] of every block stacked (ΣC, E), each block's c = 1 + g_e W_e emb (B, C)): one matrix
+        product for all blocks; the c are column slices of one (B, ΣC) result (:attr:`blocks` order)."""
+        blocks = self.blocks
+        w_mod = torch.cat([w[b.emb_linear] for b in blocks])
+        c = 1.0 + emb @ w_mod.t().to(emb.dtype)
+        return w_mod, c.split([b.emb_linear.weight.shape[0] for b in blocks], dim=1)
+
+    def run_block(self, block: Block, x: torch.Tensor, c: torch.Tensor, w: dict, tape: list | None,
+                  ops: BlockOps = TORCH_OPS) -> torch.Tensor:
         """``block.run``; with a tape and ``checkpoint == 'block'`` (activation checkpointing of the explicit
-        adjoint's graph) the tape holds only the block's input (and ``kernels``), the block runs under
-        torch.utils.checkpoint, and the adjoint recomputes the block's entry from that input
-        (edm2_adjoint.block_adjoint_from_tape)."""
+        adjoint's graph) the tape holds only the block's input, the block runs under torch.utils.checkpoint, and
+        the adjoint recomputes the block's entry from that input (edm2_adjoint.block_adjoint_from_tape)."""
         if tape is None or self.checkpoint == "none":
-            return block.run(x, emb, tape, kernels)
-        tape.append({"input": x, "kernels": kernels})
-        return checkpoint(block.run, x, emb, None, kernels, use_reentrant=False)
+            return block.run(x, c, w, tape, ops)
+        tape.append({"input": x, "c": c})
+        return checkpoint(block.run, x, c, None, None, ops, use_reentrant=False)
 
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.run(y, t)

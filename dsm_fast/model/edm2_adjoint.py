@@ -11,13 +11,14 @@ so each weight normalization is formed once per step and shared by both passes);
     pixel norm              y = x / n,  n = ε + r,  r = ‖x‖ / √C      x̄ = ḡ / n − x ⟨ḡ, x⟩ / (n² C r)
     mp_silu                 y = SiLU(x) / 0.596                       x̄ = ḡ SiLU′(x) / 0.596
     mp_sum, mp_cat          linear: the same weights on ḡ (mp_cat: split ḡ by channels)
-    modulation              m = h ⊙ c,  c = 1 + g_e W_e emb           h̄ = ḡ c,  c̄ = Σ_pixels ḡ h,  ēmb += c̄ W_e
+    modulation              m = h ⊙ c,  c = 1 + g_e W_e emb           h̄ = ḡ c,  c̄ = Σ_pixels ḡ h,  ēmb = Σ_blocks c̄ g_e W_e
     2×2 mean / nearest ×2   each other's adjoint, up to the factor 4
     clip to ±256            ḡ on the forward's mask (|x| ≤ 256), the same mask
     cosine attention        see :func:`attention_adjoint`;   noise embedding: see :func:`embedding_adjoint`
 
-No autograd call anywhere: a loss on these scores is first-order in θ, and its one backward equals the
-reference route's double backward.
+The elementwise chains run in plain PyTorch ('torch' kernels) or as kernels/mp_block.py's Triton custom ops
+('triton'): a :class:`~dsm_fast.kernels.mp_block_ref.BlockOps` chosen once per call. No autograd call anywhere: a
+loss on these scores is first-order in θ, and its one backward equals the reference route's double backward.
 """
 from __future__ import annotations
 
@@ -27,22 +28,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.mp_block_ref import TORCH_OPS, BlockOps, mp_silu_derivative, pixel_norm_adjoint
 from .edm2 import (
     ATTN_BALANCE,
     CONCAT_BALANCE,
-    EPS,
     NOISE_FLOOR,
     RES_BALANCE,
     Block,
     EDM2UNet,
     NoiseEmbedding,
     mp_cat_weights,
-    mp_silu_derivative,
     mp_sum_weights,
 )
 from .energy import UNetEnergy, sum_per_sample
 
-KERNELS = ("torch", "triton")  # 'triton': attention and the loss terms by the Triton kernels
+KERNELS = ("torch", "triton")  # 'triton': the blocks' elementwise chains, attention and the loss terms by Triton
 
 
 def conv_adjoint(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -58,15 +58,6 @@ def resample_adjoint(g: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "up":
         return 4 * F.avg_pool2d(g, 2)
     return g
-
-
-def pixel_norm_adjoint(x: torch.Tensor, r: torch.Tensor, g: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """x̄ = ḡ / n − x ⟨ḡ, x⟩ / (n² C r) of y = x / n, n = ε + r, r = ‖x‖ / √C along ``dim`` (∂r/∂x = x / (C r));
-    where r = 0, x = 0 and the second term is 0 (r clamped to the smallest normal number)."""
-    n = EPS + r
-    dot = (g * x).sum(dim=dim, keepdim=True).to(r.dtype)
-    coef = dot / (n.square() * x.shape[dim] * r.clamp_min(torch.finfo(r.dtype).tiny))
-    return g / n.to(g.dtype) - x * coef.to(x.dtype)
 
 
 def attention_adjoint(saved: tuple, o_bar: torch.Tensor, heads: int) -> torch.Tensor:
@@ -85,42 +76,44 @@ def attention_adjoint(saved: tuple, o_bar: torch.Tensor, heads: int) -> torch.Te
     return y_bar.reshape(b, -1, height, width)
 
 
-def block_adjoint(block: Block, s: dict, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̄, ēmb share) of :meth:`Block.run` given ḡ at its output and its tape entry ``s`` (the forward's order,
-    reversed: clip, attention, mp_sum, residual branch with the modulation, skip, pixel norm, resampling)."""
-    g = g * s["inside"]
+def block_adjoint(block: Block, s: dict, g: torch.Tensor, ops: BlockOps = TORCH_OPS
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̄, c̄) of :meth:`Block.run` given ḡ at its output and its tape entry ``s`` (the forward's order,
+    reversed: clip, attention, mp_sum, residual branch with the modulation, skip, pixel norm, resampling). The
+    mp_sum weights b on the branches are in w1 and w_proj (Block.run), so conv_adjoint(w1, ḡ) is already b ·."""
+    g = ops.masked_sum(g, None, s["inside"], 1.0, 0.0)
     if block.heads:
-        a, b = mp_sum_weights(ATTN_BALANCE)
-        o_bar = conv_adjoint(s["w_proj"], b * g)
-        g = a * g + conv_adjoint(s["w_qkv"], attention_adjoint(s["attention"], o_bar, block.heads))
-    a, b = mp_sum_weights(RES_BALANCE)
-    g_x = a * g
-    if block.flavor == "dec" and block.conv_skip is not None:
-        g_x = conv_adjoint(s["w_skip"], g_x)
-    g_m = conv_adjoint(s["w1"], b * g) * mp_silu_derivative(s["m"])
-    c_bar = (g_m * s["h0"]).sum(dim=(2, 3))
-    g_x = g_x + conv_adjoint(s["w0"], g_m * s["c"]) * mp_silu_derivative(s["x"])
-    if block.flavor == "enc":
-        g_x = pixel_norm_adjoint(s["pre_norm"], s["r"], g_x)
+        a, _ = mp_sum_weights(ATTN_BALANCE)
+        o_bar = conv_adjoint(s["w_proj"], g)
+        g = ops.masked_sum(g, conv_adjoint(s["w_qkv"], attention_adjoint(s["attention"], o_bar, block.heads)), None,
+                           a, 1.0)
+    a, _ = mp_sum_weights(RES_BALANCE)
+    g_h0, c_bar = ops.mod_silu_adjoint(s["h0"], s["c"], conv_adjoint(s["w1"], g), None, 0.0)
+    g_silu = conv_adjoint(s["w0"], g_h0)  # ḡ at mp_silu(x)
+    if block.flavor == "enc":  # x̂ = pixnorm(pre_norm) feeds both branches: ḡ_x̂ = a ḡ + ḡ_silu σ′(x̂)
+        g_x = ops.pixel_norm_silu_adjoint(s["pre_norm"], s["r"], g, a, g_silu)
         if block.conv_skip is not None:
             g_x = conv_adjoint(s["w_skip"], g_x)
-    return resample_adjoint(g_x, block.resample_mode), c_bar @ s["w_emb"].to(c_bar.dtype)
+    else:  # x feeds the skip (a ·, after conv_skip if any) and mp_silu
+        g_skip = g if block.conv_skip is None else conv_adjoint(s["w_skip"], g)
+        g_x, _ = ops.mod_silu_adjoint(s["x"], None, g_silu, g_skip, a)
+    return resample_adjoint(g_x, block.resample_mode), c_bar
 
 
-def block_adjoint_from_tape(block: Block, entry: dict, g: torch.Tensor, emb: torch.Tensor
+def block_adjoint_from_tape(block: Block, entry: dict, g: torch.Tensor, ops: BlockOps = TORCH_OPS
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_adjoint` from the block's tape entry; an entry holding only the block's input (activation
     checkpointing, EDM2UNet.run_block) is recomputed, the block's forward and adjoint under one checkpoint: the
     parameter backward keeps x, emb and ḡ per block and runs both again."""
     if "input" not in entry:
-        return block_adjoint(block, entry, g)
+        return block_adjoint(block, entry, g, ops)
 
-    def recompute_and_adjoint(x: torch.Tensor, emb: torch.Tensor, g: torch.Tensor):
+    def recompute_and_adjoint(x: torch.Tensor, c: torch.Tensor, g: torch.Tensor):
         tape: list[dict] = []
-        block.run(x, emb, tape, entry["kernels"])
-        return block_adjoint(block, tape[0], g)
+        block.run(x, c, None, tape, ops)
+        return block_adjoint(block, tape[0], g, ops)
 
-    return checkpoint(recompute_and_adjoint, entry["input"], emb, g, use_reentrant=False)
+    return checkpoint(recompute_and_adjoint, entry["input"], entry["c"], g, use_reentrant=False)
 
 
 def embedding_adjoint(embedding: NoiseEmbedding, s: dict, e_bar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -137,23 +130,27 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, ∇_y U, ∂_t U) of an EDM2 UNet energy, all differentiable in θ through one first-order graph.
 
-    ``kernels``: 'torch' runs these layers in PyTorch; 'triton' runs cosine attention's softmax core (forward,
-    adjoint and, under the loss's backward, the adjoint's backward) by kernels/cosine_attention.py's Triton kernels
-    and the fused route's loss terms by the loss kernel; 'cuda' has no EDM2 ops: refused.
+    ``kernels``: 'torch' runs the layers and their adjoints in plain PyTorch; 'triton' runs the blocks' elementwise
+    chains and the weight normalizations by kernels/mp_block.py's custom ops, cosine attention's softmax core
+    (forward, adjoint and, under the loss's backward, the adjoint's backward) by kernels/cosine_attention.py's, and
+    the fused route's loss terms by the loss kernel; 'cuda' has no EDM2 ops: refused.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels {kernels!r} has no EDM2 ops; choose from {', '.join(KERNELS)}")
+    if kernels == "triton":
+        from ..kernels.mp_block import TRITON_OPS as ops
+    else:
+        ops = TORCH_OPS
     unet: EDM2UNet = model.unet
     tape: list[dict] = []
-    f = unet.run(y, t, tape, kernels).to(y.dtype)
+    f = unet.run(y, t, tape, ops).to(y.dtype)
 
     final = tape.pop()
     g = conv_adjoint(final["w_out"], y)
-    e_bar = torch.zeros_like(final["emb"])
-    skip_bars = []
+    c_bars, skip_bars = [], []  # c̄ per block, in reverse order
     for block, concat in zip(reversed(unet.decoder), reversed(unet.concat)):
-        g, e_share = block_adjoint_from_tape(block, tape.pop(), g, final["emb"])
-        e_bar = e_bar + e_share
+        g, c_bar = block_adjoint_from_tape(block, tape.pop(), g, ops)
+        c_bars.append(c_bar)
         if concat:  # mp_cat([x, skip]): split ḡ by channels, each share times its weight
             channels_x, channels_skip = tape.pop()["cat"]
             a, b = mp_cat_weights(channels_x, channels_skip, CONCAT_BALANCE)
@@ -161,11 +158,12 @@ def energy_and_scores(model: UNetEnergy, y: torch.Tensor, t: torch.Tensor, kerne
             g = a * g
             skip_bars.append(b * skip_bar)
     for block in reversed(unet.encoder):
-        g, e_share = block_adjoint_from_tape(block, tape.pop(), g + skip_bars.pop(), final["emb"])
-        e_bar = e_bar + e_share
+        g, c_bar = block_adjoint_from_tape(block, tape.pop(), g + skip_bars.pop(), ops)
+        c_bars.append(c_bar)
     g = conv_adjoint(final["w_in"], g + skip_bars.pop())[:, : y.shape[1]]  # the ones channel is constant
 
     energy = 0.5 * sum_per_sample(y * f)
     grad_y = 0.5 * (f + g.to(y.dtype))
+    e_bar = torch.cat(c_bars[::-1], dim=1) @ final["w_mod"].to(c_bars[0].dtype)  # ēmb = Σ_blocks c̄ g_e W_e
     grad_t = 0.5 * embedding_adjoint(unet.embedding, tape.pop(), e_bar, t).to(t.dtype)
     return energy, grad_y, grad_t

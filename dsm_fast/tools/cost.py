@@ -73,9 +73,9 @@ def custom_op_launches() -> dict[str, tuple[int, float]]:
     modules that register them (none without Triton)."""
     if importlib.util.find_spec("triton") is None:
         return {}
-    from ..kernels import cosine_attention, dual_score_loss, norm_act
+    from ..kernels import cosine_attention, dual_score_loss, mp_block, norm_act
 
-    return {**norm_act.LAUNCHES, **dual_score_loss.LAUNCHES, **cosine_attention.LAUNCHES}
+    return {**norm_act.LAUNCHES, **dual_score_loss.LAUNCHES, **cosine_attention.LAUNCHES, **mp_block.LAUNCHES}
 
 
 @dataclass

@@ -37,9 +37,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 PRECISIONS = ("fp32", "bf16", "fp64")
+MP_BLOCK_OPS = ("weight_norms", "weight_norms_backward", "pixel_norm_silu", "pixel_norm_silu_adjoint",
+                "pixel_norm_silu_adjoint_backward", "mod_silu", "mod_silu_adjoint", "mod_silu_adjoint_backward", "mp_sum",
+                "masked_split")  # kernels/mp_block.py's, each launched by <name>_launch
 OPS = ("dsm_fast::norm_act", "dsm_fast::norm_act_statistics", "dsm_fast::norm_act_adjoint",
        "dsm_fast::norm_act_adjoint_backward", "dsm_fast::dual_score_loss", "dsm_fast::dual_score_loss_backward",
-       "dsm_fast::cosine_attention", "dsm_fast::cosine_attention_adjoint", "dsm_fast::cosine_attention_adjoint_backward")
+       "dsm_fast::cosine_attention", "dsm_fast::cosine_attention_adjoint", "dsm_fast::cosine_attention_adjoint_backward",
+       *(f"dsm_fast::{name}" for name in MP_BLOCK_OPS))
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,10 @@ class TensorSpec:
 
 def launchers() -> dict[str, object]:
     """custom-op name → its launcher (the function its CUDA implementation calls)."""
-    from ..kernels import cosine_attention, dual_score_loss, norm_act
+    from ..kernels import cosine_attention, dual_score_loss, mp_block, norm_act
 
-    return {"dsm_fast::cosine_attention": cosine_attention.attention_forward_launch,
+    return {**{f"dsm_fast::{name}": getattr(mp_block, f"{name}_launch") for name in MP_BLOCK_OPS},
+            "dsm_fast::cosine_attention": cosine_attention.attention_forward_launch,
             "dsm_fast::cosine_attention_adjoint": cosine_attention.attention_adjoint_launch,
             "dsm_fast::cosine_attention_adjoint_backward": cosine_attention.attention_adjoint_backward_launch,
             "dsm_fast::norm_act": norm_act.norm_act_forward_launch,
@@ -163,7 +168,8 @@ class Config:
         names = list(sig)
         return {"kernel": self.kernel.split(":")[1], "target": self.target,
                 "dtypes": "/".join(sorted({v[1:] for v in sig.values() if v.startswith("*")})),
-                "constexprs": {names[path[0]]: value for path, value in self.constexprs},
+                "constexprs": {names[path[0]]: value if isinstance(value, (bool, int, float)) else str(value)
+                               for path, value in self.constexprs},  # a dtype constexpr by its name
                 **dict(self.options)}
 
 
