@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dsm_fast.analysis.inverse import constrained_ascent, posterior_sampling
+from dsm_fast.analysis.inverse import constrained_ascent, likeliest_noise_level, posterior_sampling
 from dsm_fast.analysis.measurements import (
     BlockAverage,
     GaussianBlur,
@@ -123,3 +123,16 @@ def test_untrained_gaussian_start_restores_as_the_wiener_solution(seed):
     rms = (out["mean"] - wiener).square().mean((1, 2, 3)).sqrt()
     assert (rms < 4 * math.sqrt((0.05 + t_end) * 3 / 4 / samples)).all(), rms
     assert torch.allclose(op.apply(out["mean"]), m, atol=1e-12)
+
+
+def test_likeliest_noise_level_of_the_gaussian_is_the_unbiased_estimate(seed):
+    """For the untrained Gaussian-start energy N(μ, (v + t) I), argmax_t log p_t(y) = ‖y − μ‖²/N − v (clamped to
+    the searched range), whatever the noise in y."""
+    generator = torch.Generator().manual_seed(seed)
+    model = GaussianStartEnergy(channels=1, preset="tiny").double()
+    model.set_data_statistics(0.4, 0.05)
+    sigmas = torch.tensor([1e-3, 0.03, 0.1, 0.5, 2.0], dtype=torch.float64).view(-1, 1, 1, 1)
+    y = 0.4 + torch.sqrt(0.05 + sigmas.square()) * torch.randn(5, 1, 16, 16, generator=generator, dtype=torch.float64)
+    exact = ((y - 0.4).square().mean((1, 2, 3)) - 0.05).clamp(1e-6, 1.0)
+    found = likeliest_noise_level(model, y, 1e-6, 1.0)
+    assert torch.allclose(found, exact, rtol=1e-3), (found, exact)

@@ -12,8 +12,10 @@ from dsm_fast.cli import main
 from dsm_fast.data.gsm import ExactEnergy, GaussianScaleMixture
 from dsm_fast.tools.testing import read_json
 
-IMAGE_RUN = ["--preset", "demo", "--image-size", "16", "--steps", "2", "--batch-size", "4", "--eval-images", "0",
-             "--plots", "false", "--progress", "false", "--device", "cpu"]
+# 300 steps of the demo preset on 16×16 patches (≈ 20 s on one core): enough for the prior to beat the Gaussian it
+# starts from on random-pixel inpainting (test_trained_prior_beats_the_wiener_solution)
+IMAGE_RUN = ["--preset", "demo", "--image-size", "16", "--steps", "300", "--eval-images", "0", "--plots", "false",
+             "--progress", "false", "--device", "cpu"]
 GSM_RUN = ["--data", "gsm", "--model", "radial", "--gsm-dim", "8", "--gsm-sigmas", "1,2", "--t-min", "1e-2",
            "--t-max", "1e2", "--steps", "400", "--batch-size", "256", "--lr", "3e-3", "--precision", "fp64",
            "--eval-images", "0", "--plots", "false", "--progress", "false", "--device", "cpu"]
@@ -42,6 +44,22 @@ def test_restore_image_tasks_write_grid_and_numbers(restore_runs, tmp_path):
         posterior = read_json(out / "p.json")
         assert posterior["mean_posterior_std"] > 0 and posterior["mean"]["wiener_psnr"] > 0
         assert (out / f"restore_{task[0]}.png").stat().st_size > 5_000
+
+
+def test_trained_prior_beats_the_wiener_solution(restore_runs, tmp_path):
+    """Half the pixels of 16 held-out 16×16 patches measured: the ascent with the trained prior beats the Wiener
+    solution (the posterior mean under the Gaussian N(μ, v I) the run started from) by > 2 dB in mean PSNR
+    (measured: +4.4 to +6.4 dB for training seeds 0, 1 and mask seeds 0, 1), the same ascent with the run's step-0
+    checkpoint (that Gaussian) does not: it draws from the Gaussian posterior (−6.7 dB)."""
+    margins = []
+    for run in (restore_runs / "img", restore_runs / "img" / "checkpoints" / "step_00000000"):
+        out = tmp_path / f"{run.name}.json"
+        assert main(["restore", str(run), "--task", "inpaint", "--fraction", "0.5", "--count", "16", "--seed", "0",
+                     "--out", str(tmp_path), "--json", str(out)]) == 0
+        mean = read_json(out)["mean"]
+        margins.append(mean["psnr"] - mean["wiener_psnr"])
+    trained, untrained = margins
+    assert trained > 2.0 and untrained < 0.0, margins
 
 
 def test_restore_gsm_against_the_exact_posterior(restore_runs, tmp_path):

@@ -11,8 +11,10 @@ Two methods, both batched over the measurements (one row of ``m`` per image):
       d = x̂(y) − y,   σ² = ‖d‖² / N,   h_k = h₀ k / (1 + h₀ (k − 1)),   γ_k² = ((1 − β h_k)² − (1 − h_k)²) σ²,
       y ← y + h_k d + γ_k z,
 
-  from y ~ N(W(c), σ₀² I) (c the data's centre) until σ ≤ σ_end; the restoration is x̂(y), which for s = 0 keeps
-  the measured part A⁺ m exactly. The paper's defaults: σ₀ = 1, σ_end = 0.01, h₀ = 0.01, β = 0.01.
+  from y ~ N(W(c), σ₀² I) (c the data's centre) until σ ≤ σ_end. The paper's blind denoiser ends the ascent by
+  removing whatever noise it finds in y; ours is told the level, so the last step denoises at the level the energy
+  itself finds most likely for y (:func:`likeliest_noise_level`): the restoration is W(D(y, t̂)), which for s = 0
+  keeps the measured part A⁺ m exactly. The paper's defaults: σ₀ = 1, σ_end = 0.01, h₀ = 0.01, β = 0.01.
 - :func:`posterior_sampling`, annealed Metropolis-adjusted Langevin sampling of
 
       π_t(y) ∝ exp(−U(y, t)) N(m; A y, s² I)
@@ -23,9 +25,14 @@ Two methods, both batched over the measurements (one row of ``m`` per image):
   curvature caps the step). For s = 0 the chain stays on {A y = m}: it starts there and every move is projected by
   I − P.
 
-The ascent's effective noise level comes from the residual, as the paper's; with a denoiser that is told the level
-(ours) rather than blind, that estimate runs low (an MMSE denoiser removes less than the noise), so the ascent tends
-to stop with some noise left — one reason it is the weaker of the two methods on the demo run (README).
+The ascent's step sizes and stopping level come from the residual, as the paper's; with a denoiser that is told the
+level (ours) rather than blind, that estimate runs low where the prior cannot tell noise from texture (an MMSE
+denoiser removes only the part of the noise it recognizes: on the demo run ‖D(y, σ²) − y‖/√N is 0.003 for σ = 0.01
+and 0.015 for σ = 0.03, README), so the ascent stops with noise left, which the final denoising at t̂ removes.
+
+t̂ = argmax_t log p_t(y) = argmin_t U(y, t) is the maximum-likelihood noise level of y in the energy's own family of
+noisy densities — only a normalized energy gives it (docs/method.md §3): U(·, t) must be comparable across t. For
+the Gaussian N(μ, (v + t) I) it is ‖y − μ‖²/N − v, the unbiased estimate of the noise variance.
 """
 from __future__ import annotations
 
@@ -57,10 +64,12 @@ def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor, noise: float,
                        generator: torch.Generator, h0: float = 0.01, beta: float = 0.01, sigma_start: float = 1.0,
                        sigma_end: float = 0.01, centre: float = 0.0, t_range: tuple[float, float] = (0.0, math.inf),
-                       max_iterations: int = 3000, progress: bool = True) -> dict:
-    """The restorations x̂ (B, ...) of the measurements m (B, ...) by the ascent above; also the iterations run
-    and, per sample, the last σ (the ascent stops for a sample once σ ≤ σ_end; noise levels given to D are
-    clamped to the model's ``t_range``)."""
+                       max_iterations: int = 3000, likeliest_level: bool = True, progress: bool = True) -> dict:
+    """The restorations x̂ = W(D(y, t̂)) (B, ...) of the measurements m (B, ...) by the ascent above; also the
+    iterations run and, per sample, the last residual σ (the ascent stops for a sample once σ ≤ σ_end) and the
+    final denoising level √t̂ (t̂ searched in [10⁻⁴ σ_end², σ₀²]; levels given to D clamped to ``t_range``).
+    Without ``likeliest_level`` the last level is the residual's σ² (for an energy not normalized across t, and
+    for scale mixtures, where t̂ mistakes a wide component for a narrow one plus noise)."""
     device, dtype = model_device(model)
     m = m.to(device, dtype)
     n, size = len(m), op.dim
@@ -89,8 +98,36 @@ def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor,
         bar.n = int(100 * min(1.0, max(0.0, math.log(sigma_start / sigma_max) / decades)))
         bar.set_postfix(iteration=k, sigma=f"{sigma_max:.4f}")
     bar.close()
-    return {"restored": restoration(y, sigma2.clamp(*t_range)), "iterations": k,
-            "sigma": sigma2.sqrt().cpu(), "converged": not running.any().item()}
+    level = likeliest_noise_level(model, y, max(t_range[0], 1e-4 * sigma_end**2), min(t_range[1], sigma_start**2)
+                                  ) if likeliest_level else sigma2.clamp(*t_range)
+    return {"restored": restoration(y, level), "iterations": k, "sigma": sigma2.sqrt().cpu(),
+            "final_sigma": level.sqrt().cpu(), "converged": not running.any().item()}
+
+
+@torch.no_grad()
+def likeliest_noise_level(model: nn.Module, y: torch.Tensor, t_low: float, t_high: float, points: int = 37,
+                          refinements: int = 20) -> torch.Tensor:
+    """Per sample (B,) t̂ = argmin_t U(y, t) over [t_low, t_high]: the best of ``points`` log-spaced levels, then a
+    golden-section search in log t between its two neighbours (U evaluated only, no gradients)."""
+    device, dtype = model_device(model)
+    y = y.to(device, dtype)
+
+    def energy(log_t: torch.Tensor) -> torch.Tensor:
+        return model(y, log_t.exp().to(dtype)).double()
+
+    grid = torch.linspace(math.log(t_low), math.log(t_high), points, dtype=torch.float64, device=device)
+    best = torch.stack([energy(log_t.expand(len(y))) for log_t in grid], 1).argmin(1)
+    low, high = grid[(best - 1).clamp_min(0)], grid[(best + 1).clamp_max(points - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    energy_a, energy_b = energy(a), energy(b)
+    for _ in range(refinements):  # one new level per step: the bracket keeps the other interior level
+        left = energy_a < energy_b  # the minimum lies in [low, b], else in [a, high]
+        low, high = torch.where(left, low, a), torch.where(left, b, high)
+        a, b = torch.where(left, high - ratio * (high - low), b), torch.where(left, a, low + ratio * (high - low))
+        probe = energy(torch.where(left, a, b))
+        energy_a, energy_b = torch.where(left, probe, energy_b), torch.where(left, energy_a, probe)
+    return ((low + high) / 2).exp().to(dtype)
 
 
 def posterior_potential(model: nn.Module, op: LinearMeasurement, m: torch.Tensor, noise: float, t: torch.Tensor):
