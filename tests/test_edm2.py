@@ -1,6 +1,7 @@
 """The EDM2-style attention UNet energy (dsm_fast/model/edm2.py): preset sizes, and its explicit adjoint
 (dsm_fast/model/edm2_adjoint.py) against eager double backward in float64 on every route the CPU runs."""
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -154,6 +155,22 @@ def test_checkpointing_saves_less_for_backward():
     saved = {c: saved_bytes_by_hooks(step_closure("fused", "edm2-tiny", 2, 16, 3, "torch", torch.float32, c)[0])[1]
              for c in ("none", "block")}
     assert 0 < saved["block"] < 0.2 * saved["none"], saved
+
+
+def test_bf16_estimate_saves_between_half_and_all_of_fp32():
+    """bf16 autocast (traced on fake CPU tensors, docs/method.md §5.1): the convolution and matmul outputs saved for
+    backward are bf16, what runs in fp32 stays fp32, so the bytes saved lie strictly between half and all of the
+    fp32 step's; the state (fp32 weights, gradients, Adam's moments) is the fp32 step's. The fp32 trace on fake CPU
+    tensors is the meta device's exactly (the two ways of tracing count alike)."""
+    from dsm_fast.tools.cost import FakeTensorMode, trace_step
+
+    fp32, bf16 = (trace_step("fused", "edm2-tiny", 2, 16, precision=p) for p in ("fp32", "bf16"))
+    assert 0.5 * fp32["saved_bytes"] < bf16["saved_bytes"] < fp32["saved_bytes"], (fp32, bf16)
+    assert bf16["peak_bytes"] - bf16["saved_bytes"] == fp32["peak_bytes"] - fp32["saved_bytes"]
+    assert {op.dtype for op in bf16["ops"] if op.name == "aten.convolution"} == {"bf16"}
+    with mock.patch("dsm_fast.tools.cost.tracing", lambda precision: (torch.device("cpu"), FakeTensorMode())):
+        fake = trace_step("fused", "edm2-tiny", 2, 16)
+    assert (fake["saved_bytes"], fake["kernels"]) == (fp32["saved_bytes"], fp32["kernels"])
 
 
 def test_checkpointing_and_kernels_refused_where_they_do_not_apply():

@@ -21,7 +21,7 @@ import torch
 from dsm_fast.checkpoint import checkpoint_step, list_checkpoints
 from dsm_fast.config import ConfigError, TrainConfig
 from dsm_fast.distributed import DistributedError, launch_environment, start
-from dsm_fast.tools.testing import relative_error, tiny_config
+from dsm_fast.tools.testing import relative_error, state_bytes, tiny_config
 from dsm_fast.train import Trainer
 
 K = 4  # optimizer steps per run
@@ -76,6 +76,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict], folder: str) -> 
 
                 trainer.route.__class__.__call__ = die
             trainer.run()
+            if job.get("state_bytes"):  # what this rank holds of weights, gradients and optimizer state
+                (Path(folder) / f"{name}.rank{rank}.bytes").write_text(str(state_bytes(trainer.engine)))
             if rank == 0:  # the weights rank 0 evaluates (under ZeRO-3 a full copy gathered at the end)
                 torch.save(trainer.model.state_dict(), Path(folder) / f"{name}.pt")
         except Exception as error:  # noqa: BLE001 — every failure is reported to the test as text

@@ -29,6 +29,7 @@ from test_engine import (
 from dsm_fast.config import ConfigError
 from dsm_fast.distributed import World
 from dsm_fast.engine import check_engine, deepspeed_available, deepspeed_config
+from dsm_fast.tools.testing import state_bytes
 from dsm_fast.train import Trainer
 
 pytestmark = pytest.mark.skipif(not deepspeed_available(),
@@ -52,7 +53,7 @@ def test_zero_1_2_3_equal_one_process_resume_after_a_kill_and_on_another_world_s
         {"name": "z2_accum1", "changes": {**z2, "grad_accum": 1}},
         {"name": "z2_reference", "changes": {**z2, "route": "reference"}},
         {"name": "z3", "changes": z3},
-        {"name": "z3_edm2", "changes": {**z3, **EDM2}},
+        {"name": "z3_edm2", "changes": {**z3, **EDM2}, "state_bytes": True},
         {"name": "crafted", "changes": z2},
         {"name": "killed", "changes": z2, "die": (1, 3)},
     ]
@@ -113,8 +114,14 @@ def test_zero_1_2_3_equal_one_process_resume_after_a_kill_and_on_another_world_s
     # the EDM2-style attention UNet, every weight partitioned (its weight normalization is formed in the forward)
     assert not errors(tmp_path, "z3_edm2"), errors(tmp_path, "z3_edm2")
     edm2_start = initial_weights(tmp_path / "edm2_init", **EDM2)
-    assert_same_weights(torch.load(tmp_path / "z3_edm2.pt"), single_run(tmp_path / "edm2", route="fused", **EDM2),
-                        edm2_start)
+    single = Trainer(engine_config(tmp_path / "edm2", route="fused", **EDM2))
+    single.run()
+    assert_same_weights(torch.load(tmp_path / "z3_edm2.pt"), single.model.state_dict(), edm2_start)
+    # each rank holds half of every copy: weights, gradients and Adam's two moments (one process's 4 copies), plus
+    # DeepSpeed's fp32 master partition, a copy apart from the fp32 weights' own: (4 + 1) / 2 / 4 = 5/8
+    for rank in (0, 1):
+        share = int((tmp_path / f"z3_edm2.rank{rank}.bytes").read_text()) / state_bytes(single.engine)
+        assert share == pytest.approx(5 / 8, rel=0.01), (rank, share)
 
 
 class _RunsCode:

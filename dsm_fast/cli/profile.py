@@ -15,7 +15,8 @@ def add_profile(sub) -> None:
                            "dsm-fast profile --cost --compiled        # + the compiled steps as Inductor builds them",
                            "dsm-fast profile --ptx --json ptx.json     # every Triton kernel for sm_80/sm_90, no GPU",
                            "dsm-fast profile --ptx --preset all --largest-only",
-                           "dsm-fast profile --cost --preset edm2-s --batch-size 64 --checkpoint-activations block"),
+                           "dsm-fast profile --cost --preset edm2-s --batch-size 64 --checkpoint-activations block",
+                           "dsm-fast profile --cost --preset edm2-s --batch-size 64 --precision bf16"),
                        description="Per op (NormAct forward, NormAct adjoint, dual-score loss terms), side by side: the "
                                    "PyTorch reference, the Triton kernel and the CUDA C++ kernel where built — median "
                                    "ms, achieved GB/s (ideal traffic over time) and relative error to float64. Then the "
@@ -31,7 +32,8 @@ def add_profile(sub) -> None:
     p.add_argument("--width", type=int, default=64, help="channels of the NormAct input timed per kernel")
     p.add_argument("--repeat", type=int, default=20, help="timed calls per row")
     p.add_argument("--precision", default="fp32", choices=choices("precision"),
-                   help="storage dtype of the kernel rows and of the step (bf16: kernel rows only)")
+                   help="storage dtype of the kernel rows and of the step (bf16: kernel rows only); --cost: the "
+                        "traced step's (bf16: autocast over fp32 weights, as train --precision bf16)")
     p.add_argument("--cuda", default="auto", choices=SWITCH,
                    help="the CUDA C++ extension: auto (if built and on a GPU), on (fail if not), off")
     p.add_argument("--device", default="auto")
@@ -115,10 +117,12 @@ def run_cost(args) -> int:
     kernels = traceable_kernels()
     if args.checkpoint_activations != "none" and not args.preset.startswith("edm2"):
         raise ConfigError("--checkpoint-activations needs an EDM2 preset (edm2-tiny, edm2-xs, edm2-s)")
-    print(f"cost report: preset {args.preset}, batch {args.batch_size}, {args.channels}×{args.image_size}², fp32, "
-          f"one steady-state step on the meta device (torch {torch.__version__})")
+    where = "fake CPU tensors under bf16 autocast" if args.precision == "bf16" else "the meta device"
+    print(f"cost report: preset {args.preset}, batch {args.batch_size}, {args.channels}×{args.image_size}², "
+          f"{args.precision}, one steady-state step on {where} (torch {torch.__version__})")
     report = cost_report(preset=args.preset, batch=args.batch_size, image_size=args.image_size,
-                         channels=args.channels, kernels=kernels, checkpoint=args.checkpoint_activations)
+                         channels=args.channels, kernels=kernels, checkpoint=args.checkpoint_activations,
+                         dtype=torch.float64 if args.precision == "fp64" else torch.float32, precision=args.precision)
     print(format_cost_report(report))
     compiled = None
     if args.compiled:

@@ -27,12 +27,16 @@ host; the compiled step has its own model (tools/inductor_cost.py).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
@@ -67,7 +71,8 @@ SMS = 132  # streaming multiprocessors of an H100 SXM and of an H200 SXM (datash
 # docs/method.md §6.2, one H100 80GB, PyTorch 2.11, paper preset, batch 128, fp32, eager (ms).
 ANCHORS = {"forward": 17.2, "score": 58.3, "reference": 265.0}
 NOT_KERNELS = ("aten._local_scalar_dense", "aten.empty", "aten.empty_strided", "aten.empty_like", "aten.lift_fresh",
-               "profiler._record_function_enter_new", "profiler._record_function_exit")  # no device work
+               "profiler._record_function_enter_new", "profiler._record_function_exit",
+               "prim.device")  # no device work (prim.device: a fake tensor's device query)
 
 
 def custom_op_launches() -> dict[str, tuple[int, float]]:
@@ -176,36 +181,62 @@ def saved_bytes_by_hooks(loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Ten
     return loss, sum(storages.values())
 
 
+def tracing(precision: str) -> tuple[torch.device, contextlib.AbstractContextManager]:
+    """(device, context) a step is traced on: the meta device, or for 'bf16' fake CPU tensors, because autocast has
+    no meta device (docs/method.md §5.1: CPU autocast's bf16 rules stand in for CUDA's)."""
+    if precision == "bf16":
+        return torch.device("cpu"), FakeTensorMode()
+    return torch.device("meta"), contextlib.nullcontext()
+
+
 def step_closure(route: str, preset: str, batch: int, image_size: int, channels: int, kernels: str,
-                 dtype: torch.dtype, checkpoint: str = "none"
+                 dtype: torch.dtype, checkpoint: str = "none", precision: str = "fp32"
                  ) -> tuple[Callable[[], torch.Tensor], Callable[[], None], int]:
-    """(loss(), update(), bytes of weights + gradients + Adam's moments) of one training step of ``route`` on the meta device: 'forward' is the energy's forward
-    alone (no gradient), 'score' the plain score-network step, else a route of dsm_fast.routes; Adam as on CUDA
-    (foreach). ``kernels`` applies to the fused route, ``checkpoint`` ('none', 'block') to its EDM2 presets."""
-    meta = torch.device("meta")
-    with meta:
-        model = UNetEnergy(channels, preset).to(dtype)
+    """(loss(), update(), bytes of weights + gradients + Adam's moments) of one training step of ``route``, traced
+    where :func:`tracing` says (call it inside that context): 'forward' is the energy's forward alone (no
+    gradient), 'score' the plain score-network step, else a route of dsm_fast.routes; Adam as on CUDA (foreach).
+    ``kernels`` applies to the fused route, ``checkpoint`` ('none', 'block') to its EDM2 presets; ``precision``
+    'bf16' runs loss() under bfloat16 autocast over ``dtype`` weights, as the trainer does (train.py)."""
+    device, _ = tracing(precision)
+    with device:
+        model = UNetEnergy(channels, preset)
+    if dtype != torch.float32:  # (a fake tensor's .to swaps parameters, which fake mode's memo forbids)
+        model = model.to(dtype)
     if checkpoint != "none":
         model.unet.checkpoint = checkpoint
-    x = torch.rand(batch, channels, image_size, image_size, device=meta, dtype=dtype)
-    t, eps = torch.rand(batch, device=meta, dtype=dtype), torch.randn_like(x)
+    x = torch.rand(batch, channels, image_size, image_size, device=device, dtype=dtype)
+    t, eps = torch.rand(batch, device=device, dtype=dtype), torch.randn_like(x)
     state = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
     if route == "forward":
         return (lambda: model(x, t).detach()), (lambda: None), state
-    step = ScoreRoute(model.unet) if route == "score" else make_route(route, model, kernels=kernels)
+    # Fake tensors run the custom ops' fake implementations: nothing is interpreted, though the route asks for it.
+    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"} if precision == "bf16" else {}):
+        step = ScoreRoute(model.unet) if route == "score" else make_route(route, model, kernels=kernels)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return step(x, t, eps)["loss"].mean()
 
     def update() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return (lambda: step(x, t, eps)["loss"].mean()), update, state
+    return loss, update, state
 
 
 def trace_step(route: str, preset: str = "paper", batch: int = 128, image_size: int = 64, channels: int = 3,
-               kernels: str = "torch", dtype: torch.dtype = torch.float32, checkpoint: str = "none") -> dict:
+               kernels: str = "torch", dtype: torch.dtype = torch.float32, checkpoint: str = "none",
+               precision: str = "fp32") -> dict:
     """Counts of one steady-state step of ``route`` (a first step outside the count creates Adam's state)."""
-    loss_fn, update, state = step_closure(route, preset, batch, image_size, channels, kernels, dtype, checkpoint)
+    with tracing(precision)[1]:
+        return _trace_step(route, preset, batch, image_size, channels, kernels, dtype, checkpoint, precision)
+
+
+def _trace_step(route: str, preset: str, batch: int, image_size: int, channels: int, kernels: str,
+                dtype: torch.dtype, checkpoint: str, precision: str) -> dict:
+    loss_fn, update, state = step_closure(route, preset, batch, image_size, channels, kernels, dtype, checkpoint,
+                                          precision)
     if route != "forward":
         loss_fn().backward()
         update()
@@ -257,19 +288,20 @@ def traceable_kernels() -> tuple[str, ...]:
 
 def cost_report(routes: tuple[str, ...] = ("score", "reference", "functional", "fused"), preset: str = "paper",
                 batch: int = 128, image_size: int = 64, channels: int = 3, kernels: tuple[str, ...] = ("torch",),
-                dtype: torch.dtype = torch.float32, checkpoint: str = "none") -> dict:
+                dtype: torch.dtype = torch.float32, checkpoint: str = "none", precision: str = "fp32") -> dict:
     """Counts and predicted ms per route and device; τ fitted on the anchors (always traced at the paper preset,
     batch 128, fp32, as measured); 'fused' is reported once per entry of ``kernels``, and once more per entry with
-    activation ``checkpoint`` ('block', the EDM2 presets) when it is not 'none'."""
+    activation ``checkpoint`` ('block', the EDM2 presets) when it is not 'none'; ``precision`` 'bf16': the routes'
+    steps under bfloat16 autocast (:func:`step_closure`)."""
     anchor_traces = {a: trace_step(a) for a in ANCHORS}
     tau = fit_launch_overhead({a: roofline_parts(tr["ops"], H100) for a, tr in anchor_traces.items()}, ANCHORS)
-    same = (preset, batch, image_size, channels, dtype) == ("paper", 128, 64, 3, torch.float32)
+    same = (preset, batch, image_size, channels, dtype, precision) == ("paper", 128, 64, 3, torch.float32, "fp32")
     rows = []
     checkpoints = ("none",) if checkpoint == "none" else ("none", checkpoint)
     for route in routes:
         for k, ckpt in ([(k, c) for c in checkpoints for k in kernels] if route == "fused" else [("torch", "none")]):
             trace = anchor_traces[route] if same and route in ANCHORS else trace_step(
-                route, preset, batch, image_size, channels, k, dtype, ckpt)
+                route, preset, batch, image_size, channels, k, dtype, ckpt, precision)
             row = {key: trace[key] for key in ("kernels", "flops", "bytes", "saved_bytes", "peak_bytes")}
             row["route"] = route if route != "fused" else f"fused ({k})" if ckpt == "none" else f"fused ({k}, ckpt)"
             row["predicted_ms"] = {}

@@ -105,3 +105,21 @@ def tiny_config(out, **changes):
 def read_json(path: Path):
     """The JSON a command wrote (``--json``)."""
     return json.loads(Path(path).read_text())
+
+
+def state_bytes(engine) -> int:
+    """Bytes this rank holds of parameters, gradients and optimizer state, each storage once. Under DeepSpeed ZeRO-3
+    (an optimizer with ``fp32_partitioned_groups_flat``) that is its partitions: each weight's ``ds_tensor``, the
+    fp32 master flats (DeepSpeed 0.19 copies them apart from fp32 weights' own partitions), the flat gradient partition buffer and the
+    inner Adam's state; else the parameters, their ``.grad`` and the optimizer's state."""
+    optimizer = engine.optimizer
+    params = list(engine.module.parameters())
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        tensors = [p.ds_tensor for p in params] + list(optimizer.fp32_partitioned_groups_flat)
+        tensors.append(optimizer.grad_partitions_flat_buffer)
+        optimizer = optimizer.optimizer  # ZeRO wraps torch's Adam over the fp32 flats
+    else:
+        tensors = params + [p.grad for p in params if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
