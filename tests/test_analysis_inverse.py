@@ -136,3 +136,9 @@ def test_likeliest_noise_level_of_the_gaussian_is_the_unbiased_estimate(seed):
     exact = ((y - 0.4).square().mean((1, 2, 3)) - 0.05).clamp(1e-6, 1.0)
     found = likeliest_noise_level(model, y, 1e-6, 1.0)
     assert torch.allclose(found, exact, rtol=1e-3), (found, exact)
+    # the ascent's tracking: a per-sample bracket [t̂ e⁻², t̂ e] around a guess off by up to e, searched whole
+    unclamped = (y - 0.4).square().mean((1, 2, 3)) - 0.05
+    inside = unclamped > 0  # a negative estimate has its minimum at the range's end
+    guess = unclamped.abs() * torch.exp(torch.empty(5, dtype=torch.float64).uniform_(-1, 1, generator=generator))
+    tracked = likeliest_noise_level(model, y, guess * math.exp(-2), guess * math.e, points=2, refinements=30)
+    assert inside.sum() >= 3 and torch.allclose(tracked[inside], unclamped[inside], rtol=1e-3), (tracked, unclamped)

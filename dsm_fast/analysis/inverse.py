@@ -4,17 +4,19 @@ Two methods, both batched over the measurements (one row of ``m`` per image):
 
 - :func:`constrained_ascent`, the stochastic coarse-to-fine ascent of Kadkhodaie & Simoncelli ("Solving linear
   inverse problems using the prior implicit in a denoiser", 2021) with the energy's denoiser D(y, t) = y − t ∇_y U.
-  Their denoiser is blind; ours takes the noise level, fed the effective level σ² estimated from the previous
-  step's residual. With x̂(y) = W(D(y, σ²)), W the measurement's correction of the denoised image (the Gaussian
-  posterior mean given m of N(D, σ² I); for s = 0, W(D) = (I − P) D + A⁺ m, the paper's constraint),
+  Their denoiser is blind; ours takes the noise level, and a normalized energy knows it: the level of y is its
+  likeliest one, t̂(y) = argmax_t log p_t(y) (:func:`likeliest_noise_level`, tracked from step to step). With
+  x̂(y) = W(D(y, t̂)), W the measurement's correction of the denoised image (the Gaussian posterior mean given m of
+  N(D, t̂ I); for s = 0, W(D) = (I − P) D + A⁺ m, the paper's constraint),
 
       d = x̂(y) − y,   σ² = ‖d‖² / N,   h_k = h₀ k / (1 + h₀ (k − 1)),   γ_k² = ((1 − β h_k)² − (1 − h_k)²) σ²,
       y ← y + h_k d + γ_k z,
 
-  from y ~ N(W(c), σ₀² I) (c the data's centre) until σ ≤ σ_end. The paper's blind denoiser ends the ascent by
-  removing whatever noise it finds in y; ours is told the level, so the last step denoises at the level the energy
-  itself finds most likely for y (:func:`likeliest_noise_level`): the restoration is W(D(y, t̂)), which for s = 0
-  keeps the measured part A⁺ m exactly. The paper's defaults: σ₀ = 1, σ_end = 0.01, h₀ = 0.01, β = 0.01.
+  from y ~ N(W(c), σ₀² I) (c the data's centre) until σ ≤ σ_end, or until t̂ stops falling (the prior takes what
+  is left for texture). The restoration is W(D(y, t̂)), which for s = 0 keeps the measured part A⁺ m exactly. The
+  paper's defaults: σ₀ = 1, σ_end = 0.01, h₀ = 0.01, β = 0.01. For an energy not normalized across t (or a scale
+  mixture, where t̂ mistakes a wide component for a narrow one plus noise) D is told the residual's σ², as the
+  paper's blind denoiser estimates it.
 - :func:`posterior_sampling`, annealed Metropolis-adjusted Langevin sampling of
 
       π_t(y) ∝ exp(−U(y, t)) N(m; A y, s² I)
@@ -25,10 +27,10 @@ Two methods, both batched over the measurements (one row of ``m`` per image):
   curvature caps the step). For s = 0 the chain stays on {A y = m}: it starts there and every move is projected by
   I − P.
 
-The ascent's step sizes and stopping level come from the residual, as the paper's; with a denoiser that is told the
-level (ours) rather than blind, that estimate runs low where the prior cannot tell noise from texture (an MMSE
-denoiser removes only the part of the noise it recognizes: on the demo run ‖D(y, σ²) − y‖/√N is 0.003 for σ = 0.01
-and 0.015 for σ = 0.03, README), so the ascent stops with noise left, which the final denoising at t̂ removes.
+Told the residual's σ² instead of t̂, a denoiser that is not blind runs the ascent down too fast where the prior cannot
+tell noise from texture: it removes only the part of the noise it recognizes (on the demo run ‖D(y, σ²) − y‖/√N is
+0.003 for σ = 0.01 and 0.015 for σ = 0.03, README), so each σ² under-reads the last and the ascent stops at
+"σ = σ_end" with noise left.
 
 t̂ = argmax_t log p_t(y) = argmin_t U(y, t) is the maximum-likelihood noise level of y in the energy's own family of
 noisy densities — only a normalized energy gives it (docs/method.md §3): U(·, t) must be comparable across t. For
@@ -47,7 +49,11 @@ from ..model.energy import denoise, energy_and_scores, sum_per_sample
 from .measurements import LinearMeasurement, gaussian_posterior_mean
 from .sampling import annealed_langevin
 
-KADKHODAIE_SIMONCELLI = {"h0": 0.01, "beta": 0.01, "sigma_start": 1.0, "sigma_end": 0.01}
+TRACKING_REFINEMENTS = 6  # golden-section steps per iteration for t̂: a bracket of e³ narrowed to ±9 % in t
+# A sample whose t̂ has not fallen below PLATEAU_FACTOR × its last such level for PLATEAU_PATIENCE iterations stops:
+# the prior takes what is left for texture (nominally t̂ falls by 2 β h per iteration, 0.8 within ~100 iterations
+# from the start at the paper's β)
+PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.8, 200
 
 
 def model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -66,10 +72,9 @@ def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor,
                        sigma_end: float = 0.01, centre: float = 0.0, t_range: tuple[float, float] = (0.0, math.inf),
                        max_iterations: int = 3000, likeliest_level: bool = True, progress: bool = True) -> dict:
     """The restorations x̂ = W(D(y, t̂)) (B, ...) of the measurements m (B, ...) by the ascent above; also the
-    iterations run and, per sample, the last residual σ (the ascent stops for a sample once σ ≤ σ_end) and the
-    final denoising level √t̂ (t̂ searched in [10⁻⁴ σ_end², σ₀²]; levels given to D clamped to ``t_range``).
-    Without ``likeliest_level`` the last level is the residual's σ² (for an energy not normalized across t, and
-    for scale mixtures, where t̂ mistakes a wide component for a narrow one plus noise)."""
+    iterations run and, per sample, the last residual σ and the final denoising level √t̂ (t̂ searched in
+    [10⁻⁴ σ_end², 4 σ₀²] ∩ ``t_range``). Without ``likeliest_level`` D is told the residual's σ² (clamped to
+    ``t_range``) throughout."""
     device, dtype = model_device(model)
     m = m.to(device, dtype)
     n, size = len(m), op.dim
@@ -84,40 +89,56 @@ def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor,
 
     bar = tqdm(total=100, desc="ascent (% of log σ₀/σ_end)", disable=not progress, leave=False)
     k, decades = 0, math.log(sigma_start / sigma_end)
+    t_low, t_high = max(t_range[0], 1e-4 * sigma_end**2), min(t_range[1], 4 * sigma_start**2)
+    likeliest = likeliest_noise_level(model, y, t_low, t_high) if likeliest_level else None
+    plateau_level, stalled = likeliest, torch.zeros(n, dtype=torch.long, device=device)
     while running.any() and k < max_iterations:
         k += 1
         h = h0 * k / (1 + h0 * (k - 1))
-        level = sigma2.clamp(*t_range)
+        level = sigma2.clamp(*t_range) if likeliest is None else likeliest
         d = restoration(y, level) - y
         sigma2 = torch.where(running, sum_per_sample(d.square()) / size, sigma2)
         gamma = torch.sqrt(((1 - beta * h) ** 2 - (1 - h) ** 2) * sigma2)
         z = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(device, dtype)
         y = torch.where(per_sample(running, y), y + h * d + per_sample(gamma, y) * z, y)
         running = running & (sigma2.sqrt() > sigma_end)
+        if likeliest is not None:  # track t̂ within [t̂ e⁻², t̂ e]: the noise only shrinks a little per step
+            likeliest = likeliest_noise_level(model, y, (likeliest * math.exp(-2)).clamp_min(t_low),
+                                              (likeliest * math.e).clamp_max(t_high), points=2,
+                                              refinements=TRACKING_REFINEMENTS)
+            falling = likeliest < PLATEAU_FACTOR * plateau_level
+            plateau_level = torch.where(falling, likeliest, plateau_level)
+            stalled = torch.where(falling, 0, stalled + 1)
+            running = running & (stalled < PLATEAU_PATIENCE)
         sigma_max = sigma2.sqrt().max().item()
         bar.n = int(100 * min(1.0, max(0.0, math.log(sigma_start / sigma_max) / decades)))
         bar.set_postfix(iteration=k, sigma=f"{sigma_max:.4f}")
     bar.close()
-    level = likeliest_noise_level(model, y, max(t_range[0], 1e-4 * sigma_end**2), min(t_range[1], sigma_start**2)
-                                  ) if likeliest_level else sigma2.clamp(*t_range)
+    level = sigma2.clamp(*t_range) if likeliest is None else likeliest_noise_level(model, y, t_low, t_high)
     return {"restored": restoration(y, level), "iterations": k, "sigma": sigma2.sqrt().cpu(),
             "final_sigma": level.sqrt().cpu(), "converged": not running.any().item()}
 
 
 @torch.no_grad()
-def likeliest_noise_level(model: nn.Module, y: torch.Tensor, t_low: float, t_high: float, points: int = 37,
+def likeliest_noise_level(model: nn.Module, y: torch.Tensor, t_low, t_high, points: int = 37,
                           refinements: int = 20) -> torch.Tensor:
-    """Per sample (B,) t̂ = argmin_t U(y, t) over [t_low, t_high]: the best of ``points`` log-spaced levels, then a
-    golden-section search in log t between its two neighbours (U evaluated only, no gradients)."""
+    """Per sample (B,) t̂ = argmin_t U(y, t) over [t_low, t_high] (floats, or (B,) tensors): the best of ``points``
+    log-spaced levels, then a golden-section search in log t between its two neighbours (U evaluated only, no
+    gradients). ``points`` = 2 searches the whole bracket, for U unimodal in it."""
     device, dtype = model_device(model)
     y = y.to(device, dtype)
 
     def energy(log_t: torch.Tensor) -> torch.Tensor:
         return model(y, log_t.exp().to(dtype)).double()
 
-    grid = torch.linspace(math.log(t_low), math.log(t_high), points, dtype=torch.float64, device=device)
-    best = torch.stack([energy(log_t.expand(len(y))) for log_t in grid], 1).argmin(1)
-    low, high = grid[(best - 1).clamp_min(0)], grid[(best + 1).clamp_max(points - 1)]
+    def log_level(t) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=torch.float64, device=device).log().expand(len(y))
+
+    fractions = torch.linspace(0, 1, points, dtype=torch.float64, device=device)
+    grid = log_level(t_low)[:, None] + fractions * (log_level(t_high) - log_level(t_low))[:, None]  # (B, points)
+    best = torch.stack([energy(grid[:, i]) for i in range(points)], 1).argmin(1) if points > 2 else None
+    low = grid[:, 0] if best is None else grid.gather(1, (best - 1).clamp_min(0)[:, None])[:, 0]
+    high = grid[:, -1] if best is None else grid.gather(1, (best + 1).clamp_max(points - 1)[:, None])[:, 0]
     ratio = (math.sqrt(5) - 1) / 2
     a, b = high - ratio * (high - low), low + ratio * (high - low)
     energy_a, energy_b = energy(a), energy(b)

@@ -46,7 +46,7 @@ def load_run(path: str | Path, device: str = "auto", ema: bool = False) -> Loade
     model = with_free_energies(build_model(cfg.model, channels=cfg.channels, dim=dim, energy=cfg.energy), cfg)
     dtype = compute_dtype(cfg)
     model.to(device, dtype)
-    model.load_state_dict(ema_weights if ema else weights)
+    model.load_state_dict({**weights, **ema_weights} if ema else weights)  # the EMA holds parameters, not buffers
     model.eval()
     return LoadedRun(model, cfg, checkpoint, int(state["step"]), device, dtype)
 

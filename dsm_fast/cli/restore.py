@@ -21,8 +21,8 @@ def add_restore(sub) -> None:
                            "dsm-fast restore runs/gsm --task compressive --fraction 0.5 --method posterior"),
                        description="m = A x + s n (s = --noise) of the images (the run's held-out ones, or --images), "
                                    "restored by --method ascent (Kadkhodaie & Simoncelli 2021: stochastic "
-                                   "coarse-to-fine ascent with D(y, t) = y − t ∇_y U, the measured part kept exactly "
-                                   "when s = 0, ending with D at the likeliest level t̂ = argmax_t log p_t(y)) or "
+                                   "coarse-to-fine ascent with D(y, t) = y − t ∇_y U told y's likeliest noise level t̂ = "
+                                   "argmax_t log p_t(y) at every step, the measured part kept exactly when s = 0) or "
                                    "--method posterior (annealed MALA on exp(−U(y, t)) N(m; Ay, s² I) down to "
                                    "--t-end, accept/reject by U itself: samples, their mean and per-pixel std). "
                                    "Prints PSNR / SSIM per image beside the Wiener solution under the Gaussian N(μ, "
@@ -101,7 +101,7 @@ def run_restore(args) -> int:
         sigma_start = args.sigma_start or (math.sqrt(cfg.t_max) if vectors else 1.0)
         sigma_end = args.sigma_end or (math.sqrt(cfg.t_min) if vectors else 0.01)
         # the likeliest level needs U normalized across t, and is for images: on the GSM it mistakes the σ = 2
-        # component for σ = 1 plus noise (√t̂ ≈ 1.6 measured), so vectors keep the residual's level
+        # component for σ = 1 plus noise (√t̂ ≈ 1.6 measured), so vectors take the residual's level
         likeliest = cfg.objective != "single" and not vectors
         out = constrained_ascent(run.model, op, m, args.noise, generator, args.h0, args.beta, sigma_start, sigma_end,
                                  centre, (cfg.t_min, cfg.t_max), likeliest_level=likeliest)
@@ -111,7 +111,7 @@ def run_restore(args) -> int:
         last = "the likeliest level" if likeliest else "the residual's level"
         print(f"ascent: {out['iterations']} iterations" + ("" if out["converged"] else
                                                           f" (stopped before σ ≤ {sigma_end:g})")
-              + f", last denoising at {last} √t = {out['final_sigma'].median():.4f} (median)")
+              + f", denoising at {last}, last √t = {out['final_sigma'].median():.4f} (median)")
     else:
         t_start = args.t_start or (cfg.t_max if vectors else 1.0)
         t_end = args.t_end or (cfg.t_min if vectors else 1e-5)
