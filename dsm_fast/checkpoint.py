@@ -265,6 +265,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
     return weights, state, ema
 
 
+def evaluated_weights(path: str | Path, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
+                      use_ema: bool) -> dict[str, torch.Tensor]:
+    """The state dict an analysis loads: the weights, or with ``use_ema`` the EMA's parameters over them (the EMA
+    holds parameters only; buffers such as a Gaussian start's statistics come from the weights)."""
+    if not use_ema:
+        return weights
+    if ema is None:
+        raise ConfigError(f"{path} has no EMA weights (train with --ema-decay)")
+    return {**weights, **ema}
+
+
 def restore_streams(run_dir: Path, state: dict[str, Any], world, data, noise_generator) -> None:
     """Put this rank's data stream, noise generator and torch RNG where checkpoint ``state`` left them, whatever
     world size wrote it: the same world size takes each rank's own state (bit-exact); another takes the unsharded

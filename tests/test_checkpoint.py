@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import tiny_config
 
-from dsm_fast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from dsm_fast.checkpoint import CheckpointError, evaluated_weights, list_checkpoints, load_checkpoint
 from dsm_fast.cli import main
+from dsm_fast.config import ConfigError
 from dsm_fast.train import Trainer
 
 
@@ -146,3 +147,13 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_
         main(["eval", str(out), "--images", "2", "--device", "cpu", "--json", "/sys/dsm_fast/nll.json"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "--json /sys/dsm_fast/nll.json: cannot write it" in err
+
+
+def test_evaluated_weights_take_the_ema_parameters_and_keep_the_buffers():
+    weights = {"conv.weight": torch.zeros(2), "data_mean": torch.tensor(0.4)}
+    ema = {"conv.weight": torch.ones(2)}
+    loaded = evaluated_weights("run", weights, ema, use_ema=True)
+    assert torch.equal(loaded["conv.weight"], torch.ones(2)) and loaded["data_mean"] == 0.4
+    assert evaluated_weights("run", weights, None, use_ema=False) is weights
+    with pytest.raises(ConfigError, match="run has no EMA weights"):
+        evaluated_weights("run", weights, None, use_ema=True)

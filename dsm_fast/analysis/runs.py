@@ -31,8 +31,8 @@ class LoadedRun:
 
 def load_run(path: str | Path, device: str = "auto", ema: bool = False) -> LoadedRun:
     """The energy of a run folder (its newest checkpoint) or of one checkpoint folder, in eval mode."""
-    from ..checkpoint import load_checkpoint, resolve_checkpoint
-    from ..config import ConfigError, compute_dtype, config_from_run, resolve_device
+    from ..checkpoint import evaluated_weights, load_checkpoint, resolve_checkpoint
+    from ..config import compute_dtype, config_from_run, resolve_device
     from ..diffclf import with_free_energies
     from ..model import build_model
 
@@ -40,13 +40,11 @@ def load_run(path: str | Path, device: str = "auto", ema: bool = False) -> Loade
     cfg = config_from_run(checkpoint.parent.parent, device=device)
     device = resolve_device(cfg.device)
     weights, state, ema_weights = load_checkpoint(checkpoint, map_location=device)
-    if ema and ema_weights is None:
-        raise ConfigError(f"{checkpoint} has no EMA weights (train with --ema-decay)")
     dim = cfg.gsm_dim if cfg.data == "gsm" else cfg.image_size
     model = with_free_energies(build_model(cfg.model, channels=cfg.channels, dim=dim, energy=cfg.energy), cfg)
     dtype = compute_dtype(cfg)
     model.to(device, dtype)
-    model.load_state_dict({**weights, **ema_weights} if ema else weights)  # the EMA holds parameters, not buffers
+    model.load_state_dict(evaluated_weights(checkpoint, weights, ema_weights, ema))
     model.eval()
     return LoadedRun(model, cfg, checkpoint, int(state["step"]), device, dtype)
 

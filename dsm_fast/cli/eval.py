@@ -68,7 +68,7 @@ def run_eval(args) -> int:
     import numpy as np
     import torch
 
-    from ..checkpoint import load_checkpoint, resolve_checkpoint
+    from ..checkpoint import evaluated_weights, load_checkpoint, resolve_checkpoint
     from ..data import GaussianScaleMixture
     from ..data.imagenet64 import is_prepared, partial_note, read_manifest
     from ..diffclf import with_free_energies
@@ -84,12 +84,11 @@ def run_eval(args) -> int:
     cfg = config_from_run(run_dir, device=args.device, **({"data": args.data} if args.data else {}))
     device = resolve_device(cfg.device)
     weights, state, ema = load_checkpoint(checkpoint, map_location=device)
-    if args.ema and ema is None:
-        raise ConfigError(f"{checkpoint} has no EMA weights (train with --ema-decay)")
+    weights = evaluated_weights(checkpoint, weights, ema, args.ema)
     x, train_x, quantized = evaluation_sets(cfg, args.images, args.train_images, args.seed)
     model = with_free_energies(build_model(cfg.model, channels=x.shape[1], dim=sample_dim(x), energy=cfg.energy), cfg)
     model.to(device, compute_dtype(cfg))
-    model.load_state_dict(ema if args.ema else weights)
+    model.load_state_dict(weights)
     exact = None
     variance = variance_per_dim(x) if args.variance_correction else 0.0
     t_eval = clean_noise_level(cfg)
