@@ -45,8 +45,9 @@ def add_restore(sub) -> None:
     p.add_argument("--beta", type=float, default=0.01, help="ascent: noise injection β ∈ (0, 1], 1 = none "
                                                             "(paper's default)")
     p.add_argument("--sigma-start", type=float, help="ascent: σ₀ (default: 1 for images, √t_max for vectors)")
-    p.add_argument("--sigma-end", type=float, help="ascent: stop at σ ≤ this (default: 0.01 for images, "
-                                                   "√t_min for vectors)")
+    p.add_argument("--sigma-end", type=float, help="ascent: stop at a residual σ ≤ this, or once the likeliest "
+                                                   "level stops falling (default: 0.01 for images, √t_min for "
+                                                   "vectors)")
     p.add_argument("--samples", type=int, default=8, help="posterior: draws per image")
     p.add_argument("--levels", type=int, default=100, help="posterior: noise levels, log-spaced")
     p.add_argument("--mala-steps", type=int, default=4, help="posterior: MALA steps per level")
