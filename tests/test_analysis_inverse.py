@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dsm_fast.analysis.inverse import constrained_ascent, likeliest_noise_level, posterior_sampling
+from dsm_fast.analysis.inverse import ASCENT_LEVELS, constrained_ascent, likeliest_noise_level, posterior_sampling
 from dsm_fast.analysis.measurements import (
     BlockAverage,
     GaussianBlur,
@@ -92,13 +92,14 @@ def test_posterior_samples_land_in_the_components_at_the_exact_weights(noise, se
     assert 0.4 < sum(level["acceptance"] for level in out["mala"]) / len(out["mala"]) < 0.9
 
 
-def test_ascent_keeps_the_measured_coordinates(seed):
+@pytest.mark.parametrize("level", ASCENT_LEVELS)
+def test_ascent_keeps_the_measured_coordinates(seed, level):
     generator = torch.Generator().manual_seed(seed)
     mixture = GaussianScaleMixture(16, (1.0, 2.0))
     op = make_measurement("inpaint", (16,), seed=seed, fraction=0.5)
     x = mixture.sample(4, generator, dtype=torch.float64)
     out = constrained_ascent(ExactEnergy(mixture), op, op.apply(x), 0.0, generator, sigma_start=10.0,
-                             sigma_end=0.1, t_range=(1e-2, 1e2), progress=False)
+                             sigma_end=0.1, t_range=(1e-2, 1e2), level=level, progress=False)
     assert out["converged"] and out["iterations"] > 10
     assert torch.equal(out["restored"][:, op.mask], x[:, op.mask])  # the measured part is A⁺m itself
     assert not torch.allclose(out["restored"][:, ~op.mask], torch.zeros(1, dtype=torch.float64))

@@ -4,19 +4,20 @@ Two methods, both batched over the measurements (one row of ``m`` per image):
 
 - :func:`constrained_ascent`, the stochastic coarse-to-fine ascent of Kadkhodaie & Simoncelli ("Solving linear
   inverse problems using the prior implicit in a denoiser", 2021) with the energy's denoiser D(y, t) = y − t ∇_y U.
-  Their denoiser is blind; ours takes the noise level, and a normalized energy knows it: the level of y is its
-  likeliest one, t̂(y) = argmax_t log p_t(y) (:func:`likeliest_noise_level`, tracked from step to step). With
-  x̂(y) = W(D(y, t̂)), W the measurement's correction of the denoised image (the Gaussian posterior mean given m of
-  N(D, t̂ I); for s = 0, W(D) = (I − P) D + A⁺ m, the paper's constraint),
+  Their denoiser is blind; ours takes the noise level: by default ('final') the residual's σ² below, as the paper
+  estimates it, and for the last denoising the level a normalized energy finds for y, its likeliest one
+  t̂(y) = argmax_t log p_t(y) (:func:`likeliest_noise_level`); 'tracked' tells D t̂ at every step (tracked from
+  step to step). With x̂(y) = W(D(y, σ²)), W the measurement's correction of the denoised image (the Gaussian
+  posterior mean given m of N(D, σ² I); for s = 0, W(D) = (I − P) D + A⁺ m, the paper's constraint),
 
       d = x̂(y) − y,   σ² = ‖d‖² / N,   h_k = h₀ k / (1 + h₀ (k − 1)),   γ_k² = ((1 − β h_k)² − (1 − h_k)²) σ²,
       y ← y + h_k d + γ_k z,
 
-  from y ~ N(W(c), σ₀² I) (c the data's centre) until σ ≤ σ_end, or until t̂ stops falling (the prior takes what
-  is left for texture). The restoration is W(D(y, t̂)), which for s = 0 keeps the measured part A⁺ m exactly. The
-  paper's defaults: σ₀ = 1, σ_end = 0.01, h₀ = 0.01, β = 0.01. For an energy not normalized across t (or a scale
-  mixture, where t̂ mistakes a wide component for a narrow one plus noise) D is told the residual's σ², as the
-  paper's blind denoiser estimates it.
+  from y ~ N(W(c), σ₀² I) (c the data's centre) until σ ≤ σ_end ('tracked': or until t̂ stops falling, where the
+  prior takes what is left for texture). The restoration is W(D(y, t̂)), which for s = 0 keeps the measured part
+  A⁺ m exactly. The paper's defaults: σ₀ = 1, σ_end = 0.01, h₀ = 0.01, β = 0.01. For an energy not normalized
+  across t (or a scale mixture, where t̂ mistakes a wide component for a narrow one plus noise) D is told the
+  residual's σ² to the end ('residual').
 - :func:`posterior_sampling`, annealed Metropolis-adjusted Langevin sampling of
 
       π_t(y) ∝ exp(−U(y, t)) N(m; A y, s² I)
@@ -27,10 +28,12 @@ Two methods, both batched over the measurements (one row of ``m`` per image):
   curvature caps the step). For s = 0 the chain stays on {A y = m}: it starts there and every move is projected by
   I − P.
 
-Told the residual's σ² instead of t̂, a denoiser that is not blind runs the ascent down too fast where the prior cannot
-tell noise from texture: it removes only the part of the noise it recognizes (on the demo run ‖D(y, σ²) − y‖/√N is
-0.003 for σ = 0.01 and 0.015 for σ = 0.03, README), so each σ² under-reads the last and the ascent stops at
-"σ = σ_end" with noise left.
+Told the residual's σ², a denoiser that is not blind runs the ascent down too fast where the prior cannot tell noise
+from texture: it removes only the part of the noise it recognizes (on the demo run ‖D(y, σ²) − y‖/√N is 0.003 for
+σ = 0.01 and 0.015 for σ = 0.03, README), so each σ² under-reads the last and the ascent stops at "σ = σ_end" with
+noise left, which the last denoising at t̂ removes. Told t̂ at every step ('tracked') the feedback turns the other
+way: where t̂ over-reads, D removes signal with the noise, the residual and with it the injected noise grow, and the
+ascent can stall at a large level (measured on a 4,000-step demo run, README) — hence not the default.
 
 t̂ = argmax_t log p_t(y) = argmin_t U(y, t) is the maximum-likelihood noise level of y in the energy's own family of
 noisy densities — only a normalized energy gives it (docs/method.md §3): U(·, t) must be comparable across t. For
@@ -54,6 +57,7 @@ TRACKING_REFINEMENTS = 6  # golden-section steps per iteration for t̂: a bracke
 # the prior takes what is left for texture (nominally t̂ falls by 2 β h per iteration, 0.8 within ~100 iterations
 # from the start at the paper's β)
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.8, 200
+ASCENT_LEVELS = ("residual", "final", "tracked")
 
 
 def model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -70,11 +74,13 @@ def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor, noise: float,
                        generator: torch.Generator, h0: float = 0.01, beta: float = 0.01, sigma_start: float = 1.0,
                        sigma_end: float = 0.01, centre: float = 0.0, t_range: tuple[float, float] = (0.0, math.inf),
-                       max_iterations: int = 3000, likeliest_level: bool = True, progress: bool = True) -> dict:
+                       max_iterations: int = 3000, level: str = "final", progress: bool = True) -> dict:
     """The restorations x̂ = W(D(y, t̂)) (B, ...) of the measurements m (B, ...) by the ascent above; also the
     iterations run and, per sample, the last residual σ and the final denoising level √t̂ (t̂ searched in
-    [10⁻⁴ σ_end², 4 σ₀²] ∩ ``t_range``). Without ``likeliest_level`` D is told the residual's σ² (clamped to
-    ``t_range``) throughout."""
+    [10⁻⁴ σ_end², σ₀²] ∩ ``t_range``, to 4 σ₀² when tracked). ``level`` (ASCENT_LEVELS) is what D is told: 'residual' the residual's σ²
+    (clamped to ``t_range``) throughout, 'final' the same but t̂ for the last denoising, 'tracked' t̂ at every step."""
+    if level not in ASCENT_LEVELS:
+        raise ValueError(f"level must be one of {ASCENT_LEVELS}")
     device, dtype = model_device(model)
     m = m.to(device, dtype)
     n, size = len(m), op.dim
@@ -90,13 +96,12 @@ def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor,
     bar = tqdm(total=100, desc="ascent (% of log σ₀/σ_end)", disable=not progress, leave=False)
     k, decades = 0, math.log(sigma_start / sigma_end)
     t_low, t_high = max(t_range[0], 1e-4 * sigma_end**2), min(t_range[1], 4 * sigma_start**2)
-    likeliest = likeliest_noise_level(model, y, t_low, t_high) if likeliest_level else None
+    likeliest = likeliest_noise_level(model, y, t_low, t_high) if level == "tracked" else None
     plateau_level, stalled = likeliest, torch.zeros(n, dtype=torch.long, device=device)
     while running.any() and k < max_iterations:
         k += 1
         h = h0 * k / (1 + h0 * (k - 1))
-        level = sigma2.clamp(*t_range) if likeliest is None else likeliest
-        d = restoration(y, level) - y
+        d = restoration(y, sigma2.clamp(*t_range) if likeliest is None else likeliest) - y
         sigma2 = torch.where(running, sum_per_sample(d.square()) / size, sigma2)
         gamma = torch.sqrt(((1 - beta * h) ** 2 - (1 - h) ** 2) * sigma2)
         z = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(device, dtype)
@@ -114,9 +119,10 @@ def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor,
         bar.n = int(100 * min(1.0, max(0.0, math.log(sigma_start / sigma_max) / decades)))
         bar.set_postfix(iteration=k, sigma=f"{sigma_max:.4f}")
     bar.close()
-    level = sigma2.clamp(*t_range) if likeliest is None else likeliest_noise_level(model, y, t_low, t_high)
-    return {"restored": restoration(y, level), "iterations": k, "sigma": sigma2.sqrt().cpu(),
-            "final_sigma": level.sqrt().cpu(), "converged": not running.any().item()}
+    t_last = t_high if level == "tracked" else min(t_range[1], sigma_start**2)  # tracking may end above σ₀²
+    last = sigma2.clamp(*t_range) if level == "residual" else likeliest_noise_level(model, y, t_low, t_last)
+    return {"restored": restoration(y, last), "iterations": k, "sigma": sigma2.sqrt().cpu(),
+            "final_sigma": last.sqrt().cpu(), "converged": not running.any().item()}
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from ..config import RESTORE_TASKS, ConfigError
 from .common import Formatter, add_run_args, examples, out_path, write_json
 
 METHODS = ("ascent", "posterior")
+ASCENT_IMAGE_LEVELS = ("final", "tracked")  # analysis/inverse.py ASCENT_LEVELS; vectors take 'residual'
 
 
 def add_restore(sub) -> None:
@@ -21,8 +22,9 @@ def add_restore(sub) -> None:
                            "dsm-fast restore runs/gsm --task compressive --fraction 0.5 --method posterior"),
                        description="m = A x + s n (s = --noise) of the images (the run's held-out ones, or --images), "
                                    "restored by --method ascent (Kadkhodaie & Simoncelli 2021: stochastic "
-                                   "coarse-to-fine ascent with D(y, t) = y − t ∇_y U told y's likeliest noise level t̂ = "
-                                   "argmax_t log p_t(y) at every step, the measured part kept exactly when s = 0) or "
+                                   "coarse-to-fine ascent with D(y, t) = y − t ∇_y U, the measured part kept exactly "
+                                   "when s = 0, ending with D at the likeliest level t̂ = argmax_t log p_t(y); "
+                                   "--level tracked tells D t̂ at every step) or "
                                    "--method posterior (annealed MALA on exp(−U(y, t)) N(m; Ay, s² I) down to "
                                    "--t-end, accept/reject by U itself: samples, their mean and per-pixel std). "
                                    "Prints PSNR / SSIM per image beside the Wiener solution under the Gaussian N(μ, "
@@ -45,9 +47,13 @@ def add_restore(sub) -> None:
     p.add_argument("--beta", type=float, default=0.01, help="ascent: noise injection β ∈ (0, 1], 1 = none "
                                                             "(paper's default)")
     p.add_argument("--sigma-start", type=float, help="ascent: σ₀ (default: 1 for images, √t_max for vectors)")
-    p.add_argument("--sigma-end", type=float, help="ascent: stop at a residual σ ≤ this, or once the likeliest "
-                                                   "level stops falling (default: 0.01 for images, √t_min for "
-                                                   "vectors)")
+    p.add_argument("--sigma-end", type=float, help="ascent: stop at a residual σ ≤ this (with --level tracked: "
+                                                   "or once t̂ stops falling) (default: 0.01 for images, √t_min "
+                                                   "for vectors)")
+    p.add_argument("--level", default="final", choices=ASCENT_IMAGE_LEVELS,
+                   help="ascent, images: the level D is told — 'final': the residual's σ² (the paper's estimate), "
+                        "the likeliest level t̂ for the last denoising; 'tracked': t̂ at every step (better where "
+                        "the prior cannot tell fine noise from texture, can stall where t̂ over-reads; README)")
     p.add_argument("--samples", type=int, default=8, help="posterior: draws per image")
     p.add_argument("--levels", type=int, default=100, help="posterior: noise levels, log-spaced")
     p.add_argument("--mala-steps", type=int, default=4, help="posterior: MALA steps per level")
@@ -103,13 +109,14 @@ def run_restore(args) -> int:
         sigma_end = args.sigma_end or (math.sqrt(cfg.t_min) if vectors else 0.01)
         # the likeliest level needs U normalized across t, and is for images: on the GSM it mistakes the σ = 2
         # component for σ = 1 plus noise (√t̂ ≈ 1.6 measured), so vectors take the residual's level
-        likeliest = cfg.objective != "single" and not vectors
+        level = args.level if cfg.objective != "single" and not vectors else "residual"
         out = constrained_ascent(run.model, op, m, args.noise, generator, args.h0, args.beta, sigma_start, sigma_end,
-                                 centre, (cfg.t_min, cfg.t_max), likeliest_level=likeliest)
+                                 centre, (cfg.t_min, cfg.t_max), level=level)
         restored, std, samples = out["restored"].double().cpu(), None, None
-        summary.update(iterations=out["iterations"], converged=out["converged"], h0=args.h0, beta=args.beta,
+        summary.update(iterations=out["iterations"], converged=out["converged"], level=level, h0=args.h0, beta=args.beta,
                        sigma_start=sigma_start, sigma_end=sigma_end, final_sigma=out["final_sigma"].tolist())
-        last = "the likeliest level" if likeliest else "the residual's level"
+        last = {"residual": "the residual's level", "final": "the residual's level, the likeliest at the end",
+                "tracked": "the likeliest level"}[level]
         print(f"ascent: {out['iterations']} iterations" + ("" if out["converged"] else
                                                           f" (stopped before σ ≤ {sigma_end:g})")
               + f", denoising at {last}, last √t = {out['final_sigma'].median():.4f} (median)")
