@@ -77,8 +77,9 @@ def constrained_ascent(model: nn.Module, op: LinearMeasurement, m: torch.Tensor,
                        max_iterations: int = 3000, level: str = "final", progress: bool = True) -> dict:
     """The restorations x̂ = W(D(y, t̂)) (B, ...) of the measurements m (B, ...) by the ascent above; also the
     iterations run and, per sample, the last residual σ and the final denoising level √t̂ (t̂ searched in
-    [10⁻⁴ σ_end², σ₀²] ∩ ``t_range``, to 4 σ₀² when tracked). ``level`` (ASCENT_LEVELS) is what D is told: 'residual' the residual's σ²
-    (clamped to ``t_range``) throughout, 'final' the same but t̂ for the last denoising, 'tracked' t̂ at every step."""
+    [10⁻⁴ σ_end², σ₀²] ∩ ``t_range``, to 4 σ₀² when tracked). ``level`` (ASCENT_LEVELS) is what D is told:
+    'residual' the residual's σ² (clamped to ``t_range``) throughout, 'final' the same but t̂ for the last
+    denoising, 'tracked' t̂ at every step."""
     if level not in ASCENT_LEVELS:
         raise ValueError(f"level must be one of {ASCENT_LEVELS}")
     device, dtype = model_device(model)

@@ -113,8 +113,9 @@ def run_restore(args) -> int:
         out = constrained_ascent(run.model, op, m, args.noise, generator, args.h0, args.beta, sigma_start, sigma_end,
                                  centre, (cfg.t_min, cfg.t_max), level=level)
         restored, std, samples = out["restored"].double().cpu(), None, None
-        summary.update(iterations=out["iterations"], converged=out["converged"], level=level, h0=args.h0, beta=args.beta,
-                       sigma_start=sigma_start, sigma_end=sigma_end, final_sigma=out["final_sigma"].tolist())
+        summary.update(iterations=out["iterations"], converged=out["converged"], level=level, h0=args.h0,
+                       beta=args.beta, sigma_start=sigma_start, sigma_end=sigma_end,
+                       final_sigma=out["final_sigma"].tolist())
         last = {"residual": "the residual's level", "final": "the residual's level, the likeliest at the end",
                 "tracked": "the likeliest level"}[level]
         print(f"ascent: {out['iterations']} iterations" + ("" if out["converged"] else
