@@ -110,8 +110,8 @@ def read_json(path: Path):
 def state_bytes(engine) -> int:
     """Bytes this rank holds of parameters, gradients and optimizer state, each storage once. Under DeepSpeed ZeRO-3
     (an optimizer with ``fp32_partitioned_groups_flat``) that is its partitions: each weight's ``ds_tensor``, the
-    fp32 master flats (DeepSpeed 0.19 copies them apart from fp32 weights' own partitions), the flat gradient partition buffer and the
-    inner Adam's state; else the parameters, their ``.grad`` and the optimizer's state."""
+    fp32 master flats (DeepSpeed 0.19 copies them apart from fp32 weights' own partitions), the flat gradient
+    partition buffer and the inner Adam's state; else the parameters, their ``.grad`` and the optimizer's state."""
     optimizer = engine.optimizer
     params = list(engine.module.parameters())
     if hasattr(optimizer, "fp32_partitioned_groups_flat"):
