@@ -79,8 +79,10 @@ class TrainConfig:
     time_weight: float = option(1.0, "λ in loss = space + λ·time (diffclf: space + λ·classification)")
     diffclf_levels: int = option(8, "diffclf: N noise levels, log-spaced over [t_min, t_max], that the classifier "
                                  "tells apart")
-    t_min: float = option(1e-9)
-    t_max: float = option(1e3)
+    t_min: float = option(1e-9, "the smallest noise variance t; training draws t log-uniform on [t_min, t_max] "
+                          "(docs/method.md §2.1)")
+    t_max: float = option(1e3, "the largest noise variance t, where p_t is close to N(0, t I) and the normalizing "
+                          "constant is read (docs/method.md §3.1)")
     route: str = option("auto", "auto (fused for a UNet with dual/single, else reference), reference (eager double "
                         "backward), functional (torch.func; first-order) or fused (explicit adjoint, first-order; "
                         "Triton on CUDA)", ("auto", *ROUTES), note="(compilation is --compile)")
