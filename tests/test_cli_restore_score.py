@@ -137,3 +137,11 @@ def test_bad_input_is_one_line(restore_runs, tmp_path, capsys):
     assert "no image files" in one_line_error(capsys, ["restore", run, "--task", "deblur", "--images",
                                                        str(tmp_path / "empty")])
     assert "no image files" in one_line_error(capsys, ["score", run, "--images", str(tmp_path / "empty")])
+    np.save(tmp_path / "last.npy", np.zeros((2, 16, 16, 1), np.uint8))  # (N, H, W, C): channels-last
+    assert "channels-last" in one_line_error(capsys, ["restore", run, "--task", "deblur", "--images",
+                                                      str(tmp_path / "last.npy")])
+    # a 0 is checked, not taken for "the default"
+    assert "--sigma-end" in one_line_error(capsys, ["restore", run, "--task", "superres", "--sigma-end", "0"])
+    assert "--t-end" in one_line_error(capsys, ["restore", run, "--task", "superres", "--method", "posterior",
+                                                "--t-end", "0"])
+    assert "--t-min" in one_line_error(capsys, ["sample", run, "--t-min", "0"])

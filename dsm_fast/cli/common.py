@@ -66,6 +66,11 @@ def add_run_args(p, images: int, data: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def given_or(value: float | None, default: float) -> float:
+    """An option's value where given (0 included: it is checked, not replaced by the default), else the default."""
+    return default if value is None else value
+
+
 def float_list(text: str, name: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]

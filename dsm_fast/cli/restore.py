@@ -5,7 +5,7 @@ import math
 import time
 
 from ..config import RESTORE_TASKS, ConfigError
-from .common import Formatter, add_run_args, examples, out_path, write_json
+from .common import Formatter, add_run_args, examples, given_or, out_path, write_json
 
 METHODS = ("ascent", "posterior")
 ASCENT_IMAGE_LEVELS = ("final", "tracked")  # analysis/inverse.py ASCENT_LEVELS; vectors take 'residual'
@@ -105,8 +105,10 @@ def run_restore(args) -> int:
     summary = {"checkpoint": str(run.checkpoint), "task": args.task, "method": args.method, "noise": args.noise,
                "images": len(x), "measurements_per_image": op.count, "dim": op.dim}
     if args.method == "ascent":
-        sigma_start = args.sigma_start or (math.sqrt(cfg.t_max) if vectors else 1.0)
-        sigma_end = args.sigma_end or (math.sqrt(cfg.t_min) if vectors else 0.01)
+        sigma_start = given_or(args.sigma_start, math.sqrt(cfg.t_max) if vectors else 1.0)
+        sigma_end = given_or(args.sigma_end, math.sqrt(cfg.t_min) if vectors else 0.01)
+        if not 0 < sigma_end < sigma_start < math.inf:
+            raise ConfigError("need 0 < --sigma-end < --sigma-start")
         # the likeliest level needs U normalized across t, and is for images: on the GSM it mistakes the σ = 2
         # component for σ = 1 plus noise (√t̂ ≈ 1.6 measured), so vectors take the residual's level
         level = args.level if cfg.objective != "single" and not vectors else "residual"
@@ -122,9 +124,9 @@ def run_restore(args) -> int:
                                                           f" (stopped before σ ≤ {sigma_end:g})")
               + f", denoising at {last}, last √t = {out['final_sigma'].median():.4f} (median)")
     else:
-        t_start = args.t_start or (cfg.t_max if vectors else 1.0)
-        t_end = args.t_end or (cfg.t_min if vectors else 1e-5)
-        if not 0 < t_end < t_start:
+        t_start = given_or(args.t_start, cfg.t_max if vectors else 1.0)
+        t_end = given_or(args.t_end, cfg.t_min if vectors else 1e-5)
+        if not 0 < t_end < t_start < math.inf:
             raise ConfigError("need 0 < --t-end < --t-start")
         out = posterior_sampling(run.model, op, m, args.noise, args.samples, generator, t_start, t_end, args.levels,
                                  args.mala_steps, centre)

@@ -1,8 +1,10 @@
 """``dsm-fast sample``: samples of a trained energy (analysis/sampling.py)."""
 from __future__ import annotations
 
+import math
+
 from ..config import ConfigError
-from .common import Formatter, add_run_args, examples, out_path, write_json
+from .common import Formatter, add_run_args, examples, given_or, out_path, write_json
 
 
 def add_sample(sub) -> None:
@@ -35,8 +37,8 @@ def run_sample(args) -> int:
     if args.count <= 0 or args.steps <= 0 or args.mala_steps < 0:
         raise ConfigError("--count and --steps must be positive, --mala-steps ≥ 0")
     run = load_run(args.run, args.device, args.ema)
-    t_min, t_max = args.t_min or run.cfg.t_min, args.t_max or run.cfg.t_max
-    if not 0 < t_min < t_max:
+    t_min, t_max = given_or(args.t_min, run.cfg.t_min), given_or(args.t_max, run.cfg.t_max)
+    if not 0 < t_min < t_max < math.inf:
         raise ConfigError("need 0 < --t-min < --t-max")
     cfg = run.cfg
     shape = (args.count, cfg.gsm_dim) if cfg.data == "gsm" else (args.count, cfg.channels, cfg.image_size,

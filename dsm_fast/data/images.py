@@ -22,8 +22,10 @@ def check_images(images: np.ndarray, origin: str, channels: int, size: int) -> n
     if images.ndim != 4 or images.shape[0] == 0:
         raise DataError(f"{origin}: expected a non-empty (N, C, H, W) array, got shape {images.shape}")
     if images.shape[1:] != (channels, size, size):
-        raise DataError(f"{origin}: images have shape {images.shape[1:]}, the run expects "
-                        f"{(channels, size, size)} (set --channels / --image-size)")
+        layout = "; the array looks channels-last: store it as (N, C, H, W)" if (
+            images.shape[1] != channels and images.shape[3] in (1, 3) and images.shape[1] == images.shape[2]) else ""
+        raise DataError(f"{origin}: images have shape {images.shape[1:]}, the run expects {(channels, size, size)} "
+                        f"(channels, height, width: its --channels and --image-size){layout}")
     return images
 
 
