@@ -40,6 +40,14 @@ def test_bad_subset_is_one_line(capsys):
     assert exit_info.value.code == 2 and "first:N" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["denoise", "atlas"])
+def test_bad_show_is_one_line(runs, command, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(runs / "first"), "--show", "0", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "--show" in err, err
+
+
 def test_generalization_of_a_run_with_itself_is_zero_and_differs_from_another(runs, tmp_path):
     out = tmp_path / "a"
     main(["generalization", str(runs / "first"), str(runs / "first"), "--images", "6", "--out", str(out),

@@ -23,6 +23,8 @@ def run_atlas(args) -> int:
     from ..analysis.plots import save_image_rows
     from ..analysis.runs import evaluation_images, load_run, log_probabilities
 
+    if args.show < 1:
+        raise ConfigError("--show must be positive")
     run = load_run(args.run, args.device, args.ema)
     x = evaluation_images(run.cfg, args.data, args.images, args.seed)
     if len(x) < 3:

@@ -1,6 +1,7 @@
 """``dsm-fast denoise``: the energy's denoiser on held-out images across noise levels (analysis/denoising.py)."""
 from __future__ import annotations
 
+from ..config import ConfigError
 from .common import Formatter, add_run_args, examples, float_list, out_path, write_json
 
 
@@ -26,6 +27,8 @@ def run_denoise(args) -> int:
     from ..evaluate import denoising_psnr
 
     psnrs = float_list(args.psnrs, "--psnrs")
+    if args.show < 1:
+        raise ConfigError("--show must be positive")
     run = load_run(args.run, args.device, args.ema)
     x = evaluation_images(run.cfg, args.data, args.images, args.seed)
     rows = denoising_psnr(run.model, x, torch.Generator().manual_seed(args.seed), psnrs)
