@@ -62,6 +62,16 @@ def test_generalization_of_a_run_with_itself_is_zero_and_differs_from_another(ru
     assert (out / "generalization.png").stat().st_size > 10_000
 
 
+def test_generalization_refuses_runs_of_other_data(runs, tmp_path, capsys):
+    """Runs of another kind of data or of another image shape: one line, exit code 2 (not a comparison)."""
+    assert main(["train", *TINY, "--image-size", "8", "--channels", "1", "--out", str(tmp_path / "small")]) == 0
+    for other, message in ((runs / "gsm", "different kinds"), (tmp_path / "small", "different shapes")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generalization", str(runs / "first"), str(other), "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
 def test_image_analyses_write_numbers_and_pictures(runs, tmp_path):
     out, run = tmp_path / "img", str(runs / "last")
     main(["dimensionality", run, "--images", "3", "--levels", "3", "--noise-draws", "1", "--out", str(out),

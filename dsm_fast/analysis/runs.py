@@ -28,6 +28,12 @@ class LoadedRun:
 
         return clean_noise_level(self.cfg)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample the run models: (gsm_dim,) for the analytic data, else (C, H, W)."""
+        cfg = self.cfg
+        return (cfg.gsm_dim,) if cfg.data == "gsm" else (cfg.channels, cfg.image_size, cfg.image_size)
+
 
 def load_run(path: str | Path, device: str = "auto", ema: bool = False) -> LoadedRun:
     """The energy of a run folder (its newest checkpoint) or of one checkpoint folder, in eval mode."""

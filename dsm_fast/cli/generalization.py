@@ -25,6 +25,9 @@ def run_generalization(args) -> int:
     run_a, run_b = load_run(args.run, args.device, args.ema), load_run(args.run_b, args.device, args.ema)
     if (run_a.cfg.data == "gsm") != (run_b.cfg.data == "gsm") or run_a.clean_t != run_b.clean_t:
         raise ConfigError("the two runs model different kinds of data; compare runs on the same data")
+    if run_a.sample_shape != run_b.sample_shape:
+        raise ConfigError(f"the two runs model samples of different shapes, {run_a.sample_shape} and "
+                          f"{run_b.sample_shape}; compare runs on the same data")
     x = evaluation_images(run_a.cfg, args.data, args.images, args.seed)
     log_p_a, _ = log_probabilities(run_a, x, args.seed)
     log_p_b, _ = log_probabilities(run_b, x, args.seed)

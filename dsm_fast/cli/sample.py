@@ -41,8 +41,7 @@ def run_sample(args) -> int:
     if not 0 < t_min < t_max < math.inf:
         raise ConfigError("need 0 < --t-min < --t-max")
     cfg = run.cfg
-    shape = (args.count, cfg.gsm_dim) if cfg.data == "gsm" else (args.count, cfg.channels, cfg.image_size,
-                                                                cfg.image_size)
+    shape = (args.count, *run.sample_shape)
     out = reverse_diffusion(run.model, shape, t_min, t_max, args.steps, torch.Generator().manual_seed(args.seed),
                             args.mala_steps)
     samples = out["samples"].double().cpu()
