@@ -40,12 +40,20 @@ def test_bad_subset_is_one_line(capsys):
     assert exit_info.value.code == 2 and "first:N" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["denoise", "atlas"])
-def test_bad_show_is_one_line(runs, command, capsys, tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["denoise", "{run}", "--show", "0", "--out", "{tmp}"], "--show"),
+    (["atlas", "{run}", "--show", "0", "--out", "{tmp}"], "--show"),
+    (["dimensionality", "{run}", "--t-max", "inf", "--out", "{tmp}"], "--t-max < inf"),
+    (["denoise", "{run}", "--images", "2", "--out", "{tmp}/file/out"], "--out {tmp}/file/out: cannot write it"),
+    (["normalization", "--steps", "1", "--plot", "{tmp}/file/n.png"], "--plot {tmp}/file/n.png: cannot write it"),
+])
+def test_user_mistakes_in_analyses_are_one_line(runs, args, message, capsys, tmp_path):
+    (tmp_path / "file").write_text("a file where a folder is needed")
+    fill = {"run": str(runs / "first"), "tmp": str(tmp_path)}
     with pytest.raises(SystemExit) as exit_info:
-        main([command, str(runs / "first"), "--show", "0", "--out", str(tmp_path)])
+        main([arg.format(**fill) for arg in args])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "--show" in err, err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message.format(**fill) in err, err
 
 
 def test_generalization_of_a_run_with_itself_is_zero_and_differs_from_another(runs, tmp_path):

@@ -22,15 +22,31 @@ def examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+def cannot_write(option: str, path, error: OSError) -> ConfigError:
+    """The one-line error for an output ``path`` (given by ``option``) that cannot be written."""
+    file_in_the_way = isinstance(error, (NotADirectoryError, FileExistsError))
+    reason = "a part of the path is a file" if file_in_the_way else error.strerror
+    return ConfigError(f"{option} {path}: cannot write it ({reason or error})")
+
+
+def make_folder(path, option: str, named=None) -> Path:
+    """``path`` as a folder, created with its parents; one line naming ``named`` (default ``path``) if it cannot
+    be."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise cannot_write(option, named or path, error) from None
+    return Path(path)
+
+
 def write_json(path: str | None, payload) -> None:
     """Write ``payload`` to ``path`` (creating its folder); a path that cannot be written is one line."""
     if path:
+        make_folder(Path(path).parent, "--json", path)
         try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
         except OSError as error:
-            reason = "a part of the path is a file" if isinstance(error, NotADirectoryError) else error.strerror
-            raise ConfigError(f"--json {path}: cannot write it ({reason or error})") from None
+            raise cannot_write("--json", path, error) from None
 
 
 def add_step_shape(p: argparse.ArgumentParser, preset_help: str = "UNet preset") -> None:
@@ -79,5 +95,5 @@ def float_list(text: str, name: str) -> list[float]:
 
 
 def out_path(args, name: str) -> Path:
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    return Path(args.out) / name
+    """OUT/name, OUT (``--out``) created if needed."""
+    return make_folder(args.out, "--out") / name

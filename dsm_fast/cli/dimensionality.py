@@ -1,6 +1,8 @@
 """``dsm-fast dimensionality``: effective dimensionality and E[log p_t | x] across noise levels (analysis/dimensionality.py)."""
 from __future__ import annotations
 
+import math
+
 from ..config import ConfigError
 from .common import Formatter, add_run_args, examples, out_path, write_json
 
@@ -27,8 +29,8 @@ def run_dimensionality(args) -> int:
     from ..analysis.dimensionality import dimensionality_curves, noise_levels, plot_dimensionality
     from ..analysis.runs import evaluation_images, load_run, log_probabilities
 
-    if not 0 < args.t_min < args.t_max or args.levels < 2 or args.noise_draws < 1:
-        raise ConfigError("need 0 < --t-min < --t-max, --levels ≥ 2 and --noise-draws ≥ 1")
+    if not 0 < args.t_min < args.t_max < math.inf or args.levels < 2 or args.noise_draws < 1 or args.show < 0:
+        raise ConfigError("need 0 < --t-min < --t-max < inf, --levels ≥ 2, --noise-draws ≥ 1 and --show ≥ 0")
     run = load_run(args.run, args.device, args.ema)
     x = evaluation_images(run.cfg, args.data, args.images, args.seed)
     _, constant = log_probabilities(run, x, args.seed)
