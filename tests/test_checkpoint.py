@@ -147,6 +147,10 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_
         main(["eval", str(out), "--images", "2", "--device", "cpu", "--json", "/sys/dsm_fast/nll.json"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "--json /sys/dsm_fast/nll.json: cannot write it" in err
+    with pytest.raises(SystemExit) as stop:  # and --per-image
+        main(["eval", str(out), "--images", "2", "--device", "cpu", "--per-image", "/sys/dsm_fast/log_p.npy"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "--per-image /sys/dsm_fast/log_p.npy: cannot" in err
 
 
 def test_evaluated_weights_take_the_ema_parameters_and_keep_the_buffers():
