@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from ..config import ConfigError
-from .common import Formatter, examples
+from .common import Formatter, examples, make_folder
 
 MODULES = ("train", "eval", "plots", "bench", "profile", "data", "normalization", "dimensionality", "sample",
            "denoise", "atlas", "generalization", "import_release", "restore", "score")
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.images import DataError
 
     try:
+        if getattr(args, "json", None):  # every --json is an output file: a folder that cannot be made fails at once
+            make_folder(Path(args.json).parent, "--json", args.json)
         return COMMANDS[args.command][1](args)
     except (ConfigError, DataError, CheckpointError) as error:
         parser.exit(2, f"dsm-fast {args.command}: error: {error}\n")
