@@ -51,14 +51,17 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2(args, message, tmp_path,
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["bench", "profile", "normalization"])
-def test_an_unwritable_json_fails_before_the_work(command, tmp_path, monkeypatch, capsys):
-    """--json under a file: one line, exit code 2, and the command's work never starts."""
+@pytest.mark.parametrize("command, options", [
+    ("bench", ["--json", "{file}/x.json"]), ("profile", ["--json", "{file}/x.json"]),
+    ("normalization", ["--json", "{file}/x.json"]), ("restore", ["runs/any", "--task", "superres", "--out", "{file}"]),
+    ("denoise", ["runs/any", "--out", "{file}/analysis"])])
+def test_an_unwritable_output_fails_before_the_work(command, options, tmp_path, monkeypatch, capsys):
+    """--json or an analysis' --out under a file: one line, exit code 2, and the command's work never starts."""
     (tmp_path / "file").write_text("a file where a folder is needed")
     add, _ = COMMANDS[command]
     monkeypatch.setitem(COMMANDS, command, (add, lambda args: pytest.fail("the work started")))
     with pytest.raises(SystemExit) as stop:
-        main([command, "--json", str(tmp_path / "file" / "x.json")])
+        main([command, *(option.format(file=tmp_path / "file") for option in options)])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "cannot write it (a part of the path is a file)" in err
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from .common import Formatter, examples, make_folder
+from .common import Formatter, check_writable_folder, examples
 
 MODULES = ("train", "eval", "plots", "bench", "profile", "data", "normalization", "dimensionality", "sample",
            "denoise", "atlas", "generalization", "import_release", "restore", "score")
@@ -41,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.images import DataError
 
     try:
-        if getattr(args, "json", None):  # every --json is an output file: a folder that cannot be made fails at once
-            make_folder(Path(args.json).parent, "--json", args.json)
+        # the output paths before the work, without creating anything: a folder that cannot be made fails at once
+        # (every --json is a file; an analysis' --out a folder)
+        if getattr(args, "json", None):
+            check_writable_folder(Path(args.json).parent, "--json", args.json)
+        if getattr(args, "out_is_folder", False):
+            check_writable_folder(args.out, "--out")
         return COMMANDS[args.command][1](args)
     except (ConfigError, DataError, CheckpointError) as error:
         parser.exit(2, f"dsm-fast {args.command}: error: {error}\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..config import ConfigError, choices
@@ -27,6 +28,18 @@ def cannot_write(option: str, path, error: OSError) -> ConfigError:
     file_in_the_way = isinstance(error, (NotADirectoryError, FileExistsError))
     reason = "a part of the path is a file" if file_in_the_way else error.strerror
     return ConfigError(f"{option} {path}: cannot write it ({reason or error})")
+
+
+def check_writable_folder(path, option: str, named=None) -> None:
+    """One line (naming ``named``, default ``path``) unless the folder ``path`` exists and is writable or could be
+    created: its nearest existing ancestor is a writable folder. Creates nothing."""
+    ancestor = Path(path).absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{option} {named or path}: cannot write it (a part of the path is a file)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {named or path}: cannot write it (no write permission in {ancestor})")
 
 
 def make_folder(path, option: str, named=None) -> Path:
@@ -76,6 +89,7 @@ def add_run_args(p, images: int, data: bool = True) -> None:
         p.add_argument("--data", help="images to analyse (folder or .npy) instead of the run's held-out split")
         p.add_argument("--images", type=int, default=images, help="how many images (or GSM draws)")
     p.add_argument("--out", default="analysis", help="folder for the PNG files")
+    p.set_defaults(out_is_folder=True)  # checked by the dispatcher before the work (cli/__init__.py)
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

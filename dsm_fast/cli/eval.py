@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..config import ConfigError, compute_dtype, config_from_run, resolve_device
-from .common import Formatter, cannot_write, examples, make_folder, write_json
+from .common import Formatter, cannot_write, check_writable_folder, examples, make_folder, write_json
 
 
 def count_or_all(text: str) -> int | None:
@@ -79,8 +79,8 @@ def run_eval(args) -> int:
         raise ConfigError("--batch-size must be positive")
     if args.per_image and Path(args.per_image).suffix not in (".npy", ".csv"):
         raise ConfigError("--per-image must end in .npy or .csv")
-    if args.per_image:  # its folder before the evaluation: a path that cannot be written fails at once
-        make_folder(Path(args.per_image).parent, "--per-image", args.per_image)
+    if args.per_image:  # before the evaluation: a path that cannot be written fails at once
+        check_writable_folder(Path(args.per_image).parent, "--per-image", args.per_image)
     checkpoint = resolve_checkpoint(args.run)
     run_dir = checkpoint.parent.parent
     cfg = config_from_run(run_dir, device=args.device, **({"data": args.data} if args.data else {}))
@@ -115,6 +115,7 @@ def run_eval(args) -> int:
               f"(both of p_t at t = t_min = {t_eval:g})")
     log_p = result.pop("log_p")
     if args.per_image:
+        make_folder(Path(args.per_image).parent, "--per-image", args.per_image)
         try:
             if args.per_image.endswith(".npy"):
                 np.save(args.per_image, log_p)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import OBJECTIVES, ConfigError
-from .common import Formatter, cannot_write, examples, make_folder, write_json
+from .common import Formatter, cannot_write, check_writable_folder, examples, make_folder, write_json
 
 
 def add_normalization(sub) -> None:
@@ -31,12 +31,13 @@ def run_normalization(args) -> int:
         raise ConfigError(f"unknown objective(s) {', '.join(unknown)}; choose from {', '.join(OBJECTIVES)}")
     if args.steps <= 0:
         raise ConfigError("--steps must be positive")
-    make_folder(Path(args.plot).parent, "--plot", args.plot)
+    check_writable_folder(Path(args.plot).parent, "--plot", args.plot)
     results = run_comparison(objectives, args.steps, args.seed)
     print(f"{'objective':<10}" + "".join(f"{'t=' + format(r['t'], 'g'):>11}" for r in results[objectives[0]]["rows"]))
     for objective, result in results.items():
         print(f"{objective:<10}" + "".join(f"{r['error_nats_per_dim']:>11.4f}" for r in result["rows"]))
     print("(mean |learned − exact| log p_t(y), nats per dimension)")
+    make_folder(Path(args.plot).parent, "--plot", args.plot)
     try:
         plot_comparison(results, args.plot)
     except OSError as error:
