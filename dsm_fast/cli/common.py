@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import ConfigError, choices
@@ -52,14 +53,20 @@ def make_folder(path, option: str, named=None) -> Path:
     return Path(path)
 
 
+def write_file(path, option: str, write: Callable[[Path], object]) -> None:
+    """``write(path)`` after creating the folder of ``path`` (given by ``option``); one line if it cannot be
+    written."""
+    make_folder(Path(path).parent, option, path)
+    try:
+        write(Path(path))
+    except OSError as error:
+        raise cannot_write(option, path, error) from None
+
+
 def write_json(path: str | None, payload) -> None:
     """Write ``payload`` to ``path`` (creating its folder); a path that cannot be written is one line."""
     if path:
-        make_folder(Path(path).parent, "--json", path)
-        try:
-            Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        except OSError as error:
-            raise cannot_write("--json", path, error) from None
+        write_file(path, "--json", lambda file: file.write_text(json.dumps(payload, indent=2, default=float) + "\n"))
 
 
 def add_step_shape(p: argparse.ArgumentParser, preset_help: str = "UNet preset") -> None:

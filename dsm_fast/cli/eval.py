@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..config import ConfigError, compute_dtype, config_from_run, resolve_device
-from .common import Formatter, cannot_write, check_writable_folder, examples, make_folder, write_json
+from .common import Formatter, check_writable_folder, examples, write_file, write_json
 
 
 def count_or_all(text: str) -> int | None:
@@ -115,15 +115,14 @@ def run_eval(args) -> int:
               f"(both of p_t at t = t_min = {t_eval:g})")
     log_p = result.pop("log_p")
     if args.per_image:
-        make_folder(Path(args.per_image).parent, "--per-image", args.per_image)
-        try:
-            if args.per_image.endswith(".npy"):
-                np.save(args.per_image, log_p)
+        def save_log_p(file: Path) -> None:
+            if file.suffix == ".npy":
+                np.save(file, log_p)
             else:
-                np.savetxt(args.per_image, np.stack([np.arange(len(log_p)), log_p], 1), delimiter=",",
+                np.savetxt(file, np.stack([np.arange(len(log_p)), log_p], 1), delimiter=",",
                            header="index,log_p_nats", comments="", fmt=["%d", "%.6f"])
-        except OSError as error:
-            raise cannot_write("--per-image", args.per_image, error) from None
+
+        write_file(args.per_image, "--per-image", save_log_p)
     if args.denoise:
         result["denoising"] = denoising_psnr(model, x, torch.Generator().manual_seed(args.seed),
                                              batch_size=args.batch_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import OBJECTIVES, ConfigError
-from .common import Formatter, cannot_write, check_writable_folder, examples, make_folder, write_json
+from .common import Formatter, check_writable_folder, examples, write_file, write_json
 
 
 def add_normalization(sub) -> None:
@@ -37,11 +37,7 @@ def run_normalization(args) -> int:
     for objective, result in results.items():
         print(f"{objective:<10}" + "".join(f"{r['error_nats_per_dim']:>11.4f}" for r in result["rows"]))
     print("(mean |learned − exact| log p_t(y), nats per dimension)")
-    make_folder(Path(args.plot).parent, "--plot", args.plot)
-    try:
-        plot_comparison(results, args.plot)
-    except OSError as error:
-        raise cannot_write("--plot", args.plot, error) from None
+    write_file(args.plot, "--plot", lambda file: plot_comparison(results, file))
     print(f"plot written to {args.plot}")
     write_json(args.json, {o: [{"t": r["t"], "error_nats_per_dim": r["error_nats_per_dim"]} for r in res["rows"]]
                             for o, res in results.items()})
