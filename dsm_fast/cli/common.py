@@ -24,10 +24,12 @@ def examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+FILE_IN_THE_WAY = "a part of the path is a file"
+
+
 def cannot_write(option: str, path, error: OSError) -> ConfigError:
     """The one-line error for an output ``path`` (given by ``option``) that cannot be written."""
-    file_in_the_way = isinstance(error, (NotADirectoryError, FileExistsError))
-    reason = "a part of the path is a file" if file_in_the_way else error.strerror
+    reason = FILE_IN_THE_WAY if isinstance(error, (NotADirectoryError, FileExistsError)) else error.strerror
     return ConfigError(f"{option} {path}: cannot write it ({reason or error})")
 
 
@@ -38,7 +40,7 @@ def check_writable_folder(path, option: str, named=None) -> None:
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ConfigError(f"{option} {named or path}: cannot write it (a part of the path is a file)")
+        raise ConfigError(f"{option} {named or path}: cannot write it ({FILE_IN_THE_WAY})")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {named or path}: cannot write it (no write permission in {ancestor})")
 

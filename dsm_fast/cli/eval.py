@@ -77,9 +77,9 @@ def run_eval(args) -> int:
 
     if args.batch_size <= 0:
         raise ConfigError("--batch-size must be positive")
-    if args.per_image and Path(args.per_image).suffix not in (".npy", ".csv"):
-        raise ConfigError("--per-image must end in .npy or .csv")
-    if args.per_image:  # before the evaluation: a path that cannot be written fails at once
+    if args.per_image:  # checked before the evaluation: a path that cannot be written fails at once
+        if Path(args.per_image).suffix not in (".npy", ".csv"):
+            raise ConfigError("--per-image must end in .npy or .csv")
         check_writable_folder(Path(args.per_image).parent, "--per-image", args.per_image)
     checkpoint = resolve_checkpoint(args.run)
     run_dir = checkpoint.parent.parent
