@@ -70,7 +70,7 @@ def test_diffclf_recovers_the_exact_log_p_and_trains_its_free_energies(tmp_path,
     """From a start mis-normalized by 0.46 nats/dim at t = 1e-2, DiffCLF learns most of the constant. 9 levels half
     a decade apart in d = 1000 are told apart almost surely, which leaves it loosely fixed: the worst error over t
     after 1,500 steps was 0.002–0.077 nats/dim over 23 seeds (median 0.023; 3,000 steps barely move it), so the
-    bound is half the start — an objective blind to the constant keeps all of it."""
+    bound is half the start's mis-normalization."""
     offset = 0.05
     results = run_comparison(("diffclf",), steps=1500, seed=seed % 1000, out=str(tmp_path / "run"),
                              radial_offset=offset)
