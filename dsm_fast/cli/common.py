@@ -27,10 +27,15 @@ def examples(*lines: str) -> str:
 FILE_IN_THE_WAY = "a part of the path is a file"
 
 
+def unwritable(option: str, path, reason: str) -> ConfigError:
+    """The one-line error for an output ``path`` (given by ``option``) that cannot be written, and why."""
+    return ConfigError(f"{option} {path}: cannot write it ({reason})")
+
+
 def cannot_write(option: str, path, error: OSError) -> ConfigError:
-    """The one-line error for an output ``path`` (given by ``option``) that cannot be written."""
+    """``unwritable`` with the reason an ``OSError`` gives."""
     reason = FILE_IN_THE_WAY if isinstance(error, (NotADirectoryError, FileExistsError)) else error.strerror
-    return ConfigError(f"{option} {path}: cannot write it ({reason or error})")
+    return unwritable(option, path, reason or str(error))
 
 
 def check_writable_folder(path, option: str, named=None) -> None:
@@ -40,9 +45,9 @@ def check_writable_folder(path, option: str, named=None) -> None:
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ConfigError(f"{option} {named or path}: cannot write it ({FILE_IN_THE_WAY})")
+        raise unwritable(option, named or path, FILE_IN_THE_WAY)
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {named or path}: cannot write it (no write permission in {ancestor})")
+        raise unwritable(option, named or path, f"no write permission in {ancestor}")
 
 
 def make_folder(path, option: str, named=None) -> Path:

@@ -37,10 +37,10 @@ def run_sample(args) -> int:
     if args.count <= 0 or args.steps <= 0 or args.mala_steps < 0:
         raise ConfigError("--count and --steps must be positive, --mala-steps ≥ 0")
     run = load_run(args.run, args.device, args.ema)
-    t_min, t_max = given_or(args.t_min, run.cfg.t_min), given_or(args.t_max, run.cfg.t_max)
+    cfg = run.cfg
+    t_min, t_max = given_or(args.t_min, cfg.t_min), given_or(args.t_max, cfg.t_max)
     if not 0 < t_min < t_max < math.inf:
         raise ConfigError("need 0 < --t-min < --t-max")
-    cfg = run.cfg
     shape = (args.count, *run.sample_shape)
     out = reverse_diffusion(run.model, shape, t_min, t_max, args.steps, torch.Generator().manual_seed(args.seed),
                             args.mala_steps)
