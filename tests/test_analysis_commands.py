@@ -3,6 +3,7 @@ the GSM data; numbers in --json, PNGs in --out."""
 
 import numpy as np
 import pytest
+from test_cli import cli_error
 
 from dsm_fast.cli import main
 from dsm_fast.config import TrainConfig
@@ -50,10 +51,7 @@ def test_bad_subset_is_one_line(capsys):
 def test_user_mistakes_in_analyses_are_one_line(runs, args, message, capsys, tmp_path):
     (tmp_path / "file").write_text("a file where a folder is needed")
     fill = {"run": str(runs / "first"), "tmp": str(tmp_path)}
-    with pytest.raises(SystemExit) as exit_info:
-        main([arg.format(**fill) for arg in args])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message.format(**fill) in err, err
+    assert message.format(**fill) in cli_error([arg.format(**fill) for arg in args], capsys)
 
 
 def test_generalization_of_a_run_with_itself_is_zero_and_differs_from_another(runs, tmp_path):
@@ -74,10 +72,7 @@ def test_generalization_refuses_runs_of_other_data(runs, tmp_path, capsys):
     """Runs of another kind of data or of another image shape: one line, exit code 2 (not a comparison)."""
     assert main(["train", *TINY, "--image-size", "8", "--channels", "1", "--out", str(tmp_path / "small")]) == 0
     for other, message in ((runs / "gsm", "different kinds"), (tmp_path / "small", "different shapes")):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["generalization", str(runs / "first"), str(other), "--out", str(tmp_path)])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+        assert message in cli_error(["generalization", str(runs / "first"), str(other), "--out", str(tmp_path)], capsys)
 
 
 def test_image_analyses_write_numbers_and_pictures(runs, tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import cli_error
 
 from dsm_fast.analysis.scoring import auroc, log_p_with_constant, nll_per_image, separation
 from dsm_fast.cli import main
@@ -119,29 +120,21 @@ def test_score_sets_and_gsm(restore_runs, tmp_path):
     assert abs(gsm["mean_nll_bits_per_dim"] - np.mean(gsm["exact_nll_bits_per_dim"])) < 0.15
 
 
-def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    return err
-
-
 def test_bad_input_is_one_line(restore_runs, tmp_path, capsys):
     run = str(restore_runs / "img")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "mask.png")
-    assert "mask" in one_line_error(capsys, ["restore", run, "--task", "inpaint", "--mask", str(tmp_path / "mask.png")])
-    assert "does not divide" in one_line_error(capsys, ["restore", run, "--task", "superres", "--factor", "3"])
-    assert "image model" in one_line_error(capsys, ["restore", str(restore_runs / "gsm"), "--task", "superres"])
+    assert "mask" in cli_error(["restore", run, "--task", "inpaint", "--mask", str(tmp_path / "mask.png")], capsys)
+    assert "does not divide" in cli_error(["restore", run, "--task", "superres", "--factor", "3"], capsys)
+    assert "image model" in cli_error(["restore", str(restore_runs / "gsm"), "--task", "superres"], capsys)
     (tmp_path / "empty").mkdir()
-    assert "no image files" in one_line_error(capsys, ["restore", run, "--task", "deblur", "--images",
-                                                       str(tmp_path / "empty")])
-    assert "no image files" in one_line_error(capsys, ["score", run, "--images", str(tmp_path / "empty")])
+    assert "no image files" in cli_error(["restore", run, "--task", "deblur", "--images",
+                                       str(tmp_path / "empty")], capsys)
+    assert "no image files" in cli_error(["score", run, "--images", str(tmp_path / "empty")], capsys)
     np.save(tmp_path / "last.npy", np.zeros((2, 16, 16, 1), np.uint8))  # (N, H, W, C): channels-last
-    assert "channels-last" in one_line_error(capsys, ["restore", run, "--task", "deblur", "--images",
-                                                      str(tmp_path / "last.npy")])
+    assert "channels-last" in cli_error(["restore", run, "--task", "deblur", "--images",
+                                        str(tmp_path / "last.npy")], capsys)
     # a 0 is checked, not taken for "the default"
-    assert "--sigma-end" in one_line_error(capsys, ["restore", run, "--task", "superres", "--sigma-end", "0"])
-    assert "--t-end" in one_line_error(capsys, ["restore", run, "--task", "superres", "--method", "posterior",
-                                                "--t-end", "0"])
-    assert "--t-min" in one_line_error(capsys, ["sample", run, "--t-min", "0"])
+    assert "--sigma-end" in cli_error(["restore", run, "--task", "superres", "--sigma-end", "0"], capsys)
+    assert "--t-end" in cli_error(["restore", run, "--task", "superres", "--method", "posterior",
+                                  "--t-end", "0"], capsys)
+    assert "--t-min" in cli_error(["sample", run, "--t-min", "0"], capsys)
